@@ -1,0 +1,50 @@
+"""End to end: a view commits a row, a real ws-celery worker runs the task."""
+from __future__ import annotations
+
+import time
+
+import pytest
+import webtest
+from sqlalchemy import text
+
+
+def wait_for(predicate, timeout=30.0, interval=0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout}s")
+
+
+@pytest.fixture
+def settings(redis_url, database_url, queue_name, db):
+    config = {"broker_url": redis_url, "task_default_queue": queue_name}
+    return {
+        "websauna.celery_config": repr(config),
+        "sqlalchemy.url": database_url,
+        "websauna.site_url": "https://example.com/app",
+    }
+
+
+def effects(db):
+    with db.connect() as conn:
+        return conn.execute(text("SELECT task_id, value FROM ws_test_effects ORDER BY id")).all()
+
+
+@pytest.mark.slow
+def test_view_commit_runs_task_in_worker_with_same_id(settings, make_app, write_ini, ws_celery_worker_factory,
+                                                     subprocess_env, db):
+    ini = write_ini(settings)
+    worker = ws_celery_worker_factory(ini, "worker", "-c", "2", "-l", "info", env=subprocess_env)
+    testapp = webtest.TestApp(make_app(**settings))
+    task_id = testapp.get("/write/hello").text
+    with pytest.raises(RuntimeError):
+        testapp.get("/write-fail/never")
+    rows = wait_for(lambda: effects(db))
+    assert [tuple(r) for r in rows] == [(task_id, "hello")]
+    # The aborted request's task never arrives, even after the worker drained the queue.
+    time.sleep(1.0)
+    assert [tuple(r) for r in effects(db)] == [(task_id, "hello")]
+    assert worker.process.poll() is None

@@ -1,0 +1,55 @@
+"""The Pyramid application the tests (and their ws-celery workers) load."""
+from pyramid.config import Configurator
+from pyramid.response import Response
+from sqlalchemy import text
+from transaction.interfaces import TransientError
+
+from tests import sample_tasks
+
+
+def main(global_config, **settings):
+    config = Configurator(settings=settings)
+    config.include("pyramid_tm")
+    config.include("pyramid_retry")
+    config.include("websauna_tasks")
+    config.scan("tests.sample_tasks")
+    config.add_route("home", "/")
+    config.add_route("write", "/write/{value}")
+    config.add_route("write_fail", "/write-fail/{value}")
+    config.add_view(write, route_name="write")
+    config.add_view(write_fail, route_name="write_fail")
+    config.add_view(lambda request: Response("home"), route_name="home")
+    config.add_route("flaky", "/flaky/{value}")
+    config.add_view(flaky, route_name="flaky")
+    config.add_route("eager_boom", "/eager-boom")
+    config.add_view(eager_boom, route_name="eager_boom")
+    return config.make_wsgi_app()
+
+
+def write(request):
+    """Insert a row and schedule a task that records the same value."""
+    value = request.matchdict["value"]
+    request.dbsession.execute(text("INSERT INTO ws_test_rows (value) VALUES (:v)"), {"v": value})
+    result = sample_tasks.record.apply_async(args=(value,), tm=request.tm)
+    return Response(result.id)
+
+
+def write_fail(request):
+    value = request.matchdict["value"]
+    request.dbsession.execute(text("INSERT INTO ws_test_rows (value) VALUES (:v)"), {"v": value})
+    sample_tasks.record.apply_async(args=(value,), tm=request.tm)
+    raise RuntimeError("view failed after scheduling")
+
+
+def flaky(request):
+    """Schedules, then fails with a transient error on the first attempt only."""
+    value = request.matchdict["value"]
+    result = sample_tasks.add.apply_async(args=(value, request.environ["retry.attempt"]), tm=request.tm)
+    if request.environ["retry.attempt"] == 0:
+        raise TransientError("first attempt conflicts")
+    return Response(result.id)
+
+
+def eager_boom(request):
+    sample_tasks.boom.apply_async(tm=request.tm)
+    return Response("scheduled")

@@ -1,0 +1,53 @@
+"""websauna_tasks: Celery tasks for Pyramid that are sent when the transaction commits.
+
+The one entry point is :func:`includeme`::
+
+    config.include("pyramid_tm")
+    config.include("websauna_tasks")
+    config.scan("myapp.tasks")
+"""
+from __future__ import annotations
+
+from pyramid.config import Configurator
+from pyramid.tweens import INGRESS
+
+from .app import APP_NAME_KEY, make_celery
+from .config import celery_config_from_settings
+from .db import configure_dbsession
+from .registry import get_celery, set_celery
+from .tasks import RetryableTransactionTask, ScheduleOnCommitTask, TransactionalTask, WebsaunaTask, task
+
+__all__ = [
+    "includeme",
+    "get_celery",
+    "task",
+    "WebsaunaTask",
+    "ScheduleOnCommitTask",
+    "TransactionalTask",
+    "RetryableTransactionTask",
+]
+
+
+def includeme(config: Configurator) -> None:
+    """Build the application's Celery app from its settings.
+
+    - parses ``websauna.celery_config`` (safely, never evaluated) and the
+      flat ``celery.*`` keys into one Celery configuration;
+    - stores the app on the registry (:func:`get_celery`) and as
+      ``request.celery``;
+    - sets up ``request.dbsession`` from ``sqlalchemy.*`` settings, joined to
+      ``request.tm``;
+    - in eager mode, adds a tween that raises a failed eager task's error
+      after the commit instead of losing it in the transaction's hook.
+
+    The app is registered immediately (not as a deferred action) so that a
+    ``config.scan()`` right after the include can bind tasks to it.
+    """
+    settings = config.get_settings()
+    app = make_celery(celery_config_from_settings(settings), name=settings.get(APP_NAME_KEY, "websauna_tasks"))
+    app.pyramid_registry = config.registry
+    set_celery(config.registry, app)
+    config.add_request_method(lambda request: get_celery(request.registry), "celery", reify=True)
+    configure_dbsession(config)
+    if app.conf.task_always_eager:
+        config.add_tween("websauna_tasks.tweens.eager_errors_tween_factory", under=INGRESS)

@@ -1,0 +1,32 @@
+"""Parsed settings -> the Celery app."""
+from __future__ import annotations
+
+import typing as t
+
+from celery import Celery
+
+from .schedule import normalize_beat_schedule
+from .tasks import WebsaunaTask
+
+#: Setting: the Celery app's ``main`` name (shows in worker banners and task names of __main__).
+APP_NAME_KEY = "websauna_tasks.app_name"
+
+# Sensible, safe defaults that the INI may override.
+DEFAULTS: dict[str, t.Any] = {
+    "task_serializer": "json",
+    "result_serializer": "json",
+    "accept_content": ["json"],
+    "broker_connection_retry_on_startup": True,
+}
+
+
+def make_celery(config: t.Mapping[str, t.Any], name: str = "websauna_tasks") -> Celery:
+    """A Celery app configured from an already parsed (safe) config dict."""
+    app = Celery(name, loader="websauna_tasks.loader:WebsaunaLoader", task_cls=WebsaunaTask,
+                 set_as_current=False)
+    conf = dict(DEFAULTS)
+    conf.update(config)
+    if "beat_schedule" in conf:
+        conf["beat_schedule"] = normalize_beat_schedule(conf["beat_schedule"])
+    app.conf.update(conf)
+    return app

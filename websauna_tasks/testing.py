@@ -1,0 +1,87 @@
+"""Test helpers, also loaded as a pytest plugin (entry point ``websauna_tasks``).
+
+Fixtures:
+
+- ``ws_celery_worker_factory``: start a real ``ws-celery INI -- worker``
+  process for integration tests and stop it afterwards.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import typing as t
+
+import pytest
+
+
+class WorkerProcess:
+    """A ``ws-celery INI -- <command>`` subprocess with its output in a log file."""
+
+    def __init__(self, ini: str, command: t.Sequence[str], log_path: str, env: dict[str, str] | None = None):
+        self.ini = ini
+        self.command = list(command)
+        self.log_path = log_path
+        self._log = open(log_path, "wb")
+        argv = [sys.executable, "-m", "websauna_tasks.cli", ini, "--", *self.command]
+        self.process = subprocess.Popen(
+            argv, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+            start_new_session=True,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def output(self) -> str:
+        self._log.flush()
+        with open(self.log_path, "rb") as log:
+            return log.read().decode("utf-8", "replace")
+
+    def wait_for_output(self, text: str, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if text in self.output():
+                return
+            if self.process.poll() is not None:
+                raise RuntimeError(f"ws-celery exited with {self.process.returncode}:\n{self.output()[-4000:]}")
+            time.sleep(0.1)
+        raise TimeoutError(f"ws-celery did not print {text!r} within {timeout}s:\n{self.output()[-4000:]}")
+
+    def stop(self, timeout: float = 20.0) -> int:
+        if self.process.poll() is None:
+            # Warm shutdown of the whole process group (worker + pool children).
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(timeout)
+        self._log.close()
+        return self.process.returncode
+
+
+@pytest.fixture
+def ws_celery_worker_factory(tmp_path: t.Any) -> t.Iterator[t.Callable[..., WorkerProcess]]:
+    """Start ``ws-celery INI -- worker ...`` processes; all are stopped at teardown.
+
+    ``factory(ini, "worker", "-c", "2")`` returns a :class:`WorkerProcess`
+    once the worker reports it is ready.
+    """
+    started: list[WorkerProcess] = []
+
+    def factory(ini: str, *command: str, ready: str | None = "ready.", env: dict[str, str] | None = None,
+                timeout: float = 60.0) -> WorkerProcess:
+        command = command or ("worker",)
+        log_path = str(tmp_path / f"ws-celery-{len(started)}.log")
+        process = WorkerProcess(ini, command, log_path, env=env)
+        started.append(process)
+        if ready:
+            process.wait_for_output(ready, timeout=timeout)
+        return process
+
+    yield factory
+    for process in started:
+        process.stop()

@@ -41,14 +41,25 @@ def redis_url() -> str:
 
 @pytest.fixture(scope="session")
 def database_url() -> str:
+    """A PostgreSQL database private to this test session (dropped at the end).
+
+    Private so that two test runs on one machine (or one run's worker
+    subprocesses of another) never see each other's tables.
+    """
     try:
-        engine = sqlalchemy.create_engine(DATABASE_URL)
-        with engine.connect() as conn:
+        admin = sqlalchemy.create_engine(DATABASE_URL, isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
             conn.execute(text("SELECT 1"))
-        engine.dispose()
     except Exception as exc:
         service_missing(f"PostgreSQL at {DATABASE_URL}", exc)
-    return DATABASE_URL
+    name = f"wstest_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    url = sqlalchemy.engine.make_url(DATABASE_URL).set(database=name)
+    yield url.render_as_string(hide_password=False)
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
 
 
 @pytest.fixture

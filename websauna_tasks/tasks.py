@@ -217,7 +217,9 @@ class TaskProxy:
     def bind_to_app(self, app: celery.Celery) -> celery.Task:
         options = dict(self._options)
         options.setdefault("base", ScheduleOnCommitTask)
-        self._celery_task = app.task(self._func, **options)
+        # shared=False: Celery would otherwise add the task to every app
+        # created later in the process; lazy=False: bind now, not on first use.
+        self._celery_task = app.task(self._func, shared=False, lazy=False, **options)
         return self._celery_task
 
     def __getattr__(self, name: str) -> t.Any:

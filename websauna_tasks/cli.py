@@ -5,6 +5,10 @@ the beat schedule come from the same file as the web app), then hands the
 rest of the command line to Celery 5's click group through
 ``Celery.start(argv)``. Nothing is added to Celery's own options, which keeps
 every subcommand (``flower``, ``purge``...) working as documented.
+
+A mistake in the command line or the INI (missing file, no ``--``, unsafe
+``websauna.celery_config``...) is one line on stderr and exit status 2, so it
+reads well in a service log; errors after that are Celery's and click's own.
 """
 from __future__ import annotations
 
@@ -19,15 +23,19 @@ class CommandError(Exception):
     """A mistake on the command line or in the INI: one line, exit code 2."""
 
 
+class UsageError(CommandError):
+    """A malformed command line: the message is followed by the usage."""
+
+
 def split_argv(argv: list[str]) -> tuple[str, list[str]]:
     if "--" not in argv:
-        raise CommandError("missing '--' between the INI file and the celery command")
+        raise UsageError("missing '--' between the INI file and the celery command")
     index = argv.index("--")
     head, celery_args = argv[:index], argv[index + 1:]
     if len(head) != 1:
-        raise CommandError("give exactly one INI file before '--'")
+        raise UsageError("give exactly one INI file before '--'")
     if not celery_args:
-        raise CommandError("give a celery subcommand after '--' (worker, beat, inspect, purge, status...)")
+        raise UsageError("give a celery subcommand after '--' (worker, beat, inspect, purge, status...)")
     return head[0], celery_args
 
 
@@ -41,8 +49,13 @@ def load_celery(config_uri: str) -> t.Any:
     path = config_uri.split("#", 1)[0]
     if not os.path.isfile(path):
         raise CommandError(f"INI file not found: {path}")
-    if not os.access(path, os.R_OK):
-        raise CommandError(f"INI file not readable: {path}")
+    try:
+        # Opening is the honest test: os.access() answers for the real uid
+        # and says yes to root even where reading would fail.
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise CommandError(f"INI file not readable: {path} ({exc.strerror})") from None
     try:
         settings = get_appsettings(config_uri)
     except Exception as exc:
@@ -56,22 +69,32 @@ def load_celery(config_uri: str) -> t.Any:
     return get_celery(registry)
 
 
+def one_line(message: str) -> str:
+    # Pyramid's ConfigurationExecutionError and paste errors span lines; an
+    # operator reading a service log wants the whole error on one.
+    return " ".join(str(message).split())
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
+    if argv and argv[0] in ("-h", "--help"):
         print(USAGE)
-        return 0 if argv else 2
+        return 0
     try:
         from pyramid.exceptions import ConfigurationError
 
         try:
+            if not argv:
+                raise UsageError("give an INI file, '--' and a celery subcommand")
             config_uri, celery_args = split_argv(argv)
             app = load_celery(config_uri)
         except ConfigurationError as exc:
             raise CommandError(f"configuration error: {exc}") from None
     except CommandError as exc:
-        print(f"ws-celery: {exc}", file=sys.stderr)
-        print(USAGE, file=sys.stderr)
+        message = f"ws-celery: {one_line(str(exc))}"
+        if isinstance(exc, UsageError):
+            message += f" ({USAGE})"
+        print(message, file=sys.stderr)
         return 2
 
     import click

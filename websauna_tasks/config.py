@@ -5,12 +5,21 @@ file that operators edit, so it is parsed with :mod:`ast` and walked by hand:
 nothing in it is ever evaluated. Only literals and three constructors
 (``timedelta``, ``crontab``, ``schedule``) are understood; anything else is a
 :class:`pyramid.exceptions.ConfigurationError` quoting the offending text.
+
+Settings may also be given as flat, typed keys, ``celery.<name> = value``
+(int, float, bool, None, JSON, else text). When a name is set both ways the
+``websauna.celery_config`` dict wins, key by key at the top level (a
+``beat_schedule`` in the dict replaces a flat ``celery.beat_schedule`` as a
+whole): the dict is the documented, primary form, and flat keys are for
+per-deployment values that the dict leaves unset.
 """
 from __future__ import annotations
 
 import ast
 import json
+import re
 import typing as t
+import warnings
 from datetime import timedelta
 
 from celery.schedules import crontab, schedule
@@ -25,6 +34,9 @@ FLAT_PREFIX = "celery."
 # or recurse until the interpreter gives up.
 MAX_CONFIG_CHARS = 256 * 1024
 MAX_DEPTH = 40
+# No Celery setting needs more; bounding ints also keeps ``a * b * c...``
+# from building numbers that str() (hence logging, ``report``) refuses.
+MAX_INT_BITS = 128
 
 _CALLABLES: dict[str, t.Callable[..., t.Any]] = {
     "timedelta": timedelta,
@@ -32,11 +44,32 @@ _CALLABLES: dict[str, t.Callable[..., t.Any]] = {
     "schedule": schedule,
 }
 
+# crontab's own parameter order.
+_CRON_FIELDS = ("minute", "hour", "day_of_week", "day_of_month", "month_of_year")
+
 _NUMBER_OPS = {
     ast.Add: lambda a, b: a + b,
     ast.Sub: lambda a, b: a - b,
     ast.Mult: lambda a, b: a * b,
     ast.Div: lambda a, b: a / b,
+}
+
+
+# Words an operator knows, for the error message.
+_NODE_NAMES = {
+    ast.JoinedStr: "f-strings are",
+    ast.NamedExpr: "assignment expressions (:=) are",
+    ast.Lambda: "lambdas are",
+    ast.ListComp: "comprehensions are",
+    ast.SetComp: "comprehensions are",
+    ast.DictComp: "comprehensions are",
+    ast.GeneratorExp: "generator expressions are",
+    ast.Subscript: "subscripts are",
+    ast.BinOp: "this operator is",
+    ast.UnaryOp: "this operator is",
+    ast.BoolOp: "boolean operators are",
+    ast.Compare: "comparisons are",
+    ast.IfExp: "conditional expressions are",
 }
 
 
@@ -47,18 +80,20 @@ class _LiteralReader:
         self.source = source
         self.setting = setting
 
-    def refuse(self, node: ast.AST, why: str) -> t.NoReturn:
-        text = ast.get_source_segment(self.source, node) or ast.dump(node)
+    def refuse(self, node: ast.AST | None, why: str) -> t.NoReturn:
+        # node None: the problem is the whole text (a leaf 40 levels down
+        # would not show the reader where to look).
+        text = self.source if node is None else ast.get_source_segment(self.source, node) or ast.dump(node)
         if len(text) > 200:
             text = text[:200] + "..."
         raise ConfigurationError(f"{self.setting}: {why}: {text!r}")
 
     def read(self, node: ast.AST, depth: int = 0) -> t.Any:
         if depth > MAX_DEPTH:
-            self.refuse(node, "nested too deeply")
+            self.refuse(None, f"nested too deeply (more than {MAX_DEPTH} levels)")
         if isinstance(node, ast.Constant):
             if isinstance(node.value, (str, int, float, bool, type(None))):
-                return node.value
+                return self.bounded(node, node.value)
             self.refuse(node, "unsupported constant")
         if isinstance(node, ast.Dict):
             result = {}
@@ -66,7 +101,9 @@ class _LiteralReader:
                 if key_node is None:  # {**other}
                     self.refuse(value_node, "dict unpacking is not allowed")
                 key = self.read(key_node, depth + 1)
-                if isinstance(key, (dict, list, set)):
+                try:
+                    hash(key)  # a tuple holding a list is unhashable too
+                except TypeError:
                     self.refuse(key_node, "unhashable dict key")
                 result[key] = self.read(value_node, depth + 1)
             return result
@@ -97,16 +134,24 @@ class _LiteralReader:
             if not (_is_number(left) and _is_number(right)):
                 self.refuse(node, "arithmetic is only allowed between numbers")
             try:
-                return _NUMBER_OPS[type(node.op)](left, right)
+                return self.bounded(node, _NUMBER_OPS[type(node.op)](left, right))
             except ZeroDivisionError:
                 self.refuse(node, "division by zero")
+            except OverflowError:  # a big int meeting a float
+                self.refuse(node, "number too large")
         if isinstance(node, ast.Call):
             return self.read_call(node, depth)
         if isinstance(node, ast.Name):
             self.refuse(node, "names are not allowed (only literals, timedelta(), crontab(), schedule())")
         if isinstance(node, ast.Attribute):
             self.refuse(node, "attribute access is not allowed")
-        self.refuse(node, f"{type(node).__name__} is not allowed")
+        kind = _NODE_NAMES.get(type(node), f"{type(node).__name__} expressions are")
+        self.refuse(node, f"{kind} not allowed (only literals, timedelta(), crontab(), schedule())")
+
+    def bounded(self, node: ast.AST, value: t.Any) -> t.Any:
+        if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > MAX_INT_BITS:
+            self.refuse(node, "number too large")
+        return value
 
     def read_call(self, node: ast.Call, depth: int) -> t.Any:
         if not isinstance(node.func, ast.Name) or node.func.id not in _CALLABLES:
@@ -121,14 +166,19 @@ class _LiteralReader:
             if keyword.arg is None:
                 self.refuse(keyword.value, "keyword unpacking is not allowed")
             kwargs[keyword.arg] = self.read(keyword.value, depth + 1)
+        name = node.func.id
         for value in list(args) + list(kwargs.values()):
-            if not isinstance(value, (str, int, float, timedelta)) or isinstance(value, bool):
-                self.refuse(node, "arguments must be numbers or strings")
+            if not _ARGUMENT_CHECKS[name](value):
+                self.refuse(node, _ARGUMENT_HELP[name])
+        # nowfun/app/relative are code-level knobs, not INI material (and
+        # crontab(nowfun="x") would only fail when beat first ticks).
+        if name == "schedule" and (len(args) + len(kwargs) != 1 or set(kwargs) - {"run_every"}):
+            self.refuse(node, "schedule() takes one argument, run_every")
+        if name == "crontab" and (len(args) > len(_CRON_FIELDS) or set(kwargs) - set(_CRON_FIELDS)):
+            self.refuse(node, f"crontab() takes only {', '.join(_CRON_FIELDS)}")
         try:
-            return _CALLABLES[node.func.id](*args, **kwargs)
-        except (TypeError, ValueError, OverflowError) as exc:
-            self.refuse(node, f"invalid arguments ({exc})")
-        except Exception as exc:  # crontab raises its own ParseException
+            return _CALLABLES[name](*args, **kwargs)
+        except Exception as exc:  # TypeError, ValueError, OverflowError, crontab's ParseException
             self.refuse(node, f"invalid arguments ({exc})")
 
 
@@ -136,18 +186,43 @@ def _is_number(value: t.Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _is_cronspec(value: t.Any) -> bool:
+    # crontab takes "*/5", 7, or a collection of ints such as [0, 30].
+    if isinstance(value, (list, tuple, set)):
+        return all(isinstance(item, int) and not isinstance(item, bool) for item in value)
+    return isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool))
+
+
+_ARGUMENT_CHECKS: dict[str, t.Callable[[t.Any], bool]] = {
+    "timedelta": _is_number,
+    "crontab": _is_cronspec,
+    "schedule": lambda value: _is_number(value) or isinstance(value, timedelta),
+}
+_ARGUMENT_HELP = {
+    "timedelta": "timedelta() arguments must be numbers",
+    "crontab": "crontab() arguments must be strings, ints or lists of ints",
+    "schedule": "schedule() takes a number of seconds or a timedelta()",
+}
+
+
 def parse_literal(source: str, setting: str = CONFIG_KEY) -> t.Any:
     """Parse a Python-literal expression without evaluating it."""
     if not isinstance(source, str):
         raise ConfigurationError(f"{setting}: expected text, got {type(source).__name__}")
     if len(source) > MAX_CONFIG_CHARS:
-        raise ConfigurationError(f"{setting}: longer than {MAX_CONFIG_CHARS} characters")
+        raise ConfigurationError(f"{setting}: longer than {MAX_CONFIG_CHARS} characters: {source[:200]!r}...")
     # INI continuation lines come indented; strip so ast sees one expression.
     text = source.strip()
     try:
-        tree = ast.parse(text, mode="eval")
+        with warnings.catch_warnings():
+            # e.g. "invalid escape sequence": the literal is data, not code
+            # to lint, and a warning would land in every worker's log.
+            warnings.simplefilter("ignore")
+            tree = ast.parse(text, mode="eval")
     except SyntaxError as exc:
-        raise ConfigurationError(f"{setting}: not a Python literal ({exc.msg} at line {exc.lineno}): {text[:200]!r}") from None
+        raise ConfigurationError(
+            f"{setting}: not a Python literal ({exc.msg} at line {exc.lineno}): {text[:200]!r}"
+        ) from None
     except (ValueError, RecursionError, MemoryError) as exc:
         raise ConfigurationError(f"{setting}: cannot be parsed ({type(exc).__name__}): {text[:200]!r}") from None
     try:
@@ -160,11 +235,17 @@ def parse_celery_config(source: str) -> dict[str, t.Any]:
     """Parse the ``websauna.celery_config`` value; it must be a dict."""
     value = parse_literal(source, CONFIG_KEY)
     if not isinstance(value, dict):
-        raise ConfigurationError(f"{CONFIG_KEY}: must be a dict literal, got {type(value).__name__}")
+        raise ConfigurationError(
+            f"{CONFIG_KEY}: must be a dict literal, got {type(value).__name__}: {source.strip()[:200]!r}"
+        )
     for key in value:
         if not isinstance(key, str):
             raise ConfigurationError(f"{CONFIG_KEY}: keys must be strings, got {key!r}")
     return value
+
+
+_INT_TEXT = re.compile(r"[+-]?[0-9]+", re.ASCII)
+_FLOAT_TEXT = re.compile(r"[+-]?([0-9]+\.[0-9]*|\.[0-9]+|[0-9]+)([eE][+-]?[0-9]+)?", re.ASCII)
 
 
 def coerce_flat_value(name: str, raw: str) -> t.Any:
@@ -182,16 +263,22 @@ def coerce_flat_value(name: str, raw: str) -> t.Any:
         return False
     if lowered in ("none", "null"):
         return None
-    for kind in (int, float):
+    # Plain ASCII numerals only: float() alone would also turn words such as
+    # "inf" or "nan" (a queue name?) into numbers.
+    if _INT_TEXT.fullmatch(text):
         try:
-            return kind(text)
-        except ValueError:
-            pass
-    if text[:1] in "[{\"":
+            return int(text)
+        except ValueError:  # past Python's int/str digit limit
+            raise ConfigurationError(f"{FLAT_PREFIX}{name}: number too large: {text[:200]!r}...") from None
+    if _FLOAT_TEXT.fullmatch(text):
+        return float(text)
+    if text and text[0] in "[{\"":
         try:
             return json.loads(text)
         except ValueError as exc:
-            raise ConfigurationError(f"{FLAT_PREFIX}{name}: looks like JSON but is not valid ({exc}): {text[:200]!r}") from None
+            raise ConfigurationError(
+                f"{FLAT_PREFIX}{name}: looks like JSON but is not valid ({exc}): {text[:200]!r}"
+            ) from None
     return text
 
 

@@ -30,7 +30,8 @@ def parse_cron(expression: str, where: str = "schedule") -> crontab:
         raise ConfigurationError(f"{where}: invalid cron string {expression!r}: {exc}") from None
 
 
-def normalize_schedule(value: t.Any, where: str = "schedule") -> t.Any:
+def normalize_schedule(value: t.Any, where: str = "schedule") -> timedelta | crontab | schedule:
+    """One entry's ``schedule`` -> an object beat understands, or ConfigurationError naming ``where``."""
     if isinstance(value, str):
         return parse_cron(value, where)
     if isinstance(value, bool):
@@ -43,7 +44,13 @@ def normalize_schedule(value: t.Any, where: str = "schedule") -> t.Any:
         if value.total_seconds() <= 0:
             raise ConfigurationError(f"{where}: an interval must be positive, got {value!r}")
         return value
-    if isinstance(value, (crontab, schedule)):
+    if isinstance(value, crontab):
+        return value
+    if isinstance(value, schedule):
+        # schedule(0) would make beat send the task in a busy loop.
+        run_every = getattr(value, "run_every", None)
+        if not isinstance(run_every, timedelta) or run_every.total_seconds() <= 0:
+            raise ConfigurationError(f"{where}: an interval must be positive, got {value!r}")
         return value
     raise ConfigurationError(f"{where}: expected a timedelta, seconds, crontab() or cron string, got {value!r}")
 
@@ -55,6 +62,8 @@ def normalize_beat_schedule(beat_schedule: t.Any) -> dict[str, dict[str, t.Any]]
     result: dict[str, dict[str, t.Any]] = {}
     for name, entry in beat_schedule.items():
         where = f"beat_schedule[{name!r}]"
+        if not isinstance(name, str) or not name:
+            raise ConfigurationError(f"{where}: entry names must be non-empty strings")
         if not isinstance(entry, dict):
             raise ConfigurationError(f"{where}: must be a dict with 'task' and 'schedule'")
         if not isinstance(entry.get("task"), str) or not entry["task"]:
@@ -67,5 +76,7 @@ def normalize_beat_schedule(beat_schedule: t.Any) -> dict[str, dict[str, t.Any]]
             raise ConfigurationError(f"{where}: 'args' must be a list")
         if "kwargs" in normalized and not isinstance(normalized["kwargs"], dict):
             raise ConfigurationError(f"{where}: 'kwargs' must be a dict")
+        if "options" in normalized and not isinstance(normalized["options"], dict):
+            raise ConfigurationError(f"{where}: 'options' must be a dict")
         result[name] = normalized
     return result

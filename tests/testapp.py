@@ -53,3 +53,39 @@ def flaky(request):
 def eager_boom(request):
     sample_tasks.boom.apply_async(tm=request.tm)
     return Response("scheduled")
+
+
+# --- Worker-side tests: added through the ``pyramid.includes`` setting, main() stays as it is.
+
+def warm_pool_at_startup(config):
+    """Open a database connection in the process that builds the app, before any fork.
+
+    The connection goes back to the pool idle, so prefork children inherit it:
+    exactly the situation the loader's after-fork dispose must defuse. Its
+    backend pid is recorded so tests can check no child ever uses it.
+    """
+    from pyramid.events import ApplicationCreated
+
+    config.add_subscriber(_record_startup_connection, ApplicationCreated)
+
+
+def _record_startup_connection(event):
+    import os
+
+    from websauna_tasks.db import get_engine
+
+    with get_engine(event.app.registry).begin() as conn:
+        backend_pid = conn.execute(text("SELECT pg_backend_pid()")).scalar_one()
+        conn.execute(text("INSERT INTO ws_test_effects (task_id, value) VALUES ('startup', :value)"),
+                     {"value": f"{os.getpid()}:{backend_pid}"})
+
+
+def inspect_views(config):
+    """A view scheduling ``tests.inspect_request`` on the web request's transaction."""
+    config.add_route("inspect_eager", "/inspect-eager/{label}")
+    config.add_view(inspect_eager, route_name="inspect_eager")
+
+
+def inspect_eager(request):
+    result = sample_tasks.inspect_request.apply_async(args=(request.matchdict["label"],), tm=request.tm)
+    return Response(result.id)

@@ -52,8 +52,11 @@ class WorkerProcess:
 
     def stop(self, timeout: float = 20.0) -> int:
         if self.process.poll() is None:
-            # Warm shutdown of the whole process group (worker + pool children).
-            os.killpg(self.process.pid, signal.SIGTERM)
+            # Warm shutdown: SIGTERM to the main process only, which stops its
+            # own pool. Signalling the whole group kills pool children while one
+            # may hold the pool's queue lock, and billiard's parent then hangs
+            # on that lock at exit (or forks replacements and keeps working).
+            os.kill(self.process.pid, signal.SIGTERM)
             try:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:

@@ -50,19 +50,25 @@ class WorkerProcess:
             time.sleep(0.1)
         raise TimeoutError(f"ws-celery did not print {text!r} within {timeout}s:\n{self.output()[-4000:]}")
 
-    def stop(self, timeout: float = 20.0) -> int:
+    def terminate(self) -> None:
+        """Ask for a warm shutdown without waiting for it."""
         if self.process.poll() is None:
-            # Warm shutdown: SIGTERM to the main process only, which stops its
-            # own pool. Signalling the whole group kills pool children while one
-            # may hold the pool's queue lock, and billiard's parent then hangs
-            # on that lock at exit (or forks replacements and keeps working).
+            # SIGTERM to the main process only, which stops its own pool.
+            # Signalling the whole group kills pool children while one may
+            # hold the pool's queue lock, and billiard's parent then hangs on
+            # that lock at exit (or forks replacements and keeps working).
             os.kill(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout)
-        self._log.close()
+
+    def stop(self, timeout: float = 20.0) -> int:
+        """Warm shutdown, then SIGKILL to the whole group after ``timeout``."""
+        self.terminate()
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout)
+        if not self._log.closed:
+            self._log.close()
         return self.process.returncode
 
 
@@ -86,5 +92,8 @@ def ws_celery_worker_factory(tmp_path: t.Any) -> t.Iterator[t.Callable[..., Work
         return process
 
     yield factory
+    # Signal all first so their shutdowns overlap, then wait for each.
+    for process in started:
+        process.terminate()
     for process in started:
         process.stop()

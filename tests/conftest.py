@@ -72,7 +72,8 @@ def queue_name() -> str:
 def redis_client(redis_url, queue_name):
     client = redis.Redis.from_url(redis_url)
     yield client
-    client.delete(queue_name)
+    # kombu also keeps the queue's exchange bindings in sets of its own.
+    client.delete(queue_name, f"_kombu.binding.{queue_name}", f"_kombu.binding_permanent.{queue_name}")
     client.close()
 
 

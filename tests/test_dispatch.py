@@ -171,3 +171,12 @@ def test_publish_error_after_commit_is_logged_with_task_details(make_app, tm, ca
     assert errors, "a failed publish must be logged"
     message = errors[0].getMessage()
     assert "tests.add" in message and result.id in message and "(40, 2)" in message
+
+
+def test_plain_websauna_task_sends_now_or_after_commit_when_given_tm(app, tm, redis_client, queue_name):
+    now = sample_tasks.route_url.apply_async()
+    assert sent_ids(redis_client, queue_name) == [now.id]
+    with tm:
+        later = sample_tasks.route_url.apply_async(tm=tm)
+        assert sent_ids(redis_client, queue_name) == [now.id]
+    assert sent_ids(redis_client, queue_name) == [now.id, later.id]

@@ -62,15 +62,8 @@ class WebsaunaTask(celery.Task):
         """Publish immediately, bypassing any transaction."""
         return celery.Task.apply_async(self, args, kwargs, **options)
 
-
-class ScheduleOnCommitTask(WebsaunaTask):
-    """``apply_async(..., tm=request.tm)`` sends the message after ``tm`` commits.
-
-    Nothing is sent when the transaction aborts, is doomed, fails to commit,
-    or when a savepoint enclosing the call is rolled back. ``tm=None`` sends
-    now. Celery beat (which passes ``producer=``) and Celery's own retries
-    need no ``tm``.
-    """
+    #: When True, apply_async() without ``tm`` is an error (ScheduleOnCommitTask).
+    require_tm = False
 
     def apply_async(
         self,
@@ -82,7 +75,8 @@ class ScheduleOnCommitTask(WebsaunaTask):
         tm: transaction.TransactionManager | None = _MISSING,
         **options: t.Any,
     ) -> celery.result.AsyncResult:
-        if producer is not None or tm is None:
+        """Send after ``tm`` commits when ``tm`` is given; ``tm=None`` sends now."""
+        if producer is not None or tm is None or (tm is _MISSING and not self.require_tm):
             return self.send_now(args, kwargs, task_id=task_id, producer=producer, **options)
         if tm is _MISSING:
             raise TypeError(
@@ -116,6 +110,19 @@ class ScheduleOnCommitTask(WebsaunaTask):
         return signature
 
     subtask_from_request = signature_from_request
+
+
+class ScheduleOnCommitTask(WebsaunaTask):
+    """``apply_async(..., tm=request.tm)`` sends the message after ``tm`` commits.
+
+    Nothing is sent when the transaction aborts, is doomed, fails to commit,
+    or when a savepoint enclosing the call is rolled back. ``tm=None`` sends
+    now; leaving ``tm`` out is an error (it would silently send before the
+    commit). Celery beat (which passes ``producer=``) and Celery's own
+    retries need no ``tm``.
+    """
+
+    require_tm = True
 
 
 class TransactionalTask(ScheduleOnCommitTask):

@@ -1,0 +1,1 @@
+"""Benchmarks of websauna_tasks against raw Celery (run ``python bench/run.py``)."""

@@ -1,0 +1,51 @@
+"""The baseline: a plain Celery app, no Pyramid, no transaction.
+
+Worker: ``celery -A bench.raw_app worker -c 2`` (run.py starts it with the
+environment of the run).
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import redis
+from celery import Celery
+
+from bench import settings
+
+app = Celery("bench_raw", set_as_current=False)
+app.conf.update(settings.celery_config())
+
+
+@app.task(name="bench.raw.noop")
+def noop(index: int) -> None:
+    """Nothing: the cheapest task Celery can run."""
+
+
+@app.task(name="bench.raw.mark")
+def mark(key: str) -> None:
+    """Record when the worker got here (run.py times the span between two marks)."""
+    client = redis.Redis.from_url(settings.broker_url())
+    client.set(key, repr(time.time()), ex=3600)
+    client.close()
+
+
+# The same database work as bench.ws.touch, with plain SQLAlchemy and no
+# Pyramid: what the work itself costs. The engine is made on first use, in
+# the pool child, so no connection crosses a fork.
+_engine = None
+
+
+@app.task(name="bench.raw.touch")
+def touch(row_id: int) -> int:
+    global _engine
+    if _engine is None:
+        import sqlalchemy
+
+        _engine = sqlalchemy.create_engine(os.environ[settings.DATABASE_ENV])
+    from sqlalchemy import text
+
+    with _engine.begin() as conn:
+        value = conn.execute(text("SELECT value FROM bench_rows WHERE id = :id"), {"id": row_id}).scalar_one()
+        conn.execute(text("UPDATE bench_rows SET value = :v WHERE id = :id"), {"v": value + 1, "id": row_id})
+    return value + 1

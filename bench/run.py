@@ -1,0 +1,170 @@
+"""websauna_tasks against raw Celery, on this machine's Redis (and PostgreSQL for the worker run).
+
+    .venv/bin/python bench/run.py                 # everything (about a minute)
+    .venv/bin/python bench/run.py --skip-worker   # only (a) and (b), no PostgreSQL needed
+
+Every figure is measured in the same run as the raw Celery figure it is
+compared with, on private queue names that are deleted afterwards (the Redis
+database is shared: nothing else is touched). Services: BENCH_REDIS_URL
+(default redis://127.0.0.1:6379/15) and BENCH_DATABASE_URL (an existing
+PostgreSQL database in which a private one is created and dropped).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import platform
+import sys
+import tempfile
+import uuid
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as a script: make ``bench`` and the project importable
+    sys.path.insert(0, str(ROOT))
+
+from bench import services, settings
+from bench.measure import Result
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dispatch-tasks", type=int, default=1000, help="tasks per commit in (a)")
+    parser.add_argument("--dispatch-rounds", type=int, default=7, help="rounds of (a)")
+    parser.add_argument("--single-repetitions", type=int, default=3000, help="repetitions of (b)")
+    parser.add_argument("--worker-tasks", type=int, default=2000, help="tasks per worker run in (c)")
+    parser.add_argument("--worker-runs", type=int, default=3, help="worker runs per side in (c)")
+    parser.add_argument("--skip-worker", action="store_true", help="skip (c)")
+    parser.add_argument("--async-commit", action="store_true",
+                        help="run (c) with synchronous_commit = off on the run's private database, "
+                             "to see how much of (c) is PostgreSQL waiting for the disk")
+    parser.add_argument("--no-context", dest="context", action="store_false",
+                        help="skip the context rows (c1) and (c2)")
+    return parser.parse_args(argv)
+
+
+def machine() -> str:
+    model = ""
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import celery
+    import kombu
+    import redis
+
+    return (f"{os.cpu_count()} cores {model}, Python {platform.python_version()}, celery {celery.__version__}, "
+            f"kombu {kombu.__version__}, redis-py {redis.__version__}")
+
+
+def print_table(results: list[Result]) -> None:
+    header = f"{'benchmark':<42} {'raw celery':>12} {'websauna':>12} {'ratio':>7}  {'goal':<20} met"
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        print(f"{r.name:<42} {r.raw:>9.1f} {r.unit:<2} {r.ours:>9.1f} {r.unit:<2} {r.ratio:>6.2f}x  "
+              f"{r.goal:<20} {'-' if r.met is None else 'yes' if r.met else 'NO'}")
+    for r in results:
+        if r.note:
+            print(f"  {r.name.split(' ', 1)[0]} {r.note}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    run_id = uuid.uuid4().hex[:8]
+    raw_queue, ws_queue = f"bench-{run_id}-raw", f"bench-{run_id}-ws"
+    # The raw app reads these at import; worker subprocesses inherit them.
+    env = {settings.BROKER_ENV: settings.REDIS_URL, settings.QUEUE_ENV: raw_queue,
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    os.environ.update(env)
+
+    import redis
+
+    from bench import raw_app, ws_tasks
+    from bench.measure import dispatch_many, dispatch_one
+    from bench.ws_app import main as ws_main
+
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    client.ping()
+    print(f"machine: {machine()}")
+    print(f"broker: {settings.REDIS_URL}, queues {raw_queue} / {ws_queue}\n")
+    results: list[Result] = []
+    try:
+        ws_settings = {"websauna.celery_config": repr(settings.celery_config(ws_queue))}
+        ws_main({}, **ws_settings)
+        results.append(dispatch_many(raw_app.noop, ws_tasks.noop, client, raw_queue, ws_queue,
+                                     args.dispatch_tasks, args.dispatch_rounds))
+        results.append(dispatch_one(raw_app.noop, ws_tasks.noop, client, raw_queue, ws_queue,
+                                    args.single_repetitions))
+        if not args.skip_worker:
+            results.extend(run_workers(args, client, raw_queue, ws_queue, env, ws_main, raw_app, ws_tasks))
+    finally:
+        for queue in (raw_queue, ws_queue):
+            services.delete_queue_keys(client, queue)
+        client.close()
+    print()
+    print_table(results)
+    return 0
+
+
+def run_workers(args: argparse.Namespace, client, raw_queue: str, ws_queue: str, env: dict[str, str],
+                ws_main, raw_app, ws_tasks) -> list[Result]:
+    import sqlalchemy
+
+    from bench.measure import check_rows, raw_prefill, reset_rows, throughput, worker_run, ws_prefill
+
+    count, timeout = args.worker_tasks, 120.0 + args.worker_tasks / 50
+    with tempfile.TemporaryDirectory(prefix="wsbench-") as tmp, \
+            services.private_database(settings.DATABASE_URL, not args.async_commit) as database_url:
+        tmp_path = pathlib.Path(tmp)
+        worker_env = {**env, settings.DATABASE_ENV: database_url}
+        ws_settings = {"websauna.celery_config": repr(settings.celery_config(ws_queue)),
+                       "sqlalchemy.url": database_url}
+        ini = tmp_path / "bench.ini"
+        ini.write_text("[app:main]\nuse = call:bench.ws_app:main\n"
+                       + "".join(f"{key} = {value}\n" for key, value in ws_settings.items()))
+        ws_main({}, **ws_settings)  # the producing side, with this run's database
+        engine = sqlalchemy.create_engine(database_url)
+
+        def raw(task_name: str, log: str):
+            return worker_run(client, raw_queue, count, raw_prefill(raw_app.app, task_name, count, first=1),
+                              lambda: services.raw_worker(tmp_path / log, worker_env), timeout)
+
+        def ws(task, log: str):
+            return worker_run(client, ws_queue, count, ws_prefill(ws_tasks, task, count, first=1),
+                              lambda: services.ws_worker(ini, tmp_path / log, worker_env), timeout)
+
+        runs: dict[str, list] = {"raw noop": [], "ws touch": [], "ws noop": [], "raw touch": []}
+        try:
+            for number in range(args.worker_runs):
+                # Interleaved, so that every kind of run sees the same machine load.
+                runs["raw noop"].append(raw("bench.raw.noop", f"raw-noop-{number}.log"))
+                reset_rows(engine, count)
+                runs["ws touch"].append(ws(ws_tasks.touch, f"ws-touch-{number}.log"))
+                check_rows(engine, count)
+                if args.context:
+                    runs["ws noop"].append(ws(ws_tasks.noop, f"ws-noop-{number}.log"))
+                    reset_rows(engine, count)
+                    runs["raw touch"].append(raw("bench.raw.touch", f"raw-touch-{number}.log"))
+                    check_rows(engine, count)
+                print(f"worker run {number + 1}: " + ", ".join(
+                    f"{kind} {kind_runs[-1].rate:.0f}/s" for kind, kind_runs in runs.items() if kind_runs),
+                    flush=True)
+        finally:
+            engine.dispose()
+    size = f"median of {args.worker_runs} runs of {count:,} tasks"
+    results = [throughput("(c) worker tasks/s, prefork -c 2", runs["raw noop"], runs["ws touch"], True,
+                          f"{size}; raw: no-op task, ours: RetryableTransactionTask, SELECT + UPDATE of one row")]
+    if args.context:
+        results.append(throughput("(c1) no-op task in both", runs["raw noop"], runs["ws noop"], False,
+                                  "ours: ScheduleOnCommitTask doing nothing (a Pyramid request per run)"))
+        results.append(throughput("(c2) the same SQL in both", runs["raw touch"], runs["ws touch"], False,
+                                  "raw: plain Celery task, SQLAlchemy Core, same SELECT + UPDATE + COMMIT"))
+    return results
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,7 +1,13 @@
 """Tasks used by the tests (scanned by tests/appfactory.py)."""
 from sqlalchemy import text
 
-from websauna_tasks import RetryableTransactionTask, ScheduleOnCommitTask, TransactionalTask, WebsaunaTask, task
+from websauna_tasks import (
+    RetryableTransactionTask,
+    ScheduleOnCommitTask,
+    TransactionalTask,
+    WebsaunaTask,
+    task,
+)
 
 
 @task(name="tests.record", base=ScheduleOnCommitTask, bind=True)

@@ -8,7 +8,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 import uuid
 
 import pytest
@@ -16,6 +15,7 @@ from pyramid.paster import get_app
 from sqlalchemy import text
 
 from websauna_tasks import get_celery
+from websauna_tasks.testing import wait_for
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 RUN_CELERY = ROOT / "run-celery.bash"
@@ -212,14 +212,6 @@ def session_processes(session_id: int) -> set[int]:
     return found
 
 
-def wait_for(predicate, timeout=30.0, interval=0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"condition not met within {timeout}s")
 
 
 class RunCelery:

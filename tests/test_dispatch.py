@@ -58,8 +58,9 @@ def test_nothing_sent_when_doomed(app, tm, redis_client, queue_name):
 
 def test_nothing_sent_when_commit_fails_with_integrity_error(app, tm, redis_client, queue_name):
     router = app
-    from websauna_tasks.request import make_task_request
     from pyramid.scripting import prepare
+
+    from websauna_tasks.request import make_task_request
 
     request = make_task_request(router.registry)
     env = prepare(request=request, registry=router.registry)

@@ -18,7 +18,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.parse
 import urllib.request
 
@@ -29,20 +28,13 @@ from pyramid.paster import get_app, get_appsettings
 
 from websauna_tasks.app import make_celery
 from websauna_tasks.config import celery_config_from_settings
+from websauna_tasks.testing import wait_for
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 ROW = re.compile(r'<tr id="message-(\d+)" data-state="(\w+)">')
 BEATS = re.compile(r'id="heartbeat" data-beats="(\d+)"')
 
 
-def wait_for(predicate, timeout=20.0, interval=0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"condition not met within {timeout}s")
 
 
 def copy_ini(source: str, tmp_path: pathlib.Path, replace: dict[str, str] | None = None) -> str:
@@ -186,7 +178,8 @@ def test_production_ini_with_real_redis_postgresql_and_worker(tmp_path, redis_ur
     ini = copy_ini("conf/production.ini", tmp_path, {
         "postgresql+psycopg://example@127.0.0.1:5432/example": database_url,
         # A private queue: other test runs share this Redis.
-        '"broker_url": "redis://127.0.0.1:6379/3",': f'"broker_url": "{redis_url}", "task_default_queue": "{queue_name}",',
+        '"broker_url": "redis://127.0.0.1:6379/3",':
+            f'"broker_url": "{redis_url}", "task_default_queue": "{queue_name}",',
     })
     app = webtest.TestApp(get_app(ini))
     ws_celery_worker_factory(ini, "worker", "-c", "2", "-l", "info")

@@ -12,9 +12,16 @@ import pathlib
 import pytest
 from sqlalchemy import text
 
-from bench.leak_check import POOL_SIZE, count_connections, measure_in_process, rss_bytes, tagged_url
+from bench.leak_check import (
+    POOL_SIZE,
+    count_connections,
+    measure_in_process,
+    rss_bytes,
+    tagged_url,
+)
 from tests import sample_tasks
-from tests.test_worker_request import wait_for, worker_settings
+from tests.test_worker_request import worker_settings
+from websauna_tasks.testing import wait_for
 
 RUNS = 10_000
 BLOCK = 1_000

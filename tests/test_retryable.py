@@ -14,7 +14,8 @@ from sqlalchemy.exc import IntegrityError
 from transaction.interfaces import TransientError
 
 from tests import sample_tasks
-from tests.test_worker_request import effect_rows, wait_for, worker_settings
+from tests.test_worker_request import effect_rows, worker_settings
+from websauna_tasks.testing import wait_for
 
 
 def runs_of(db, key: str) -> int:

@@ -1,7 +1,6 @@
 """Beat schedules from the INI: normalization, errors naming the entry, a real beat + worker."""
 from __future__ import annotations
 
-import time
 from datetime import timedelta
 
 import pytest
@@ -10,18 +9,12 @@ from pyramid.exceptions import ConfigurationError
 from sqlalchemy import text
 
 from websauna_tasks import get_celery
-from websauna_tasks.schedule import normalize_beat_schedule, normalize_schedule, parse_cron
-
-
-def wait_for(predicate, timeout=30.0, interval=0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"condition not met within {timeout}s")
-
+from websauna_tasks.schedule import (
+    normalize_beat_schedule,
+    normalize_schedule,
+    parse_cron,
+)
+from websauna_tasks.testing import wait_for
 
 # -- cron strings -------------------------------------------------------------------------------------------------
 

@@ -7,15 +7,7 @@ import pytest
 import webtest
 from sqlalchemy import text
 
-
-def wait_for(predicate, timeout=30.0, interval=0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"condition not met within {timeout}s")
+from websauna_tasks.testing import wait_for
 
 
 @pytest.fixture

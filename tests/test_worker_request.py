@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import collections
 import json
-import time
 import typing as t
 
 import pytest
@@ -22,18 +21,6 @@ from tests import sample_tasks
 
 SITE_URL = "https://example.com/app"
 HOME_URL = "https://example.com/app/"
-
-
-def wait_for(predicate: t.Callable[[], t.Any], timeout: float = 30.0, interval: float = 0.05,
-             describe: t.Callable[[], str] = lambda: "") -> t.Any:
-    """Poll until ``predicate()`` is truthy; fail with ``describe()`` after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"condition not met within {timeout}s\n{describe()}")
 
 
 def effect_rows(db, task_id: str | None = None) -> list[tuple[str, str]]:

@@ -15,7 +15,13 @@ from .app import APP_NAME_KEY, make_celery
 from .config import celery_config_from_settings
 from .db import configure_dbsession
 from .registry import get_celery, set_celery
-from .tasks import RetryableTransactionTask, ScheduleOnCommitTask, TransactionalTask, WebsaunaTask, task
+from .tasks import (
+    RetryableTransactionTask,
+    ScheduleOnCommitTask,
+    TransactionalTask,
+    WebsaunaTask,
+    task,
+)
 
 __all__ = [
     "includeme",

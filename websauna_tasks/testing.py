@@ -1,5 +1,7 @@
 """Test helpers, also loaded as a pytest plugin (entry point ``websauna_tasks``).
 
+- ``wait_for(predicate, timeout=30)``: poll until an effect appears.
+
 Fixtures:
 
 - ``ws_celery_worker_factory``: start a real ``ws-celery INI -- worker``
@@ -15,6 +17,24 @@ import time
 import typing as t
 
 import pytest
+
+
+def wait_for(predicate: t.Callable[[], t.Any], timeout: float = 30.0, interval: float = 0.1,
+             describe: t.Callable[[], str] = lambda: "") -> t.Any:
+    """Poll ``predicate()`` until it returns something truthy, and return that.
+
+    For integration tests whose effect appears when a worker gets to it:
+    fails with ``AssertionError`` (and ``describe()``, e.g. the worker's log)
+    after ``timeout`` seconds rather than sleeping a fixed time.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"condition not met within {timeout}s\n{describe()}".rstrip())
+        time.sleep(interval)
 
 
 class WorkerProcess:

@@ -15,8 +15,10 @@ from pyramid.response import Response
 
 from .dispatch import eager_errors
 
+Handler = t.Callable[[Request], Response]
 
-def eager_errors_tween_factory(handler: t.Callable[[Request], Response], registry: Registry) -> t.Callable[[Request], Response]:
+
+def eager_errors_tween_factory(handler: Handler, registry: Registry) -> Handler:
     def eager_errors_tween(request: Request) -> Response:
         errors: list[BaseException] = []
         token = eager_errors.set(errors)

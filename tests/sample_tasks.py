@@ -1,5 +1,12 @@
 """Tasks used by the tests (scanned by tests/appfactory.py)."""
+import json
+import os
+import time
+
+import transaction
+from pyramid.threadlocal import get_current_request
 from sqlalchemy import text
+from transaction.interfaces import TransientError
 
 from websauna_tasks import (
     RetryableTransactionTask,
@@ -8,6 +15,8 @@ from websauna_tasks import (
     WebsaunaTask,
     task,
 )
+from websauna_tasks.db import get_engine
+from websauna_tasks.registry import get_celery
 
 
 @task(name="tests.record", base=ScheduleOnCommitTask, bind=True)
@@ -57,16 +66,8 @@ def boom():
 
 
 # --- Worker side: request per run, retries, leaks (tests/test_worker_request.py, test_retryable.py, test_leaks.py)
-import json  # noqa: E402
-import os  # noqa: E402
-import time  # noqa: E402
 
-import transaction  # noqa: E402
-from pyramid.threadlocal import get_current_request  # noqa: E402
-from transaction.interfaces import TransientError  # noqa: E402
 
-from websauna_tasks.db import get_engine  # noqa: E402
-from websauna_tasks.registry import get_celery  # noqa: E402
 
 #: Requests seen by ``inspect_request`` in this process (in-process tests look at them after the run).
 observed_requests = []
@@ -186,3 +187,8 @@ def duplicate_row(self, key, value):
 def fails_hard(self, key):
     record_outside(self.get_request(), key, "run")
     raise ValueError("not a conflict")
+
+
+@task(name="tests.conflict")
+def conflict():
+    raise TransientError("conflict in an eager task")

@@ -181,3 +181,106 @@ def test_plain_websauna_task_sends_now_or_after_commit_when_given_tm(app, tm, re
         later = sample_tasks.route_url.apply_async(tm=tm)
         assert sent_ids(redis_client, queue_name) == [now.id]
     assert sent_ids(redis_client, queue_name) == [now.id, later.id]
+
+
+def test_group_with_tm_waits_for_commit_and_is_dropped_on_abort(app, tm, redis_client, queue_name):
+    from celery import group
+
+    with pytest.raises(ValueError):
+        with tm:
+            group(sample_tasks.add.s(1, 1), sample_tasks.add.s(2, 2)).apply_async(tm=tm)
+            assert sent_ids(redis_client, queue_name) == []
+            raise ValueError("abort")
+    assert sent_ids(redis_client, queue_name) == []
+    with tm:
+        group(sample_tasks.add.s(1, 1), sample_tasks.add.s(2, 2)).apply_async(tm=tm)
+        assert sent_ids(redis_client, queue_name) == []
+    assert len(sent_ids(redis_client, queue_name)) == 2
+
+
+def test_signature_sends_now_with_tm_none_set_on_it(app, redis_client, queue_name):
+    result = sample_tasks.add.s(1, 2).set(tm=None).apply_async()
+    assert sent_ids(redis_client, queue_name) == [result.id]
+
+
+def test_link_may_be_given_by_position_as_in_celery(app, tm, redis_client, queue_name):
+    import base64
+    import json
+
+    with tm:
+        sample_tasks.add.apply_async((1, 2), None, None, None, sample_tasks.add.s(10), tm=tm)
+    (message,) = queued_messages(redis_client, queue_name)
+    _args, _kwargs, embed = json.loads(base64.b64decode(message["body"]))
+    assert [callback["task"] for callback in embed["callbacks"]] == ["tests.add"]
+
+
+def test_savepoint_rolled_back_after_late_join_keeps_covering_later_messages(app, tm, redis_client, queue_name):
+    with tm:
+        first = tm.savepoint()               # taken before the queue joined
+        sample_tasks.add.apply_async(args=(1, 1), tm=tm)
+        first.rollback()                     # transaction unjoins the queue here
+        kept = sample_tasks.add.apply_async(args=(2, 2), tm=tm)
+        second = tm.savepoint()
+        sample_tasks.add.apply_async(args=(3, 3), tm=tm)
+        second.rollback()
+    assert sent_ids(redis_client, queue_name) == [kept.id]
+
+
+def test_scheduled_from_an_after_commit_hook_is_sent(app, tm, redis_client, queue_name):
+    scheduled = []
+
+    def hook(status):
+        scheduled.append(sample_tasks.add.apply_async(args=(9, 9), tm=tm).id)
+
+    with tm:
+        tm.get().addAfterCommitHook(hook)          # before any message: no queue yet
+        first = sample_tasks.add.apply_async(args=(1, 1), tm=tm)
+        tm.get().addAfterCommitHook(hook)          # after the queue has published
+    assert set(sent_ids(redis_client, queue_name)) == {first.id, *scheduled}
+    assert len(scheduled) == 2
+
+
+def test_tm_without_transaction_is_a_clear_error(app):
+    explicit = transaction.TransactionManager(explicit=True)
+    with pytest.raises(transaction.interfaces.NoTransaction, match="tests.add"):
+        sample_tasks.add.apply_async(args=(1, 1), tm=explicit)
+
+
+def test_two_apps_in_one_process_send_to_their_own_queues(make_app, redis_url, redis_client, queue_name, tm):
+    from pyramid.threadlocal import manager
+
+    other_queue = queue_name + "-other"
+    first = make_app(**{"websauna.celery_config": repr({"broker_url": redis_url, "task_default_queue": queue_name})})
+    second = make_app(**{"websauna.celery_config": repr({"broker_url": redis_url,
+                                                          "task_default_queue": other_queue})})
+    try:
+        # Inside the first app's request, the proxy is the first app's task.
+        manager.push({"registry": first.registry, "request": None})
+        try:
+            in_first = sample_tasks.add.apply_async(args=(1, 1), tm=None)
+        finally:
+            manager.pop()
+        # One transaction holding tasks of both apps: each to its own broker queue.
+        first_task = get_celery_task(first, "tests.add")
+        second_task = get_celery_task(second, "tests.add")
+        with tm:
+            a = first_task.apply_async(args=(2, 2), tm=tm)
+            b = second_task.apply_async(args=(3, 3), tm=tm)
+        assert sent_ids(redis_client, queue_name) == [in_first.id, a.id]
+        assert sent_ids(redis_client, other_queue) == [b.id]
+    finally:
+        redis_client.delete(other_queue, f"_kombu.binding.{other_queue}")
+
+
+def get_celery_task(router, name):
+    from websauna_tasks import get_celery
+
+    return get_celery(router.registry).tasks[name]
+
+
+def test_task_proxy_pickles_by_reference(app):
+    import copy
+    import pickle
+
+    assert pickle.loads(pickle.dumps(sample_tasks.add)) is sample_tasks.add
+    assert copy.deepcopy(sample_tasks.add) is sample_tasks.add

@@ -28,6 +28,7 @@ from pyramid.paster import get_app, get_appsettings
 
 from websauna_tasks.app import make_celery
 from websauna_tasks.config import celery_config_from_settings
+from websauna_tasks.dispatch import EagerTaskError
 from websauna_tasks.testing import wait_for
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -115,8 +116,9 @@ def test_development_ini_refuses_empty_message(eager_app):
 
 def test_development_ini_failing_task_is_logged_with_traceback_and_raised(eager_app, caplog):
     caplog.set_level(logging.ERROR, logger="websauna_tasks")
-    with pytest.raises(RuntimeError, match="failed on purpose"):
+    with pytest.raises(EagerTaskError, match="failed on purpose") as raised:
         eager_app.post("/fail")
+    assert isinstance(raised.value.__cause__, RuntimeError)
     failures = [r for r in caplog.records if r.name.startswith("websauna_tasks") and r.levelno >= logging.ERROR]
     assert failures, caplog.text
     assert failures[0].exc_info is not None

@@ -12,6 +12,7 @@ from sqlalchemy import text
 
 import websauna_tasks
 from websauna_tasks import RetryableTransactionTask, ScheduleOnCommitTask, get_celery
+from websauna_tasks.dispatch import EagerTaskError
 
 
 def configurator(**settings):
@@ -133,8 +134,9 @@ def test_eager_task_not_run_when_view_fails(eager_app, db):
 def test_eager_task_error_is_logged_with_traceback_and_raised(eager_app, caplog):
     testapp = webtest.TestApp(eager_app)
     with caplog.at_level(logging.ERROR, logger="websauna_tasks"):
-        with pytest.raises(RuntimeError, match="boom from an eager task"):
+        with pytest.raises(EagerTaskError, match="boom from an eager task") as raised:
             testapp.get("/eager-boom")
+    assert isinstance(raised.value.__cause__, RuntimeError)
     logged = [r for r in caplog.records if r.name.startswith("websauna_tasks") and r.exc_info]
     assert logged and "tests.boom" in logged[0].getMessage()
 
@@ -155,3 +157,13 @@ def test_route_url_and_site_url_inside_a_task(make_app, database_url, db):
     from tests import sample_tasks
 
     assert sample_tasks.route_url.apply().get() == "https://example.com/shop/"
+
+
+def test_eager_transient_error_is_not_replayed_by_pyramid_retry(eager_app, db):
+    """A retryable error from an eager task must not make pyramid_retry rerun a committed view."""
+    testapp = webtest.TestApp(eager_app)
+    with pytest.raises(EagerTaskError) as raised:
+        testapp.get("/write-then-eager-transient/once")
+    assert isinstance(raised.value.__cause__, transaction.interfaces.TransientError)
+    with db.connect() as conn:
+        assert conn.execute(text("SELECT value FROM ws_test_rows")).scalars().all() == ["once"]

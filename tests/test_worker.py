@@ -40,3 +40,22 @@ def test_view_commit_runs_task_in_worker_with_same_id(settings, make_app, write_
     time.sleep(1.0)
     assert [tuple(r) for r in effects(db)] == [(task_id, "hello")]
     assert worker.process.poll() is None
+
+
+@pytest.mark.slow
+def test_chain_and_link_callbacks_continue_in_the_worker(settings, make_app, write_ini, ws_celery_worker_factory,
+                                                       subprocess_env, db):
+    """The worker sends the next step itself (no tm): ScheduleOnCommitTask must allow it."""
+    import transaction
+    from celery import chain
+
+    from tests import sample_tasks
+
+    ws_celery_worker_factory(write_ini(settings), "worker", "-c", "1", "-l", "info", env=subprocess_env)
+    make_app(**settings)
+    tm = transaction.TransactionManager(explicit=True)
+    with tm:
+        chain(sample_tasks.add.s(1, 2), sample_tasks.record.s()).apply_async(tm=tm)
+        sample_tasks.add.apply_async(args=(20, 1), link=sample_tasks.record.s(), tm=tm)
+    rows = wait_for(lambda: len(effects(db)) == 2 and effects(db))
+    assert sorted(value for _id, value in rows) == ["21", "3"]

@@ -21,6 +21,8 @@ def main(global_config, **settings):
     config.add_view(lambda request: Response("home"), route_name="home")
     config.add_route("flaky", "/flaky/{value}")
     config.add_view(flaky, route_name="flaky")
+    config.add_route("eager_transient", "/write-then-eager-transient/{value}")
+    config.add_view(write_then_eager_transient, route_name="eager_transient")
     config.add_route("eager_boom", "/eager-boom")
     config.add_view(eager_boom, route_name="eager_boom")
     return config.make_wsgi_app()
@@ -89,3 +91,10 @@ def inspect_views(config):
 def inspect_eager(request):
     result = sample_tasks.inspect_request.apply_async(args=(request.matchdict["label"],), tm=request.tm)
     return Response(result.id)
+
+
+def write_then_eager_transient(request):
+    value = request.matchdict["value"]
+    request.dbsession.execute(text("INSERT INTO ws_test_rows (value) VALUES (:v)"), {"v": value})
+    sample_tasks.conflict.apply_async(tm=request.tm)
+    return Response("written")

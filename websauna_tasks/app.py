@@ -22,8 +22,10 @@ DEFAULTS: dict[str, t.Any] = {
 
 def make_celery(config: t.Mapping[str, t.Any], name: str = "websauna_tasks") -> Celery:
     """A Celery app configured from an already parsed (safe) config dict."""
+    # set_as_current: code that uses Celery's default app, such as a bare
+    # celery.result.AsyncResult(task_id), should find this one.
     app = Celery(name, loader="websauna_tasks.loader:WebsaunaLoader", task_cls=WebsaunaTask,
-                 set_as_current=False)
+                 set_as_current=True)
     conf = dict(DEFAULTS)
     conf.update(config)
     if "beat_schedule" in conf:

@@ -279,6 +279,8 @@ def coerce_flat_value(name: str, raw: str) -> t.Any:
             raise ConfigurationError(
                 f"{FLAT_PREFIX}{name}: looks like JSON but is not valid ({exc}): {text[:200]!r}"
             ) from None
+        except RecursionError:
+            raise ConfigurationError(f"{FLAT_PREFIX}{name}: JSON nested too deeply: {text[:200]!r}") from None
     return text
 
 

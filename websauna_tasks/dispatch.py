@@ -29,6 +29,7 @@ import transaction
 from celery import signals
 from kombu import Queue
 from kombu.common import Broadcast
+from transaction._transaction import Status
 from transaction.interfaces import ISavepointDataManager
 from zope.interface import implementer
 
@@ -66,14 +67,17 @@ class DispatchQueue:
     def __init__(self, tm: transaction.TransactionManager):
         self.transaction_manager = tm
         self.messages: list[PendingMessage] = []
-
-    # -- queueing -------------------------------------------------------
-    def add(self, message: PendingMessage) -> None:
-        self.messages.append(message)
+        # transaction unjoins a data manager that joined after a savepoint
+        # when that savepoint is rolled back; we must join again before the
+        # next message so later savepoints still cover it.
+        self.joined = False
+        # Set once the after-commit hook has taken the messages.
+        self.closed = False
 
     # -- IDataManager: nothing is written during the two phases ---------
     def abort(self, txn: t.Any) -> None:
         self.messages.clear()
+        self.joined = False
 
     def tpc_begin(self, txn: t.Any) -> None:
         pass
@@ -99,6 +103,7 @@ class DispatchQueue:
     # -- after commit -----------------------------------------------------
     def after_commit(self, status: bool) -> None:
         messages, self.messages = self.messages, []
+        self.closed = True
         if not status or not messages:
             return
         publish(messages)
@@ -113,18 +118,38 @@ class _QueueSavepoint:
         del self.queue.messages[self.length:]
 
 
-def queue_for(tm: transaction.TransactionManager) -> DispatchQueue:
-    """The dispatch queue of the current transaction of ``tm``, joined on first use."""
-    txn = tm.get()  # an explicit manager with no transaction raises NoTransaction
+def schedule(tm: transaction.TransactionManager, message: PendingMessage) -> None:
+    """Hold ``message`` until the current transaction of ``tm`` commits.
+
+    Called from another after-commit hook of a transaction that has already
+    committed, the condition is met: the message is sent at once rather than
+    appended to a queue that was already published.
+    """
     try:
-        return txn.data(_QUEUE_KEY)
+        txn = tm.get()
+    except transaction.interfaces.NoTransaction:
+        raise transaction.interfaces.NoTransaction(
+            f"cannot schedule {message.task.name} after commit: the transaction manager has no transaction "
+            "(call it inside `with tm:` or a request handled by pyramid_tm, or pass tm=None to send now)"
+        ) from None
+    if txn.status == Status.COMMITTED:
+        publish([message])
+        return
+    if txn.status not in (Status.ACTIVE, Status.DOOMED):
+        raise transaction.interfaces.TransactionFailedError(
+            f"cannot schedule {message.task.name}: the transaction's status is {txn.status!r}, "
+            "so the message could never be sent"
+        )
+    try:
+        queue = txn.data(_QUEUE_KEY)
     except KeyError:
-        pass
-    queue = DispatchQueue(tm)
-    txn.join(queue)
-    txn.addAfterCommitHook(queue.after_commit)
-    txn.set_data(_QUEUE_KEY, queue)
-    return queue
+        queue = DispatchQueue(tm)
+        txn.addAfterCommitHook(queue.after_commit)
+        txn.set_data(_QUEUE_KEY, queue)
+    if not queue.joined:
+        txn.join(queue)
+        queue.joined = True
+    queue.messages.append(message)
 
 
 def publish(messages: list[PendingMessage]) -> None:
@@ -138,8 +163,18 @@ def publish(messages: list[PendingMessage]) -> None:
     work done once per commit instead of once per message); the others go
     through Celery's full ``apply_async``. A message that fails is logged
     with its details and the rest are still sent.
+
+    One transaction may hold tasks of several Celery apps (two Pyramid apps
+    in one process): each app's messages go to its own broker.
     """
-    app = messages[0].task.app
+    by_app: dict[int, list[PendingMessage]] = {}
+    for message in messages:
+        by_app.setdefault(id(message.task.app), []).append(message)
+    for app_messages in by_app.values():
+        _publish_for_app(app_messages[0].task.app, app_messages)
+
+
+def _publish_for_app(app: Celery, messages: list[PendingMessage]) -> None:
     if app.conf.task_always_eager:
         _run_eagerly(messages)
         return
@@ -374,6 +409,15 @@ def _celerys_own(func: t.Any, module: t.Any) -> bool:
     return code is not None and not hasattr(func, "__wrapped__") and code.co_filename == module.__file__
 
 
+class EagerTaskError(Exception):
+    """An eager task failed after the commit; ``__cause__`` is its exception.
+
+    Raised by the eager tween in place of the task's own exception: that one
+    may be retryable (a TransientError), and pyramid_retry would then replay a
+    view whose transaction has already committed.
+    """
+
+
 def _run_eagerly(messages: list[PendingMessage]) -> None:
     for message in messages:
         try:
@@ -382,4 +426,6 @@ def _run_eagerly(messages: list[PendingMessage]) -> None:
             logger.exception("websauna_tasks: eager task failed after commit: %s", message.describe())
             errors = eager_errors.get()
             if errors is not None:
-                errors.append(exc)
+                error = EagerTaskError(f"eager task failed after commit: {message.describe()}: {exc!r}")
+                error.__cause__ = exc
+                errors.append(error)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import importlib
 import logging
 import random
 import time
@@ -13,10 +14,11 @@ import venusian
 from celery.utils import uuid
 from pyramid.exceptions import ConfigurationError
 from pyramid.request import Request
+from pyramid.threadlocal import get_current_registry
 from transaction.interfaces import TransientError
 
-from .dispatch import PendingMessage, queue_for
-from .registry import get_celery
+from .dispatch import PendingMessage, schedule
+from .registry import ICeleryApp, get_celery
 from .request import current_task_request, task_request
 
 logger = logging.getLogger(__name__)
@@ -71,12 +73,23 @@ class WebsaunaTask(celery.Task):
         kwargs: t.Any = None,
         task_id: str | None = None,
         producer: t.Any = None,
+        link: t.Any = None,
+        link_error: t.Any = None,
+        shadow: str | None = None,
         *,
         tm: transaction.TransactionManager | None = _MISSING,
         **options: t.Any,
     ) -> celery.result.AsyncResult:
         """Send after ``tm`` commits when ``tm`` is given; ``tm=None`` sends now."""
-        if producer is not None or tm is None or (tm is _MISSING and not self.require_tm):
+        for name, value in (("link", link), ("link_error", link_error), ("shadow", shadow)):
+            if value is not None:
+                options[name] = value
+        if tm is _MISSING and (producer is not None or "parent_id" in options or not self.require_tm):
+            # producer=: Celery beat. parent_id: the worker sending the next
+            # step of a chain or a link callback once the previous task has
+            # finished (and, for transactional tasks, committed).
+            return self.send_now(args, kwargs, task_id=task_id, producer=producer, **options)
+        if tm is None:
             return self.send_now(args, kwargs, task_id=task_id, producer=producer, **options)
         if tm is _MISSING:
             raise TypeError(
@@ -89,7 +102,10 @@ class WebsaunaTask(celery.Task):
             # Fail in the caller, not silently after the commit.
             self._check_arguments(args, kwargs)
         task_id = task_id or uuid()
-        queue_for(tm).add(PendingMessage(self, args, kwargs, options, task_id))
+        # A producer given with tm (Celery's group passes one to each member)
+        # is not kept: the message is published after the commit, through
+        # the producer of that publishing round.
+        schedule(tm, PendingMessage(self, args, kwargs, options, task_id))
         return self.AsyncResult(task_id)
 
     def _check_arguments(self, args: tuple, kwargs: dict) -> None:
@@ -204,6 +220,11 @@ class TaskProxy:
     Attribute access (``apply_async``, ``delay``, ``name``, ``s``...) goes to
     the Celery task bound by ``config.scan()``; before that it raises an error
     telling what is missing instead of an obscure AttributeError.
+
+    When several Pyramid apps in one process scan the same module, each gets
+    its own Celery task; the proxy answers with the task of the app whose
+    registry is current (inside its requests and task runs), else with the
+    one bound last.
     """
 
     def __init__(self, func: t.Callable[..., t.Any], options: dict[str, t.Any]):
@@ -211,6 +232,7 @@ class TaskProxy:
         self._func = func
         self._options = options
         self._celery_task: celery.Task | None = None
+        self._by_app: dict[int, celery.Task] = {}
 
     @property
     def celery_task(self) -> celery.Task:
@@ -219,6 +241,11 @@ class TaskProxy:
                 f"task {self._func.__module__}.{self._func.__qualname__} is not registered with a Celery app yet: "
                 f"call config.include('websauna_tasks') and config.scan() on its module first"
             )
+        if len(self._by_app) > 1:
+            app = get_current_registry().queryUtility(ICeleryApp)
+            bound = self._by_app.get(id(app)) if app is not None else None
+            if bound is not None and bound.app is app:
+                return bound
         return self._celery_task
 
     def bind_to_app(self, app: celery.Celery) -> celery.Task:
@@ -227,19 +254,32 @@ class TaskProxy:
         # shared=False: Celery would otherwise add the task to every app
         # created later in the process; lazy=False: bind now, not on first use.
         self._celery_task = app.task(self._func, shared=False, lazy=False, **options)
+        self._by_app = {key: bound for key, bound in self._by_app.items() if bound.app is not app}
+        self._by_app[id(app)] = self._celery_task
         return self._celery_task
 
     def __getattr__(self, name: str) -> t.Any:
-        if name.startswith("__"):
+        if name.startswith("__") or name.startswith("_by_app") or name.startswith("_celery_task"):
             raise AttributeError(name)
         return getattr(self.celery_task, name)
 
     def __call__(self, *args: t.Any, **kwargs: t.Any) -> t.Any:
         return self.celery_task(*args, **kwargs)
 
+    def __reduce__(self) -> t.Any:
+        # Pickle (and deepcopy) by reference: the proxy is a module global.
+        return (_import_global, (self._func.__module__, self._func.__qualname__))
+
     def __repr__(self) -> str:
         state = self._celery_task.name if self._celery_task is not None else "not scanned"
         return f"<websauna_tasks task {self._func.__qualname__} ({state})>"
+
+
+def _import_global(module: str, qualname: str) -> t.Any:
+    target: t.Any = importlib.import_module(module)
+    for part in qualname.split("."):
+        target = getattr(target, part)
+    return target
 
 
 def task(*args: t.Any, **options: t.Any) -> t.Any:

@@ -104,6 +104,10 @@ def ws_celery_worker_factory(tmp_path: t.Any) -> t.Iterator[t.Callable[..., Work
     def factory(ini: str, *command: str, ready: str | None = "ready.", env: dict[str, str] | None = None,
                 timeout: float = 60.0) -> WorkerProcess:
         command = command or ("worker",)
+        if command[0] == "worker" and ready == "ready." and not any(
+                arg in ("-l", "--loglevel") or arg.startswith("--loglevel=") for arg in command):
+            # Celery prints "ready." at INFO only.
+            command = (*command, "-l", "info")
         log_path = str(tmp_path / f"ws-celery-{len(started)}.log")
         process = WorkerProcess(ini, command, log_path, env=env)
         started.append(process)

@@ -158,6 +158,20 @@ def test_report_shows_the_ini_configuration(run_cli, write_ini, settings, queue_
     assert f"task_default_queue: '{queue_name}'" in result.stdout
 
 
+def test_pipeline_ini_points_to_the_app_section(run_cli, tmp_path, settings, queue_name):
+    ini = tmp_path / "pipeline.ini"
+    ini.write_text(
+        "[pipeline:main]\npipeline = myapp\n\n"
+        "[app:myapp]\nuse = call:tests.testapp:main\n"
+        f"websauna.celery_config = {settings['websauna.celery_config']}\n"
+    )
+    line = assert_one_line_error(run_cli(str(ini), "--", "report"), "[pipeline:main]", f"{ini}#myapp")
+    assert "[app:main]" in line
+    result = run_cli(f"{ini}#myapp", "--", "report")
+    assert result.returncode == 0, result.stderr
+    assert f"task_default_queue: '{queue_name}'" in result.stdout
+
+
 def test_purge_empties_the_private_queue(run_cli, write_ini, settings, queue_name, redis_client):
     ini = write_ini(settings)
     app = get_celery(get_app(ini).registry)

@@ -61,7 +61,11 @@ def load_celery(config_uri: str) -> t.Any:
     except Exception as exc:
         raise CommandError(f"cannot read the application settings from {path}: {exc}") from None
     if not has_celery_settings(settings):
-        raise CommandError(f"{path} has no websauna.celery_config (nor celery.* keys) in its application section")
+        section = config_uri.split("#", 1)[1] if "#" in config_uri else "main"
+        raise CommandError(
+            f"{path} has no websauna.celery_config (nor celery.* keys) in its [app:{section}] section "
+            f"(if 'main' is a [pipeline:main], name the application: {path}#myapp)"
+        )
     wsgi_app = get_app(config_uri)
     registry = getattr(wsgi_app, "registry", None)
     if registry is None:

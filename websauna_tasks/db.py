@@ -1,4 +1,13 @@
-"""``request.dbsession``: a SQLAlchemy session joined to ``request.tm``."""
+"""``request.dbsession``: a SQLAlchemy session joined to ``request.tm``.
+
+zope.sqlalchemy's ``register(session, transaction_manager=tm)`` adds seven
+event listeners to each session it is given, which costs more than the rest
+of making the session. The listeners are registered here once, on our
+sessionmaker, and find the transaction manager of each session in
+``session.info``: every session still gets zope.sqlalchemy's own
+``ZopeTransactionEvents`` with its own manager, and a session made from the
+sessionmaker without one is left alone, as before.
+"""
 from __future__ import annotations
 
 import typing as t
@@ -8,7 +17,7 @@ import zope.sqlalchemy
 from pyramid.config import Configurator
 from pyramid.exceptions import ConfigurationError
 from pyramid.request import Request
-from sqlalchemy import engine_from_config
+from sqlalchemy import engine_from_config, event
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -16,6 +25,13 @@ from sqlalchemy.orm import Session, sessionmaker
 DBSESSION_FACTORY_KEY = "websauna_tasks.dbsession_factory"
 _ENGINE_KEY = "websauna_tasks.engine"
 _SESSIONMAKER_KEY = "websauna_tasks.sessionmaker"
+#: ``session.info`` key of the session's ``zope.sqlalchemy.datamanager.ZopeTransactionEvents``.
+TRANSACTION_EVENTS_KEY = "websauna_tasks.transaction_events"
+# initial_state "changed": zope.sqlalchemy otherwise rolls back a
+# transaction whose only writes were raw SQL (session.execute(text(...)))
+# unless the caller remembers mark_changed(); a silent lost write is worse
+# than a COMMIT on a read-only transaction.
+_INITIAL_STATE = zope.sqlalchemy.datamanager.STATUS_CHANGED
 
 
 def configure_dbsession(config: Configurator) -> None:
@@ -31,7 +47,9 @@ def configure_dbsession(config: Configurator) -> None:
     if settings.get("sqlalchemy.url"):
         engine = engine_from_config(settings, "sqlalchemy.")
         config.registry[_ENGINE_KEY] = engine
-        config.registry[_SESSIONMAKER_KEY] = sessionmaker(bind=engine)
+        maker = sessionmaker(bind=engine)
+        register_transaction_events(maker)
+        config.registry[_SESSIONMAKER_KEY] = maker
     config.add_request_method(make_dbsession, "dbsession", reify=True)
 
 
@@ -50,10 +68,77 @@ def make_dbsession(request: Request) -> Session:
     session = maker()
     # Without pyramid_tm there is no request.tm: use the thread-local manager.
     tm = getattr(request, "tm", None) or transaction.manager
-    # initial_state "changed": zope.sqlalchemy otherwise rolls back a
-    # transaction whose only writes were raw SQL (session.execute(text(...)))
-    # unless the caller remembers mark_changed(); a silent lost write is worse
-    # than a COMMIT on a read-only transaction.
-    zope.sqlalchemy.register(session, transaction_manager=tm, initial_state=zope.sqlalchemy.datamanager.STATUS_CHANGED)
+    session.info[TRANSACTION_EVENTS_KEY] = zope.sqlalchemy.datamanager.ZopeTransactionEvents(
+        initial_state=_INITIAL_STATE, transaction_manager=tm)
     request.add_finished_callback(lambda _request: session.close())
     return session
+
+
+def register_transaction_events(maker: sessionmaker) -> None:
+    """Listen, once, to the sessionmaker's session events for zope.sqlalchemy.
+
+    Each event is handed to the ``ZopeTransactionEvents`` in the session's
+    ``info`` (see :func:`make_dbsession`), which is what
+    ``zope.sqlalchemy.register`` would have attached to that session alone.
+    The listeners apply to sessions of this sessionmaker only.
+    """
+    for name, listener in _LISTENERS.items():
+        event.listen(maker, name, listener)
+
+
+def _events_of(session: Session) -> zope.sqlalchemy.datamanager.ZopeTransactionEvents | None:
+    return session.info.get(TRANSACTION_EVENTS_KEY)
+
+
+def _after_begin(session: Session, transaction: t.Any, connection: t.Any) -> None:
+    events = _events_of(session)
+    if events is not None:
+        events.after_begin(session, transaction, connection)
+
+
+def _after_attach(session: Session, instance: t.Any) -> None:
+    events = _events_of(session)
+    if events is not None:
+        events.after_attach(session, instance)
+
+
+def _after_flush(session: Session, flush_context: t.Any) -> None:
+    events = _events_of(session)
+    if events is not None:
+        events.after_flush(session, flush_context)
+
+
+def _after_bulk_update(update_context: t.Any) -> None:
+    events = _events_of(update_context.session)
+    if events is not None:
+        events.after_bulk_update(update_context)
+
+
+def _after_bulk_delete(delete_context: t.Any) -> None:
+    events = _events_of(delete_context.session)
+    if events is not None:
+        events.after_bulk_delete(delete_context)
+
+
+def _before_commit(session: Session) -> None:
+    events = _events_of(session)
+    if events is not None:
+        events.before_commit(session)
+
+
+def _do_orm_execute(execute_state: t.Any) -> None:
+    events = _events_of(execute_state.session)
+    if events is not None:
+        events.do_orm_execute(execute_state)
+
+
+# The same events, in the same order, as zope.sqlalchemy.register().
+_LISTENERS: dict[str, t.Callable[..., None]] = {
+    "after_begin": _after_begin,
+    "after_attach": _after_attach,
+    "after_flush": _after_flush,
+    "after_bulk_update": _after_bulk_update,
+    "after_bulk_delete": _after_bulk_delete,
+    "before_commit": _before_commit,
+    "do_orm_execute": _do_orm_execute,
+}

@@ -14,7 +14,10 @@ from pyramid.tweens import INGRESS
 from .app import APP_NAME_KEY, make_celery
 from .config import celery_config_from_settings
 from .db import configure_dbsession
+from .defer import DeferNotAllowed, configure_allowed_modules, defer, deferrable, run_deferred
+from .names import AlreadyEnqueued, connect_run_signals
 from .registry import get_celery, set_celery
+from .request import get_current_request
 from .tasks import (
     RetryableTransactionTask,
     ScheduleOnCommitTask,
@@ -31,6 +34,11 @@ __all__ = [
     "ScheduleOnCommitTask",
     "TransactionalTask",
     "RetryableTransactionTask",
+    "defer",
+    "deferrable",
+    "DeferNotAllowed",
+    "AlreadyEnqueued",
+    "get_current_request",
 ]
 
 
@@ -55,5 +63,9 @@ def includeme(config: Configurator) -> None:
     set_celery(config.registry, app)
     config.add_request_method(lambda request: get_celery(request.registry), "celery", reify=True)
     configure_dbsession(config)
+    root = config.root_package
+    configure_allowed_modules(config.registry, root.__name__.partition(".")[0] if root is not None else None)
+    run_deferred.bind_to_app(app)
+    connect_run_signals()
     if app.conf.task_always_eager:
         config.add_tween("websauna_tasks.tweens.eager_errors_tween_factory", under=INGRESS)

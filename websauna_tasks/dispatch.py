@@ -55,6 +55,16 @@ class PendingMessage:
     kwargs: dict
     options: dict = field(default_factory=dict)
     task_id: str = ""
+    #: Called when the message will never be sent (abort, failed commit,
+    #: savepoint rollback): a claimed task name is released there.
+    on_dropped: t.Callable[[], None] | None = None
+
+    def dropped(self) -> None:
+        if self.on_dropped is not None:
+            try:
+                self.on_dropped()
+            except Exception:
+                logger.exception("websauna_tasks: cleanup of a dropped message failed: %s", self.describe())
 
     def describe(self) -> str:
         return f"task {self.task.name} id {self.task_id} args {self.args!r} kwargs {self.kwargs!r}"
@@ -76,7 +86,7 @@ class DispatchQueue:
 
     # -- IDataManager: nothing is written during the two phases ---------
     def abort(self, txn: t.Any) -> None:
-        self.messages.clear()
+        self._drop(0)
         self.joined = False
 
     def tpc_begin(self, txn: t.Any) -> None:
@@ -92,7 +102,12 @@ class DispatchQueue:
         pass
 
     def tpc_abort(self, txn: t.Any) -> None:
-        self.messages.clear()
+        self._drop(0)
+
+    def _drop(self, keep: int) -> None:
+        dropped, self.messages[keep:] = self.messages[keep:], []
+        for message in dropped:
+            message.dropped()
 
     def sortKey(self) -> str:
         return "~~websauna_tasks.dispatch"
@@ -104,9 +119,12 @@ class DispatchQueue:
     def after_commit(self, status: bool) -> None:
         messages, self.messages = self.messages, []
         self.closed = True
-        if not status or not messages:
+        if not status:
+            for message in messages:
+                message.dropped()
             return
-        publish(messages)
+        if messages:
+            publish(messages)
 
 
 class _QueueSavepoint:
@@ -115,7 +133,7 @@ class _QueueSavepoint:
         self.length = length
 
     def rollback(self) -> None:
-        del self.queue.messages[self.length:]
+        self.queue._drop(self.length)
 
 
 def schedule(tm: transaction.TransactionManager, message: PendingMessage) -> None:
@@ -188,6 +206,7 @@ def _publish_for_app(app: Celery, messages: list[PendingMessage]) -> None:
         # (_publish_chunk logs its own errors): none of these were sent.
         for message in messages:
             logger.exception("websauna_tasks: could not publish after commit: %s", message.describe())
+            message.dropped()
 
 
 #: Messages sent in one broker round trip when the transport can batch;
@@ -207,6 +226,7 @@ def _publish_chunk(producer: t.Any, sender: _PlainSender | None, chunk: list[Pen
                     buffered.append(message)
                 except Exception:
                     logger.exception("websauna_tasks: could not publish after commit: %s", message.describe())
+                    message.dropped()
     except Exception:
         # The pipeline failed as a whole: Redis may have run part of it, so
         # each message is reported as possibly lost, not certainly lost.

@@ -22,6 +22,7 @@ from pyramid.interfaces import IRequestExtensions, IRequestFactory, IRootFactory
 from pyramid.registry import Registry
 from pyramid.request import Request
 from pyramid.scripting import prepare
+from pyramid.threadlocal import get_current_request as get_threadlocal_request
 from pyramid.threadlocal import manager as threadlocal_manager
 from pyramid.traversal import DefaultRootFactory
 from webob.request import BaseRequest
@@ -201,3 +202,15 @@ def _in_transaction(tm: transaction.TransactionManager) -> bool:
 def current_task_request() -> Request | None:
     """The request of the task run executing in this context, if any."""
     return _current_request.get()
+
+
+def get_current_request() -> Request | None:
+    """The request of the running task, else Pyramid's current (web) request, else None.
+
+    Deferred functions and task bodies that are not bound (``bind=False``)
+    reach their task request this way.
+    """
+    request = _current_request.get()
+    if request is not None:
+        return request
+    return get_threadlocal_request()

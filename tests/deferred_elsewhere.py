@@ -1,0 +1,14 @@
+"""Outside the allow-list of the defer tests: reachable only through @deferrable."""
+from __future__ import annotations
+
+from websauna_tasks import deferrable
+from tests.deferred_functions import record
+
+
+@deferrable
+def marked(value: str) -> str:
+    return record(value, note="marked")
+
+
+def unmarked(value: str) -> str:  # pragma: no cover - refused
+    return record(value, note="unmarked")

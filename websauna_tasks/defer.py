@@ -1,0 +1,295 @@
+"""``defer(fn, *args, **kwargs)``: run a plain function later in a worker.
+
+For users of App Engine's ``deferred``, The Blue Alliance's ``defer`` and
+djangae's ``defer``. The function travels as its dotted path and its
+arguments as JSON, never pickle: a pickled message lets whoever can write to
+the broker run anything. The path is a second line of defence, because a
+forged JSON message can still name ``os:system``: the worker runs only
+functions whose module is in ``websauna_tasks.defer_allowed_modules`` (by
+default the application's own package) or that carry :func:`deferrable`, and
+it checks the path *before* importing anything, since importing a module is
+already running its code.
+
+Every deferred call is one task, ``websauna_tasks.deferred``, a
+:class:`~websauna_tasks.tasks.TransactionalTask`: the function runs in a
+task request whose transaction commits when it returns, and the on-commit
+dispatch of ``dispatch.py`` sends it, so there is one way of waiting for a
+commit, not two.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import logging
+import typing as t
+from datetime import datetime
+
+import transaction
+from celery.utils import uuid
+from kombu.utils.json import dumps as json_dumps
+from pyramid.exceptions import ConfigurationError
+from pyramid.registry import Registry
+from pyramid.threadlocal import get_current_registry
+from transaction._transaction import Status
+
+from .dispatch import PendingMessage, schedule
+from .names import NAME_HEADER, claim_name, release_name
+from .registry import ICeleryApp
+from .request import current_task_request, get_current_request
+from .tasks import TaskProxy, TransactionalTask, task
+
+if t.TYPE_CHECKING:
+    from celery import Celery
+
+logger = logging.getLogger(__name__)
+
+#: The one Celery task that runs every deferred call.
+DEFERRED_TASK_NAME = "websauna_tasks.deferred"
+#: Setting: module prefixes whose functions a worker may run for defer() (whitespace or comma separated).
+ALLOWED_MODULES_KEY = "websauna_tasks.defer_allowed_modules"
+_ALLOWED_KEY = "websauna_tasks.defer_allowed_prefixes"
+
+# "module:qualname" of functions marked with @deferrable. A worker knows the
+# marks of the modules it has imported (the app's own, scanned ones).
+_marked: set[str] = set()
+
+
+class DeferNotAllowed(PermissionError):
+    """The function is outside ``websauna_tasks.defer_allowed_modules`` and not marked ``@deferrable``."""
+
+
+F = t.TypeVar("F", bound=t.Callable[..., t.Any])
+
+
+def deferrable(fn: F) -> F:
+    """Allow ``defer(fn)`` for a function outside the allowed modules."""
+    # The module's name is not bound to fn yet while the decorator runs:
+    # only the shape is checked here, the lookup when it is deferred.
+    _marked.add(_path_of(fn))
+    return fn
+
+
+def function_path(fn: t.Callable[..., t.Any]) -> str:
+    """``module:qualname`` of a module-level function, static method or class method; TypeError otherwise."""
+    path = _path_of(fn)
+    module, _, qualname = path.partition(":")
+    try:
+        found = _lookup(module, qualname)
+    except (ImportError, AttributeError):
+        found = None
+    if found is not fn and found != fn:
+        raise TypeError(f"defer(): {fn!r} cannot be found again as {path} (is it shadowed or decorated?)")
+    return path
+
+
+def _path_of(fn: t.Callable[..., t.Any]) -> str:
+    if isinstance(fn, TaskProxy):
+        raise TypeError(f"defer(): {fn!r} is a @task; call its .apply_async() instead")
+    if isinstance(fn, functools.partial):
+        raise TypeError("defer(): a functools.partial cannot travel as JSON; pass its arguments to defer()")
+    owner = getattr(fn, "__self__", None)
+    if owner is not None and not isinstance(owner, type) and not _is_module(owner):
+        raise TypeError(
+            f"defer(): {fn!r} is a method bound to an instance, which cannot travel as JSON; defer a "
+            "module-level function, a staticmethod or a classmethod and pass the instance's id")
+    module = getattr(fn, "__module__", None)
+    qualname = getattr(fn, "__qualname__", None)
+    if not module or not qualname or "<" in qualname:
+        raise TypeError(f"defer(): {fn!r} is not a module-level function (lambdas and nested functions "
+                        "cannot be found again by a worker)")
+    return f"{module}:{qualname}"
+
+
+def _is_module(value: t.Any) -> bool:
+    return type(value).__name__ == "module"
+
+
+def _lookup(module: str, qualname: str) -> t.Any:
+    target: t.Any = importlib.import_module(module)
+    for part in qualname.split("."):
+        target = getattr(target, part)
+    return target
+
+
+def allowed_prefixes(registry: Registry) -> tuple[str, ...]:
+    prefixes = registry.get(_ALLOWED_KEY)
+    if prefixes is None:
+        raise ConfigurationError("defer() needs config.include('websauna_tasks')")
+    return prefixes
+
+
+def configure_allowed_modules(registry: Registry, root_package: str | None) -> None:
+    """Read ``websauna_tasks.defer_allowed_modules``; the default is the application's own package."""
+    raw = (registry.settings or {}).get(ALLOWED_MODULES_KEY)
+    if raw is None:
+        prefixes = (root_package,) if root_package else ()
+    else:
+        prefixes = tuple(part for part in str(raw).replace(",", " ").split() if part)
+    for prefix in prefixes:
+        if not all(piece.isidentifier() for piece in prefix.split(".")):
+            raise ConfigurationError(f"{ALLOWED_MODULES_KEY}: {prefix!r} is not a module name")
+    registry[_ALLOWED_KEY] = prefixes
+
+
+def check_allowed(path: str, prefixes: t.Iterable[str]) -> None:
+    """Refuse ``path`` unless marked or in an allowed module, without importing anything."""
+    if path in _marked:
+        return
+    module = path.partition(":")[0]
+    if any(module == prefix or module.startswith(prefix + ".") for prefix in prefixes):
+        return
+    raise DeferNotAllowed(
+        f"defer(): {path} is not allowed: its module is not in {ALLOWED_MODULES_KEY} "
+        f"({' '.join(prefixes) or 'empty'}) and the function is not marked @deferrable")
+
+
+def _check_json(path: str, args: tuple, kwargs: dict) -> None:
+    for index, value in enumerate(args):
+        _dumpable(value, f"defer({path}): argument {index + 1}")
+    for key, value in kwargs.items():
+        _dumpable(value, f"defer({path}): keyword argument {key!r}")
+
+
+def _dumpable(value: t.Any, where: str) -> None:
+    # kombu's encoder is what the message will be written with (it also
+    # carries datetime, Decimal and UUID).
+    try:
+        json_dumps(value)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{where} ({type(value).__name__}) cannot travel as JSON: {exc}") from None
+
+
+def _active(tm: t.Any) -> bool:
+    # get() would begin a transaction on an implicit manager: look, don't touch.
+    inner = getattr(tm, "manager", tm)
+    txn = getattr(inner, "_txn", None)
+    return txn is not None and txn.status in (Status.ACTIVE, Status.DOOMED)
+
+
+def _transaction_manager(transactional: bool | None, tm: t.Any) -> t.Any:
+    if transactional is False:
+        return None
+    if tm is not None:
+        candidates = [tm]
+    else:
+        request = get_current_request()
+        candidates = [getattr(request, "tm", None), transaction.manager]
+    for candidate in candidates:
+        if candidate is not None and _active(candidate):
+            return candidate
+    if transactional:
+        raise transaction.interfaces.NoTransaction(
+            "defer(..., _transactional=True): no transaction is active to wait for "
+            "(pass _tm=request.tm, call it inside `with tm:`, or leave _transactional out)")
+    return None
+
+
+def _app_of(registry: Registry | None) -> tuple[Celery, Registry]:
+    if registry is None:
+        request = current_task_request()
+        registry = request.registry if request is not None else get_current_registry()
+    app = registry.queryUtility(ICeleryApp)
+    if app is None:
+        raise ConfigurationError(
+            "defer() found no Celery app: call it inside a request or a task of an app that includes "
+            "websauna_tasks, or pass _registry=app.registry (e.g. from pyramid.paster.bootstrap)")
+    return app, registry
+
+
+def _queue_option(app: Celery, queue: str | None) -> str | None:
+    # "default" is what defer()'s users call the queue everybody consumes;
+    # Celery's is task_default_queue ("celery" unless configured).
+    if queue is None or (queue == "default" and queue not in app.amqp.queues):
+        return None
+    return queue
+
+
+def defer(fn: t.Callable[..., t.Any], *args: t.Any, _queue: str | None = "default",
+          _countdown: float | None = None, _eta: datetime | None = None, _name: str | None = None,
+          _transactional: bool | None = None, _tm: t.Any = None, _raise_if_enqueued: bool = False,
+          _registry: Registry | None = None, **kwargs: t.Any) -> str:
+    """Run ``fn(*args, **kwargs)`` later in a worker and return the task id.
+
+    - ``_queue``: queue name; ``"default"`` is the app's ``task_default_queue``
+      unless a queue named ``default`` is declared.
+    - ``_countdown`` (seconds) wins over ``_eta`` (an aware ``datetime``).
+    - ``_name``: while a task of that name is pending (or ran within
+      ``websauna_tasks.name_retention_seconds``), return its id instead of
+      sending another one, or raise :class:`AlreadyEnqueued` with
+      ``_raise_if_enqueued=True``.
+    - ``_transactional``: ``True`` sends after the commit of ``_tm`` (or of
+      the current request's / thread's transaction), ``False`` sends now,
+      ``None`` (default) sends after the commit when a transaction is active.
+    """
+    path = function_path(fn)
+    app, registry = _app_of(_registry)
+    check_allowed(path, allowed_prefixes(registry))
+    _check_json(path, args, kwargs)
+    manager = _transaction_manager(_transactional, _tm)
+    runner = app.tasks[DEFERRED_TASK_NAME]
+
+    options: dict[str, t.Any] = {"serializer": "json"}
+    queue = _queue_option(app, _queue)
+    if queue is not None:
+        options["queue"] = queue
+    delay = 0.0
+    if _countdown is not None:
+        options["countdown"] = _countdown
+        delay = float(_countdown)
+    elif _eta is not None:
+        options["eta"] = _eta
+        delay = max(0.0, (_eta - datetime.now(_eta.tzinfo)).total_seconds())
+
+    task_id = uuid()
+    on_dropped = None
+    if _name is not None:
+        holder = claim_name(app, _name, task_id, delay, _raise_if_enqueued)
+        if holder is not None:
+            logger.info("defer(%s): a task named %r is already enqueued as %s", path, _name, holder)
+            return holder
+        options["headers"] = {NAME_HEADER: _name}
+        on_dropped = functools.partial(release_name, app, _name, task_id)
+
+    message_args = (path, list(args), dict(kwargs))
+    if manager is None:
+        if app.conf.task_always_eager:
+            # As if the function had been called: its error reaches the caller.
+            options["throw"] = True
+        try:
+            runner.send_now(message_args, task_id=task_id, **options)
+        except BaseException:
+            if on_dropped is not None:
+                on_dropped()
+            raise
+    else:
+        schedule(manager, PendingMessage(runner, message_args, {}, options, task_id, on_dropped))
+    return task_id
+
+
+@task(name=DEFERRED_TASK_NAME, base=TransactionalTask, bind=True, serializer="json")
+def run_deferred(self: t.Any, path: str, args: list, kwargs: dict) -> t.Any:
+    """The worker side: check the path against the allow-list, then import and call."""
+    registry = self.get_request().registry
+    try:
+        if not isinstance(path, str) or path.count(":") != 1:
+            raise DeferNotAllowed(f"malformed function path {path!r}")
+        check_allowed(path, allowed_prefixes(registry))
+        if not isinstance(args, list) or not isinstance(kwargs, dict):
+            raise DeferNotAllowed(f"malformed arguments for {path}")
+        func = _resolve(path)
+    except DeferNotAllowed as exc:
+        logger.error("websauna_tasks: refused deferred call (task id %s): %s", self.request.id, exc)
+        raise
+    return func(*args, **kwargs)
+
+
+def _resolve(path: str) -> t.Callable[..., t.Any]:
+    module, _, qualname = path.partition(":")
+    if any(not part.isidentifier() or part.startswith("__") for part in qualname.split(".")):
+        raise DeferNotAllowed(f"refused deferred call {path}: not a plain qualified name")
+    func = _lookup(module, qualname)
+    # The allow-list is about where a function is defined: a module of the
+    # app that imports os must not make "myapp.views:os.system" callable.
+    if getattr(func, "__module__", None) != module or getattr(func, "__qualname__", None) != qualname:
+        raise DeferNotAllowed(f"refused deferred call {path}: it names an object defined elsewhere")
+    return func

@@ -1,8 +1,8 @@
 """Outside the allow-list of the defer tests: reachable only through @deferrable."""
 from __future__ import annotations
 
-from websauna_tasks import deferrable
 from tests.deferred_functions import record
+from websauna_tasks import deferrable
 
 
 @deferrable

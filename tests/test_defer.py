@@ -18,7 +18,6 @@ from tests import deferred_elsewhere, deferred_functions
 from tests.conftest import queued_messages
 from websauna_tasks import DeferNotAllowed, defer, get_celery
 from websauna_tasks.defer import DEFERRED_TASK_NAME
-from websauna_tasks.testing import wait_for
 
 
 def effects(db) -> list[tuple[str, dict]]:

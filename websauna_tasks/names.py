@@ -129,9 +129,20 @@ class SQLNameStore:
 
     def _connect(self) -> sa.Connection:
         if not self._created:
-            _metadata.create_all(self.engine, checkfirst=True)
+            self._create_table()
             self._created = True
         return self.engine.connect()
+
+    def _create_table(self) -> None:
+        # Several processes may get here at once: IF NOT EXISTS covers most
+        # of it, and PostgreSQL can still fail one of two concurrent creates
+        # (on its catalog's unique index), after which the table exists.
+        try:
+            with self.engine.connect() as conn:
+                conn.execute(sa.schema.CreateTable(names_table, if_not_exists=True))
+        except sa.exc.DBAPIError:
+            if not sa.inspect(self.engine).has_table(names_table.name):
+                raise
 
     def claim(self, name: str, task_id: str, ttl: float) -> str | None:
         key = self.prefix + name

@@ -28,7 +28,9 @@ def make_celery(config: t.Mapping[str, t.Any], name: str = "websauna_tasks") -> 
                  set_as_current=True)
     conf = dict(DEFAULTS)
     conf.update(config)
-    if "beat_schedule" in conf:
-        conf["beat_schedule"] = normalize_beat_schedule(conf["beat_schedule"])
+    # Always this app's own dict (normalize_beat_schedule returns a new one):
+    # @task(periodic=...) adds its entries to it when config.scan() binds the
+    # task, and must never write into a dict that another app can see.
+    conf["beat_schedule"] = normalize_beat_schedule(conf.get("beat_schedule", {}))
     app.conf.update(conf)
     return app

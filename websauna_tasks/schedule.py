@@ -1,13 +1,14 @@
 """Beat schedule entries: cron strings and validation.
 
-The INI (and, later, code) may give a schedule as ``timedelta``, a number of
-seconds, a ``crontab(...)``/``schedule(...)`` object or a five-field cron
-string. Celery only understands the objects, so strings are turned into
-``crontab`` here, and malformed entries are refused before beat starts rather
-than when the first tick fires.
+The INI and ``@task(periodic=...)`` may give a schedule as ``timedelta``, a
+number of seconds, a ``crontab(...)``/``schedule(...)`` object or a
+five-field cron string. Celery only understands the objects, so strings are
+turned into ``crontab`` here, and malformed entries are refused before beat
+starts rather than when the first tick fires.
 """
 from __future__ import annotations
 
+import copy
 import typing as t
 from datetime import timedelta
 
@@ -72,11 +73,39 @@ def normalize_beat_schedule(beat_schedule: t.Any) -> dict[str, dict[str, t.Any]]
             raise ConfigurationError(f"{where}: 'schedule' is missing")
         normalized = dict(entry)
         normalized["schedule"] = normalize_schedule(entry["schedule"], f"{where}['schedule']")
-        if "args" in normalized and not isinstance(normalized["args"], (list, tuple)):
-            raise ConfigurationError(f"{where}: 'args' must be a list")
-        if "kwargs" in normalized and not isinstance(normalized["kwargs"], dict):
-            raise ConfigurationError(f"{where}: 'kwargs' must be a dict")
-        if "options" in normalized and not isinstance(normalized["options"], dict):
-            raise ConfigurationError(f"{where}: 'options' must be a dict")
+        _check_call_arguments(normalized, where, "'args'", "'kwargs'", "'options'")
         result[name] = normalized
     return result
+
+
+def _check_call_arguments(entry: dict[str, t.Any], where: str, args: str, kwargs: str, options: str) -> None:
+    # The labels are what the user wrote: 'args' in the INI, periodic_args in code.
+    if "args" in entry and not isinstance(entry["args"], (list, tuple)):
+        raise ConfigurationError(f"{where}: {args} must be a list")
+    if "kwargs" in entry and not isinstance(entry["kwargs"], dict):
+        raise ConfigurationError(f"{where}: {kwargs} must be a dict")
+    if "options" in entry and not isinstance(entry["options"], dict):
+        raise ConfigurationError(f"{where}: {options} must be a dict")
+
+
+def periodic_entry(task_name: str, periodic: t.Any, args: t.Any = None, kwargs: t.Any = None,
+                   options: t.Any = None, where: str = "periodic") -> dict[str, t.Any]:
+    """The ``beat_schedule`` entry of ``@task(periodic=..., periodic_args=...)``.
+
+    Validated like an INI entry; errors start with ``where`` (which names the
+    task). The schedule object is a copy: a ``crontab`` caches the timezone
+    of the first Celery app that evaluates it and beat assigns its app to
+    it, so one object declared in a module must not be shared by the apps
+    of two configurators.
+    """
+    value = normalize_schedule(periodic, f"{where}: periodic")
+    entry: dict[str, t.Any] = {"task": task_name, "schedule": copy.copy(value)}
+    for key, given in (("args", args), ("kwargs", kwargs), ("options", options)):
+        if given is not None:
+            entry[key] = given
+    _check_call_arguments(entry, where, "periodic_args", "periodic_kwargs", "periodic_options")
+    # Copies, so a caller mutating its list or dict later cannot change the schedule.
+    for key in ("args", "kwargs", "options"):
+        if key in entry:
+            entry[key] = copy.deepcopy(entry[key])
+    return entry

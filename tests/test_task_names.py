@@ -204,3 +204,36 @@ def test_processes_racing_on_the_embedded_default_send_once(tmp_path, name):
         payloads = conn.execute(text("SELECT payload FROM kombu_message")).scalars().all()
     broker.dispose()
     assert [json.loads(p)["headers"]["id"] for p in payloads] == [ids[0]]
+
+
+def test_apply_async_unique_name(redis_app, redis_client, queue_name, name):
+    from tests import sample_tasks
+
+    tm = transaction.TransactionManager(explicit=True)
+    with tm:
+        first = sample_tasks.add.apply_async(args=(1, 2), tm=tm, unique_name=name)
+        again = sample_tasks.add.apply_async(args=(3, 4), tm=tm, unique_name=name)
+        assert again.id == first.id
+        with pytest.raises(AlreadyEnqueued):
+            sample_tasks.add.apply_async(args=(5, 6), tm=None, unique_name=name, raise_if_enqueued=True)
+    (message,) = queued_messages(redis_client, queue_name)
+    assert message["headers"]["id"] == first.id
+    assert message["headers"]["websauna_tasks_name"] == name
+    # Aborted: the name is free for the next caller.
+    with pytest.raises(RuntimeError):
+        with tm:
+            aborted = sample_tasks.add.apply_async(args=(1, 1), tm=tm, unique_name=name + "-2")
+            raise RuntimeError("failed")
+    now = sample_tasks.add.apply_async(args=(1, 1), tm=None, unique_name=name + "-2")
+    assert now.id != aborted.id
+    assert ids_in(redis_client, queue_name) == [first.id, now.id]
+
+
+def test_task_defer_is_transactional_when_a_transaction_is_active(redis_app, redis_client, queue_name):
+    from tests import sample_tasks
+
+    with transaction.manager:
+        inside = sample_tasks.add.defer(1, b=2)
+        assert ids_in(redis_client, queue_name) == []
+    outside = sample_tasks.add.defer(3, 4)
+    assert ids_in(redis_client, queue_name) == [inside, outside]

@@ -24,18 +24,16 @@ import logging
 import typing as t
 from datetime import datetime
 
-import transaction
 from celery.utils import uuid
 from kombu.utils.json import dumps as json_dumps
 from pyramid.exceptions import ConfigurationError
 from pyramid.registry import Registry
 from pyramid.threadlocal import get_current_registry
-from transaction._transaction import Status
 
-from .dispatch import PendingMessage, schedule
+from .dispatch import PendingMessage, schedule, transaction_to_wait_for
 from .names import NAME_HEADER, claim_name, release_name
 from .registry import ICeleryApp
-from .request import current_task_request, get_current_request
+from .request import current_task_request
 from .tasks import TaskProxy, TransactionalTask, task
 
 if t.TYPE_CHECKING:
@@ -159,31 +157,6 @@ def _dumpable(value: t.Any, where: str) -> None:
         raise TypeError(f"{where} ({type(value).__name__}) cannot travel as JSON: {exc}") from None
 
 
-def _active(tm: t.Any) -> bool:
-    # get() would begin a transaction on an implicit manager: look, don't touch.
-    inner = getattr(tm, "manager", tm)
-    txn = getattr(inner, "_txn", None)
-    return txn is not None and txn.status in (Status.ACTIVE, Status.DOOMED)
-
-
-def _transaction_manager(transactional: bool | None, tm: t.Any) -> t.Any:
-    if transactional is False:
-        return None
-    if tm is not None:
-        candidates = [tm]
-    else:
-        request = get_current_request()
-        candidates = [getattr(request, "tm", None), transaction.manager]
-    for candidate in candidates:
-        if candidate is not None and _active(candidate):
-            return candidate
-    if transactional:
-        raise transaction.interfaces.NoTransaction(
-            "defer(..., _transactional=True): no transaction is active to wait for "
-            "(pass _tm=request.tm, call it inside `with tm:`, or leave _transactional out)")
-    return None
-
-
 def _app_of(registry: Registry | None) -> tuple[Celery, Registry]:
     if registry is None:
         request = current_task_request()
@@ -225,7 +198,7 @@ def defer(fn: t.Callable[..., t.Any], *args: t.Any, _queue: str | None = "defaul
     app, registry = _app_of(_registry)
     check_allowed(path, allowed_prefixes(registry))
     _check_json(path, args, kwargs)
-    manager = _transaction_manager(_transactional, _tm)
+    manager = transaction_to_wait_for(_transactional, _tm)
     runner = app.tasks[DEFERRED_TASK_NAME]
 
     options: dict[str, t.Any] = {"serializer": "json"}

@@ -33,6 +33,8 @@ from transaction._transaction import Status
 from transaction.interfaces import ISavepointDataManager
 from zope.interface import implementer
 
+from .request import get_current_request
+
 if t.TYPE_CHECKING:
     from celery import Celery, Task
 
@@ -168,6 +170,39 @@ def schedule(tm: transaction.TransactionManager, message: PendingMessage) -> Non
         txn.join(queue)
         queue.joined = True
     queue.messages.append(message)
+
+
+def _active(tm: t.Any) -> bool:
+    # get() would begin a transaction on an implicit manager: look, don't touch.
+    inner = getattr(tm, "manager", tm)
+    txn = getattr(inner, "_txn", None)
+    return txn is not None and txn.status in (Status.ACTIVE, Status.DOOMED)
+
+
+def transaction_to_wait_for(transactional: bool | None, tm: t.Any = None) -> t.Any:
+    """The transaction manager whose commit a message should wait for, or None to send now.
+
+    ``transactional``: True requires an active transaction, False sends now,
+    None waits when a transaction is active (djangae's rule inside
+    ``atomic()``). Without ``tm``, the current request's ``tm`` (a task's
+    request in a worker, pyramid_tm's in a view) and then the thread's
+    ``transaction.manager`` are looked at.
+    """
+    if transactional is False:
+        return None
+    if tm is not None:
+        candidates = [tm]
+    else:
+        request = get_current_request()
+        candidates = [getattr(request, "tm", None), transaction.manager]
+    for candidate in candidates:
+        if candidate is not None and _active(candidate):
+            return candidate
+    if transactional:
+        raise transaction.interfaces.NoTransaction(
+            "_transactional=True: no transaction is active to wait for "
+            "(pass the transaction manager, e.g. request.tm, call it inside `with tm:`, or leave it out)")
+    return None
 
 
 def publish(messages: list[PendingMessage]) -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import datetime
 import functools
 import importlib
 import inspect
@@ -23,7 +24,8 @@ from pyramid.threadlocal import get_current_registry
 from pyramid.threadlocal import manager as threadlocal_manager
 from transaction.interfaces import TransientError
 
-from .dispatch import PendingMessage, schedule
+from .dispatch import PendingMessage, schedule, transaction_to_wait_for
+from .names import NAME_HEADER, claim_name, release_name
 from .registry import ICeleryApp, get_celery
 from .request import current_task_request, task_request
 from .schedule import periodic_entry
@@ -212,33 +214,67 @@ class WebsaunaTask(celery.Task):
         tm: transaction.TransactionManager | None = _MISSING,
         **options: t.Any,
     ) -> celery.result.AsyncResult:
-        """Send after ``tm`` commits when ``tm`` is given; ``tm=None`` sends now."""
+        """Send after ``tm`` commits when ``tm`` is given; ``tm=None`` sends now.
+
+        ``unique_name="..."``: while a task of that name is pending, send
+        nothing and return the pending task's result (``raise_if_enqueued=True``
+        raises :class:`~websauna_tasks.names.AlreadyEnqueued` instead).
+        """
         for name, value in (("link", link), ("link_error", link_error), ("shadow", shadow)):
             if value is not None:
                 options[name] = value
+        unique_name = options.pop("unique_name", None)
+        raise_if_enqueued = options.pop("raise_if_enqueued", False)
         if tm is _MISSING and (producer is not None or "parent_id" in options or not self.require_tm):
             # producer=: Celery beat. parent_id: the worker sending the next
             # step of a chain or a link callback once the previous task has
             # finished (and, for transactional tasks, committed).
-            return self.send_now(args, kwargs, task_id=task_id, producer=producer, **options)
-        if tm is None:
-            return self.send_now(args, kwargs, task_id=task_id, producer=producer, **options)
+            tm = None
         if tm is _MISSING:
             raise TypeError(
                 f"{self.name}.apply_async() needs the transaction manager to send after commit: "
                 f"pass tm=request.tm (or tm=None to send immediately)"
             )
+        on_dropped = None
+        if unique_name is not None:
+            task_id = task_id or uuid()
+            holder = claim_name(self.app, unique_name, task_id, _delay_of(options), raise_if_enqueued)
+            if holder is not None:
+                return self.AsyncResult(holder)
+            options["headers"] = {**(options.get("headers") or {}), NAME_HEADER: unique_name}
+            on_dropped = functools.partial(release_name, self.app, unique_name, task_id)
+        if tm is None:
+            try:
+                return self.send_now(args, kwargs, task_id=task_id, producer=producer, **options)
+            except BaseException:
+                if on_dropped is not None:
+                    on_dropped()
+                raise
         args = tuple(args or ())
         kwargs = dict(kwargs or {})
         if self.typing:
             # Fail in the caller, not silently after the commit.
-            self._check_arguments(args, kwargs)
+            try:
+                self._check_arguments(args, kwargs)
+            except TypeError:
+                if on_dropped is not None:
+                    on_dropped()
+                raise
         task_id = task_id or uuid()
         # A producer given with tm (Celery's group passes one to each member)
         # is not kept: the message is published after the commit, through
         # the producer of that publishing round.
-        schedule(tm, PendingMessage(self, args, kwargs, options, task_id))
+        schedule(tm, PendingMessage(self, args, kwargs, options, task_id, on_dropped))
         return self.AsyncResult(task_id)
+
+    def defer(self, *args: t.Any, **kwargs: t.Any) -> str:
+        """Procrastinate's call shape: ``task.defer(*args, **kwargs)`` returns the task id.
+
+        Sent after the commit when a transaction is active (the current
+        request's ``tm``, or the thread's ``transaction.manager``), at once
+        otherwise. For options, use :meth:`apply_async`.
+        """
+        return self.apply_async(args, kwargs, tm=transaction_to_wait_for(None)).id
 
     def _check_arguments(self, args: tuple, kwargs: dict) -> None:
         check = getattr(self, "__header__", None)
@@ -258,6 +294,17 @@ class WebsaunaTask(celery.Task):
         return signature
 
     subtask_from_request = signature_from_request
+
+
+def _delay_of(options: dict[str, t.Any]) -> float:
+    """Seconds until a message with these options may run (a name's claim must outlive it)."""
+    countdown = options.get("countdown")
+    if countdown is not None:
+        return float(countdown)
+    eta = options.get("eta")
+    if isinstance(eta, datetime.datetime):
+        return max(0.0, (eta - datetime.datetime.now(eta.tzinfo)).total_seconds())
+    return 0.0
 
 
 class ScheduleOnCommitTask(WebsaunaTask):

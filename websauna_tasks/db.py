@@ -90,55 +90,35 @@ def _events_of(session: Session) -> zope.sqlalchemy.datamanager.ZopeTransactionE
     return session.info.get(TRANSACTION_EVENTS_KEY)
 
 
-def _after_begin(session: Session, transaction: t.Any, connection: t.Any) -> None:
-    events = _events_of(session)
-    if events is not None:
-        events.after_begin(session, transaction, connection)
+def _forward(name: str, session_of: t.Callable[[t.Any], Session]) -> t.Callable[..., None]:
+    """A listener handing event ``name`` to the ZopeTransactionEvents of the session it concerns."""
+    def listener(*args: t.Any) -> None:
+        events = _events_of(session_of(args[0]))
+        if events is not None:
+            getattr(events, name)(*args)
+
+    listener.__name__ = f"_forward_{name}"
+    return listener
 
 
-def _after_attach(session: Session, instance: t.Any) -> None:
-    events = _events_of(session)
-    if events is not None:
-        events.after_attach(session, instance)
+def _the_session(session: Session) -> Session:
+    return session
 
 
-def _after_flush(session: Session, flush_context: t.Any) -> None:
-    events = _events_of(session)
-    if events is not None:
-        events.after_flush(session, flush_context)
-
-
-def _after_bulk_update(update_context: t.Any) -> None:
-    events = _events_of(update_context.session)
-    if events is not None:
-        events.after_bulk_update(update_context)
-
-
-def _after_bulk_delete(delete_context: t.Any) -> None:
-    events = _events_of(delete_context.session)
-    if events is not None:
-        events.after_bulk_delete(delete_context)
-
-
-def _before_commit(session: Session) -> None:
-    events = _events_of(session)
-    if events is not None:
-        events.before_commit(session)
-
-
-def _do_orm_execute(execute_state: t.Any) -> None:
-    events = _events_of(execute_state.session)
-    if events is not None:
-        events.do_orm_execute(execute_state)
+def _session_of_context(context: t.Any) -> Session:
+    # Bulk update/delete contexts and ORM execute states carry their session.
+    return context.session
 
 
 # The same events, in the same order, as zope.sqlalchemy.register().
 _LISTENERS: dict[str, t.Callable[..., None]] = {
-    "after_begin": _after_begin,
-    "after_attach": _after_attach,
-    "after_flush": _after_flush,
-    "after_bulk_update": _after_bulk_update,
-    "after_bulk_delete": _after_bulk_delete,
-    "before_commit": _before_commit,
-    "do_orm_execute": _do_orm_execute,
+    name: _forward(name, session_of) for name, session_of in (
+        ("after_begin", _the_session),
+        ("after_attach", _the_session),
+        ("after_flush", _the_session),
+        ("after_bulk_update", _session_of_context),
+        ("after_bulk_delete", _session_of_context),
+        ("before_commit", _the_session),
+        ("do_orm_execute", _session_of_context),
+    )
 }

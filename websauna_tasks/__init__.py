@@ -11,6 +11,7 @@ from __future__ import annotations
 from pyramid.config import Configurator
 from pyramid.tweens import INGRESS
 
+from .after_response import AFTER_RESPONSE_OVER, run_after_response
 from .app import APP_NAME_KEY, make_celery
 from .config import celery_config_from_settings
 from .db import configure_dbsession
@@ -34,6 +35,7 @@ __all__ = [
     "ScheduleOnCommitTask",
     "TransactionalTask",
     "RetryableTransactionTask",
+    "run_after_response",
     "defer",
     "deferrable",
     "DeferNotAllowed",
@@ -63,6 +65,8 @@ def includeme(config: Configurator) -> None:
     set_celery(config.registry, app)
     config.add_request_method(lambda request: get_celery(request.registry), "celery", reify=True)
     configure_dbsession(config)
+    config.add_tween("websauna_tasks.after_response.after_response_tween_factory",
+                     under=INGRESS, over=AFTER_RESPONSE_OVER)
     root = config.root_package
     configure_allowed_modules(config.registry, root.__name__.partition(".")[0] if root is not None else None)
     run_deferred.bind_to_app(app)

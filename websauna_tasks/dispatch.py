@@ -205,6 +205,37 @@ def transaction_to_wait_for(transactional: bool | None, tm: t.Any = None) -> t.A
     return None
 
 
+class MessageSink(t.Protocol):
+    def capture(self, message: PendingMessage) -> None:
+        """Keep ``message`` instead of sending it."""
+
+
+# Set by websauna_tasks.testing's task client for the length of a test:
+# every message that would reach the broker (after a commit, or sent now)
+# goes there instead. One per process: tests run one at a time.
+_sink: MessageSink | None = None
+
+
+def set_message_sink(sink: MessageSink | None) -> MessageSink | None:
+    """Divert all outgoing task messages to ``sink`` (None: send them again); returns the previous sink."""
+    global _sink
+    previous, _sink = _sink, sink
+    return previous
+
+
+def has_sink() -> bool:
+    return _sink is not None
+
+
+def captured(message: PendingMessage) -> bool:
+    """Hand ``message`` to the sink if one is set; False when it must really be sent."""
+    sink = _sink
+    if sink is None:
+        return False
+    sink.capture(message)
+    return True
+
+
 def publish(messages: list[PendingMessage]) -> None:
     """Send the messages of one committed transaction.
 
@@ -220,6 +251,10 @@ def publish(messages: list[PendingMessage]) -> None:
     One transaction may hold tasks of several Celery apps (two Pyramid apps
     in one process): each app's messages go to its own broker.
     """
+    if _sink is not None:
+        for message in messages:
+            captured(message)
+        return
     by_app: dict[int, list[PendingMessage]] = {}
     for message in messages:
         by_app.setdefault(id(message.task.app), []).append(message)

@@ -24,6 +24,7 @@ from pyramid.threadlocal import get_current_registry
 from pyramid.threadlocal import manager as threadlocal_manager
 from transaction.interfaces import TransientError
 
+from . import dispatch
 from .dispatch import PendingMessage, schedule, transaction_to_wait_for
 from .names import NAME_HEADER, claim_name, release_name
 from .registry import ICeleryApp, get_celery
@@ -196,6 +197,11 @@ class WebsaunaTask(celery.Task):
 
     def send_now(self, args: t.Any = None, kwargs: t.Any = None, **options: t.Any) -> celery.result.AsyncResult:
         """Publish immediately, bypassing any transaction."""
+        if dispatch.has_sink():
+            task_id = options.pop("task_id", None) or uuid()
+            options.pop("producer", None)
+            dispatch.captured(PendingMessage(self, tuple(args or ()), dict(kwargs or {}), options, task_id))
+            return self.AsyncResult(task_id)
         return celery.Task.apply_async(self, args, kwargs, **options)
 
     #: When True, apply_async() without ``tm`` is an error (ScheduleOnCommitTask).

@@ -1,7 +1,10 @@
 """The websauna_tasks example application.
 
 Post a message on ``/``; a task scheduled on commit marks it processed, and a
-periodic task from the INI's ``beat_schedule`` counts heartbeats. Run it with
+periodic task from the INI's ``beat_schedule`` counts heartbeats. A plain function
+counts a message's words later through ``defer()``, a periodic task declared in code
+counts the messages, ``/tasks/{id}`` shows any task's result, and a
+``run_after_response`` callback notes each posted message's response. Run it with
 ``scripts/run-example`` (real worker and beat, SQLite everywhere) or
 ``pserve development.ini`` (eager mode). See docs/example.md.
 """
@@ -19,13 +22,14 @@ from websauna_tasks import get_celery
 from websauna_tasks.db import get_engine
 
 from .models import create_tables
+from .views import AFTER_RESPONSE_LOG, AfterResponseLog
 
 
 def sqlite_file(url: str | None) -> str | None:
-    """The file of a ``sqlite:///`` (or ``sqla+sqlite:///``) URL; None for anything else."""
+    """The file of a ``sqlite:///`` (``sqla+sqlite:///``, ``db+sqlite:///``) URL; None for anything else."""
     if not url:
         return None
-    url = url.removeprefix("sqla+").removeprefix("sqlalchemy+")
+    url = url.removeprefix("sqla+").removeprefix("sqlalchemy+").removeprefix("db+")
     try:
         parsed = make_url(url)
     except ArgumentError:
@@ -51,11 +55,17 @@ def main(global_config: t.Mapping[str, str], **settings: str) -> Router:
     config.add_route("home", "/")
     config.add_route("post_message", "/messages", request_method="POST")
     config.add_route("message", r"/messages/{id:\d+}")
+    config.add_route("count_words", r"/messages/{id:\d+}/words", request_method="POST")
     config.add_route("fail", "/fail", request_method="POST")
+    config.add_route("task", "/tasks/{id}")
     config.scan(".tasks")
     config.scan(".views")
+    config.registry[AFTER_RESPONSE_LOG] = AfterResponseLog()
 
-    make_sqlite_dirs(settings.get("sqlalchemy.url"), get_celery(config.registry).conf.broker_url)
+    celery_conf = get_celery(config.registry).conf
+    result_backend = celery_conf.result_backend
+    make_sqlite_dirs(settings.get("sqlalchemy.url"), celery_conf.broker_url,
+                     result_backend if isinstance(result_backend, str) else None)
     engine = get_engine(config.registry)
     if engine is not None:
         create_tables(engine)

@@ -1,12 +1,17 @@
-"""The example's two tables: messages a visitor posts and the beat heartbeat."""
+"""The example's tables.
+
+Only new tables are ever added, never new columns: ``create_tables`` runs ``CREATE TABLE IF NOT
+EXISTS`` at startup, which adds a missing table to an existing ``var/example.sqlite`` but would
+never add a column to an existing one (a real application would use migrations).
+"""
 from __future__ import annotations
 
 import datetime
 
-from sqlalchemy import DateTime, Integer, String
+from sqlalchemy import Boolean, DateTime, Integer, String
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
-from sqlalchemy.schema import CreateTable
+from sqlalchemy.schema import CreateIndex, CreateTable
 
 
 def utcnow() -> datetime.datetime:
@@ -52,6 +57,45 @@ class Heartbeat(Base):
     last_task_id: Mapped[str | None] = mapped_column(String(64))
 
 
+class WordCount(Base):
+    """What the deferred ``count_words(message_id)`` wrote: one row per message."""
+
+    __tablename__ = "example_word_counts"
+
+    message_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    words: Mapped[int] = mapped_column(Integer)
+    #: How many times the function ran for this message: one per task, whatever the clicks.
+    runs: Mapped[int] = mapped_column(Integer, default=0)
+    task_id: Mapped[str | None] = mapped_column(String(64))
+    counted_at: Mapped[datetime.datetime | None] = mapped_column(DateTime)
+
+
+class WordCountRequest(Base):
+    """One click on "Count the words": the task id defer() gave back, and whether it was new."""
+
+    __tablename__ = "example_word_count_requests"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    message_id: Mapped[int] = mapped_column(Integer, index=True)
+    task_id: Mapped[str] = mapped_column(String(64))
+    #: True when a task of the same name was still pending and defer() sent nothing.
+    reused: Mapped[bool] = mapped_column(Boolean, default=False)
+    requested_at: Mapped[datetime.datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class MessageStats(Base):
+    """One row (id 1) written by the periodic task declared in code, ``example.count_messages``."""
+
+    __tablename__ = "example_message_stats"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    runs: Mapped[int] = mapped_column(Integer, default=0)
+    messages: Mapped[int] = mapped_column(Integer, default=0)
+    processed: Mapped[int] = mapped_column(Integer, default=0)
+    last_at: Mapped[datetime.datetime | None] = mapped_column(DateTime)
+    last_task_id: Mapped[str | None] = mapped_column(String(64))
+
+
 def create_tables(engine: Engine) -> None:
     """Create the tables if missing; a real application would use migrations.
 
@@ -62,3 +106,5 @@ def create_tables(engine: Engine) -> None:
     with engine.begin() as conn:
         for table in Base.metadata.sorted_tables:
             conn.execute(CreateTable(table, if_not_exists=True))
+            for index in table.indexes:
+                conn.execute(CreateIndex(index, if_not_exists=True))

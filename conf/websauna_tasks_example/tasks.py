@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import logging
+from datetime import timedelta
+
+from sqlalchemy import func, select
 
 from websauna_tasks import RetryableTransactionTask, ScheduleOnCommitTask, task
 
-from .models import Heartbeat, Message, utcnow
+from .models import Heartbeat, Message, MessageStats, utcnow
 
 logger = logging.getLogger(__name__)
 
@@ -47,3 +50,30 @@ def heartbeat(self: RetryableTransactionTask) -> int:
 def fail_on_purpose() -> None:
     """Shows where a failing task's error goes: the error page in eager mode, the worker log otherwise."""
     raise RuntimeError("example.fail_on_purpose failed on purpose")
+
+
+@task(name="example.count_messages", base=RetryableTransactionTask, bind=True,
+      # Declared here, not in the INI: config.scan() adds it to beat_schedule. The expiry keeps
+      # ticks from piling up in the queue while no worker runs.
+      periodic=timedelta(seconds=10), periodic_options={"expires": 10})
+async def count_messages(self: RetryableTransactionTask) -> dict[str, int]:
+    """Count the messages every 10 seconds and store the figures.
+
+    An ``async def`` body: it runs to its end on an event loop of its own, inside the task's
+    transaction, and its return value (not a coroutine) is the task's result. A real one would
+    ``await`` something here (an HTTP client); ``request.dbsession`` stays the usual synchronous session.
+    """
+    dbsession = self.get_request().dbsession
+    messages = dbsession.scalar(select(func.count()).select_from(Message))
+    processed = dbsession.scalar(
+        select(func.count()).select_from(Message).where(Message.processed_at.is_not(None)))
+    row = dbsession.get(MessageStats, 1)
+    if row is None:
+        row = MessageStats(id=1, runs=0)
+        dbsession.add(row)
+    row.runs += 1
+    row.messages = messages
+    row.processed = processed
+    row.last_at = utcnow()
+    row.last_task_id = self.request.id
+    return {"messages": messages, "processed": processed}

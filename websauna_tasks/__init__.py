@@ -16,6 +16,7 @@ from .app import APP_NAME_KEY, make_celery
 from .config import celery_config_from_settings
 from .db import configure_dbsession
 from .defer import DeferNotAllowed, configure_allowed_modules, defer, deferrable, run_deferred
+from .iteration import defer_iteration_with_finalize, get_deferred_shard_index, iteration_progress, run_shard
 from .names import AlreadyEnqueued, connect_run_signals
 from .registry import get_celery, set_celery
 from .request import get_current_request
@@ -36,6 +37,9 @@ __all__ = [
     "TransactionalTask",
     "RetryableTransactionTask",
     "run_after_response",
+    "defer_iteration_with_finalize",
+    "get_deferred_shard_index",
+    "iteration_progress",
     "defer",
     "deferrable",
     "DeferNotAllowed",
@@ -70,6 +74,7 @@ def includeme(config: Configurator) -> None:
     root = config.root_package
     configure_allowed_modules(config.registry, root.__name__.partition(".")[0] if root is not None else None)
     run_deferred.bind_to_app(app)
+    run_shard.bind_to_app(app)  # sharded iteration's task (websauna_tasks.iteration)
     connect_run_signals()
     if app.conf.task_always_eager:
         config.add_tween("websauna_tasks.tweens.eager_errors_tween_factory", under=INGRESS)

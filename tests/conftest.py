@@ -101,13 +101,27 @@ def celery_config_literal(**config) -> str:
 
 @pytest.fixture
 def make_app():
-    """Build the test application from a settings dict; returns the WSGI router."""
+    """Build the test application from a settings dict; returns the WSGI router.
+
+    The apps' engines are disposed after the test: scanned tasks keep every
+    app they were bound to, and with them pools of idle connections that
+    would add up to PostgreSQL's max_connections over a whole run.
+    """
     from tests.testapp import main
+    from websauna_tasks.db import get_engine
+
+    built = []
 
     def factory(**settings):
-        return main({}, **settings)
+        router = main({}, **settings)
+        built.append(router)
+        return router
 
-    return factory
+    yield factory
+    for router in built:
+        engine = get_engine(router.registry)
+        if engine is not None:
+            engine.dispose()
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ from .db import configure_dbsession
 from .defer import DeferNotAllowed, configure_allowed_modules, defer, deferrable, run_deferred
 from .iteration import defer_iteration_with_finalize, get_deferred_shard_index, iteration_progress, run_shard
 from .names import AlreadyEnqueued, connect_run_signals
+from .queues import QueueConfig, UndeclaredQueue, backoff_seconds, configure_queues, get_queues
 from .registry import get_celery, set_celery
 from .request import get_current_request
 from .tasks import (
@@ -45,6 +46,10 @@ __all__ = [
     "DeferNotAllowed",
     "AlreadyEnqueued",
     "get_current_request",
+    "UndeclaredQueue",
+    "QueueConfig",
+    "get_queues",
+    "backoff_seconds",
 ]
 
 
@@ -66,6 +71,7 @@ def includeme(config: Configurator) -> None:
     settings = config.get_settings()
     app = make_celery(celery_config_from_settings(settings), name=settings.get(APP_NAME_KEY, "websauna_tasks"))
     app.pyramid_registry = config.registry
+    configure_queues(config.registry, app)
     set_celery(config.registry, app)
     config.add_request_method(lambda request: get_celery(request.registry), "celery", reify=True)
     configure_dbsession(config)

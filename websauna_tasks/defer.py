@@ -32,6 +32,7 @@ from pyramid.threadlocal import get_current_registry
 
 from .dispatch import PendingMessage, schedule, transaction_to_wait_for
 from .names import NAME_HEADER, claim_name, release_name
+from .queues import check_queue
 from .registry import ICeleryApp
 from .request import current_task_request
 from .tasks import TaskProxy, TransactionalTask, task
@@ -203,6 +204,7 @@ def defer(fn: t.Callable[..., t.Any], *args: t.Any, _queue: str | None = "defaul
 
     options: dict[str, t.Any] = {"serializer": "json"}
     queue = _queue_option(app, _queue)
+    check_queue(app, queue)
     if queue is not None:
         options["queue"] = queue
     delay = 0.0
@@ -239,7 +241,9 @@ def defer(fn: t.Callable[..., t.Any], *args: t.Any, _queue: str | None = "defaul
     return task_id
 
 
-@task(name=DEFERRED_TASK_NAME, base=TransactionalTask, bind=True, serializer="json")
+# dont_autoretry_for: a refused path stays refused, whatever a declared queue's max_attempts says.
+@task(name=DEFERRED_TASK_NAME, base=TransactionalTask, bind=True, serializer="json",
+      dont_autoretry_for=(DeferNotAllowed,))
 def run_deferred(self: t.Any, path: str, args: list, kwargs: dict) -> t.Any:
     """The worker side: check the path against the allow-list, then import and call."""
     registry = self.get_request().registry

@@ -17,6 +17,7 @@ import celery
 import transaction
 import venusian
 from celery._state import _task_stack
+from celery.exceptions import Reject, Retry
 from celery.utils import uuid
 from pyramid.exceptions import ConfigurationError
 from pyramid.request import Request
@@ -27,6 +28,7 @@ from transaction.interfaces import TransientError
 from . import dispatch
 from .dispatch import PendingMessage, schedule, transaction_to_wait_for
 from .names import NAME_HEADER, claim_name, release_name
+from .queues import APP_ATTRIBUTE, check_queue, mark_gave_up, run_in_queue
 from .registry import ICeleryApp, get_celery
 from .request import current_task_request, task_request
 from .schedule import periodic_entry
@@ -174,6 +176,12 @@ class WebsaunaTask(celery.Task):
         if registry is None:
             # A plain Celery app without includeme: behave like celery.Task.
             return _call_body(self, args, kwargs)
+        if getattr(self.app, APP_ATTRIBUTE, None) is not None:
+            # Declared queues: rate, concurrency and attempts gate the run.
+            return run_in_queue(self, functools.partial(self._run_with_request, registry, args, kwargs))
+        return self._run_with_request(registry, args, kwargs)
+
+    def _run_with_request(self, registry: t.Any, args: tuple, kwargs: dict) -> t.Any:
         with task_request(registry) as request:
             return self.run_in_request(request, args, kwargs)
 
@@ -194,6 +202,20 @@ class WebsaunaTask(celery.Task):
                 "(in a worker or in eager mode), not when it is called to be scheduled"
             )
         return request
+
+    def retry(self, *args: t.Any, **kwargs: t.Any) -> t.Any:
+        """Celery's ``retry``; an error it raises because the task's retries ran out stays final.
+
+        A declared queue's attempts (``websauna_tasks.queues``) must not
+        re-run what the task's own ``max_retries``/``autoretry_for`` gave up on.
+        """
+        try:
+            return super().retry(*args, **kwargs)
+        except (Retry, Reject):
+            raise
+        except Exception as exc:
+            mark_gave_up(exc)
+            raise
 
     def send_now(self, args: t.Any = None, kwargs: t.Any = None, **options: t.Any) -> celery.result.AsyncResult:
         """Publish immediately, bypassing any transaction."""
@@ -229,6 +251,10 @@ class WebsaunaTask(celery.Task):
         for name, value in (("link", link), ("link_error", link_error), ("shadow", shadow)):
             if value is not None:
                 options[name] = value
+        if "retries" not in options:
+            # In the caller, before anything is claimed or scheduled. Celery's
+            # own retries (which pass ``retries``) go back to their queue.
+            check_queue(self.app, options.get("queue") or getattr(self, "queue", None))
         unique_name = options.pop("unique_name", None)
         raise_if_enqueued = options.pop("raise_if_enqueued", False)
         if tm is _MISSING and (producer is not None or "parent_id" in options or not self.require_tm):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ast
 import json
+import math
 import re
 import typing as t
 import warnings
@@ -305,3 +306,19 @@ def celery_config_from_settings(settings: t.Mapping[str, t.Any]) -> dict[str, t.
 
 def has_celery_settings(settings: t.Mapping[str, t.Any]) -> bool:
     return CONFIG_KEY in settings or any(k.startswith(FLAT_PREFIX) for k in settings)
+
+
+def number_setting(settings: t.Mapping[str, t.Any], key: str, default: float, minimum: float = 0.0,
+                   unit: str = "") -> float:
+    """A numeric ``websauna_tasks.*`` setting, ``default`` when absent; ConfigurationError naming it otherwise."""
+    raw = settings.get(key)
+    if raw in (None, ""):
+        return default
+    unit_text = f" {unit}" if unit else ""
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        raise ConfigurationError(f"{key}: expected a number{unit_text and ' of' + unit_text}, got {raw!r}") from None
+    if not math.isfinite(value) or value < minimum:
+        raise ConfigurationError(f"{key}: must be {minimum:g} or more{unit_text}, got {raw!r}")
+    return value

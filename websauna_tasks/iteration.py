@@ -49,6 +49,7 @@ from pyramid.request import Request
 from pyramid.threadlocal import get_current_registry
 from transaction.interfaces import NoTransaction
 
+from .config import number_setting
 from .db import get_engine
 from .defer import (
     DeferNotAllowed,
@@ -175,16 +176,7 @@ def _tables_ready(registry: Registry, engine: sa.Engine) -> None:
 # -- settings ----------------------------------------------------------------------------------
 
 def _number(registry: Registry, key: str, default: float, minimum: float) -> float:
-    raw = (registry.settings or {}).get(key)
-    if raw in (None, ""):
-        return default
-    try:
-        value = float(raw)
-    except (TypeError, ValueError):
-        raise ConfigurationError(f"{key}: expected a number, got {raw!r}") from None
-    if value < minimum:
-        raise ConfigurationError(f"{key}: must be at least {minimum:g}, got {raw!r}")
-    return value
+    return number_setting(registry.settings or {}, key, default, minimum)
 
 
 def time_budget(registry: Registry) -> float:

@@ -24,6 +24,7 @@ import sqlalchemy as sa
 from pyramid.exceptions import ConfigurationError
 from pyramid.registry import Registry
 
+from .config import number_setting
 from .db import get_engine
 
 if t.TYPE_CHECKING:
@@ -248,25 +249,12 @@ def _make_store(registry: Registry, app: Celery) -> NameStore:
     raise ConfigurationError(f"{NAME_STORE_KEY}: expected a redis:// URL, 'sql' or 'memory', got {choice!r}")
 
 
-def _seconds(settings: t.Mapping[str, t.Any], key: str, default: float) -> float:
-    raw = settings.get(key)
-    if raw in (None, ""):
-        return default
-    try:
-        value = float(raw)
-    except (TypeError, ValueError):
-        raise ConfigurationError(f"{key}: expected a number of seconds, got {raw!r}") from None
-    if value < 0:
-        raise ConfigurationError(f"{key}: must not be negative, got {raw!r}")
-    return value
-
-
 def retention_seconds(registry: Registry) -> float:
-    return _seconds(registry.settings or {}, RETENTION_KEY, 0.0)
+    return number_setting(registry.settings or {}, RETENTION_KEY, 0.0, unit="seconds")
 
 
 def pending_seconds(registry: Registry) -> float:
-    return _seconds(registry.settings or {}, PENDING_KEY, DEFAULT_PENDING_SECONDS)
+    return number_setting(registry.settings or {}, PENDING_KEY, DEFAULT_PENDING_SECONDS, unit="seconds")
 
 
 def claim_name(app: Celery, name: t.Any, task_id: str, delay_seconds: float = 0.0,

@@ -37,7 +37,7 @@ from celery.exceptions import Ignore, Reject, Retry
 from pyramid.exceptions import ConfigurationError
 from pyramid.registry import Registry
 
-from .config import parse_literal
+from .config import number_setting, parse_literal
 
 if t.TYPE_CHECKING:
     from celery import Celery, Task
@@ -275,19 +275,6 @@ def _flag(settings: t.Mapping[str, t.Any], key: str) -> bool:
     raise ConfigurationError(f"{key}: expected true or false, got {raw!r}")
 
 
-def _seconds(settings: t.Mapping[str, t.Any], key: str, default: float) -> float:
-    raw = settings.get(key)
-    if raw in (None, ""):
-        return default
-    try:
-        value = float(raw)
-    except (TypeError, ValueError):
-        raise ConfigurationError(f"{key}: expected a number of seconds, got {raw!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise ConfigurationError(f"{key}: must be 0 or more seconds, got {raw!r}")
-    return value
-
-
 # -- wiring into the Celery app --------------------------------------------------------------
 
 _REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
@@ -354,7 +341,7 @@ def configure_queues(registry: Registry, app: Celery) -> QueuesConfig:
     declared = parse_queues(raw) if enforced else ()
     _check_visibility_timeout(app, declared)
     allow_undeclared = _flag(settings, ALLOW_UNDECLARED_KEY)
-    wait_seconds = _seconds(settings, WAIT_SECONDS_KEY, DEFAULT_WAIT_SECONDS)
+    wait_seconds = number_setting(settings, WAIT_SECONDS_KEY, DEFAULT_WAIT_SECONDS, unit="seconds")
     limited = [queue.name for queue in declared if queue.has_limits]
     limits = None
     # Eager mode runs tasks in the calling process, with no worker to limit.

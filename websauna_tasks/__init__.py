@@ -18,6 +18,7 @@ from .db import configure_dbsession
 from .defer import DeferNotAllowed, configure_allowed_modules, defer, deferrable, run_deferred
 from .iteration import defer_iteration_with_finalize, get_deferred_shard_index, iteration_progress, run_shard
 from .names import AlreadyEnqueued, connect_run_signals
+from .outbox import configure_outbox
 from .queues import QueueConfig, UndeclaredQueue, backoff_seconds, configure_queues, get_queues
 from .registry import get_celery, set_celery
 from .request import get_current_request
@@ -82,5 +83,6 @@ def includeme(config: Configurator) -> None:
     run_deferred.bind_to_app(app)
     run_shard.bind_to_app(app)  # sharded iteration's task (websauna_tasks.iteration)
     connect_run_signals()
+    configure_outbox(config.registry, app)  # websauna_tasks.outbox = true: messages as rows (outbox.py)
     if app.conf.task_always_eager:
         config.add_tween("websauna_tasks.tweens.eager_errors_tween_factory", under=INGRESS)

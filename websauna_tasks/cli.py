@@ -101,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
         print(message, file=sys.stderr)
         return 2
 
+    if celery_args[0] == "outbox-relay":
+        return outbox_relay(app, celery_args[1:])
+
     import click
 
     try:
@@ -113,6 +116,40 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     return code or 0
+
+
+def outbox_relay(app: t.Any, args: list[str]) -> int:
+    """``ws-celery INI -- outbox-relay [-l LEVEL]``: publish the outbox until SIGTERM/SIGINT.
+
+    Not a Celery subcommand: it is ours (websauna_tasks.outbox), for
+    deployments that run the relay apart from the workers.
+    """
+    import argparse
+    import logging
+    import signal
+    import threading
+
+    from .outbox import get_outbox, run_relay
+
+    parser = argparse.ArgumentParser(prog="ws-celery INI -- outbox-relay")
+    parser.add_argument("-l", "--loglevel", default="INFO")
+    options = parser.parse_args(args)
+    logging.basicConfig(level=options.loglevel.upper(), format="[%(asctime)s: %(levelname)s] %(name)s: %(message)s")
+    try:
+        get_outbox(app)
+    except Exception as exc:
+        print(f"ws-celery: {one_line(str(exc))}", file=sys.stderr)
+        return 2
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: t.Any) -> None:
+        logging.getLogger(__name__).info("outbox relay: %s received, stopping", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    run_relay(app, stop)
+    return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -41,6 +41,9 @@ if t.TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _QUEUE_KEY = "websauna_tasks.dispatch_queue"
+#: Attribute of a Celery app whose messages go through the transactional
+#: outbox (websauna_tasks.outbox sets it when ``websauna_tasks.outbox`` is on).
+OUTBOX_ATTRIBUTE = "websauna_tasks_outbox"
 
 # Set by the eager-error tween for the duration of a web request: eager task
 # failures are appended here so the tween can raise them after pyramid_tm has
@@ -60,6 +63,9 @@ class PendingMessage:
     #: Called when the message will never be sent (abort, failed commit,
     #: savepoint rollback): a claimed task name is released there.
     on_dropped: t.Callable[[], None] | None = None
+    #: True once the message is a row of the outbox table, in the transaction:
+    #: after the commit it is published from there, not from memory.
+    outboxed: bool = False
 
     def dropped(self) -> None:
         if self.on_dropped is not None:
@@ -125,8 +131,29 @@ class DispatchQueue:
             for message in messages:
                 message.dropped()
             return
+        if not messages:
+            return
+        outboxed = [message for message in messages if message.outboxed]
+        if outboxed:
+            _publish_outboxed(outboxed)
+            messages = [message for message in messages if not message.outboxed]
         if messages:
             publish(messages)
+
+
+def _publish_outboxed(messages: list[PendingMessage]) -> None:
+    """The rows just committed: the outbox publishes them now, or leaves them to its relay."""
+    by_app: dict[int, list[PendingMessage]] = {}
+    for message in messages:
+        by_app.setdefault(id(message.task.app), []).append(message)
+    for app_messages in by_app.values():
+        outbox = getattr(app_messages[0].task.app, OUTBOX_ATTRIBUTE, None)
+        try:
+            outbox.after_commit([message.task_id for message in app_messages])
+        except Exception:
+            # The rows are committed: the relay will publish them.
+            logger.exception("websauna_tasks: outbox fast path failed; %d message(s) left to the relay",
+                             len(app_messages))
 
 
 class _QueueSavepoint:
@@ -166,6 +193,16 @@ def schedule(tm: transaction.TransactionManager, message: PendingMessage) -> Non
         queue = DispatchQueue(tm)
         txn.addAfterCommitHook(queue.after_commit)
         txn.set_data(_QUEUE_KEY, queue)
+    outbox = getattr(message.task.app, OUTBOX_ATTRIBUTE, None)
+    if outbox is not None and _sink is None and not message.task.app.conf.task_always_eager:
+        # The row is written in this transaction, through its database
+        # session: it commits, or is rolled back, with the request's writes.
+        try:
+            outbox.write(tm, message)
+        except BaseException:
+            message.dropped()
+            raise
+        message.outboxed = True
     if not queue.joined:
         txn.join(queue)
         queue.joined = True

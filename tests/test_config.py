@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 from datetime import timedelta
 
@@ -18,6 +19,7 @@ from websauna_tasks.config import (
     celery_config_from_settings,
     coerce_flat_value,
     parse_celery_config,
+    parse_literal,
 )
 
 # Set by payloads below if anything in them were ever executed.
@@ -358,3 +360,103 @@ def test_make_app_with_a_dict_literal_setting(make_app, redis_url, queue_name):
     app = get_celery(router.registry)
     assert app.conf.worker_concurrency == 3
     assert app.conf.task_default_queue == queue_name
+
+
+# -- grammar fuzz: Python-ish expressions, and an audit hook proving nothing is imported or run -----------------
+
+_LEAVES = st.one_of(
+    st.integers(-10**6, 10**6).map(str), st.floats(allow_nan=False, allow_infinity=False).map(repr),
+    st.text(max_size=8).map(repr), st.sampled_from(["True", "None", "...", "b'x'", "1j", "9" * 60]),
+    st.sampled_from(["x", "os", "timedelta", "crontab", "schedule", "__import__", "open", "pwned_global",
+                     "__builtins__", "eval", "exec", "compile", "globals"]),
+)
+
+
+def _python_ish(children: st.SearchStrategy[str]) -> st.SearchStrategy[str]:
+    def call(name_args):
+        name, args, kwargs = name_args
+        return f"{name}({', '.join(args + [f'{k}={v}' for k, v in kwargs])})"
+
+    names = st.sampled_from(["timedelta", "crontab", "schedule", "__import__", "open", "eval", "getattr",
+                             "pwned_global.append", "__import__('os').system", "exec", "type"])
+    keywords = st.sampled_from(["seconds", "minute", "hour", "run_every", "days", "nowfun", "x"])
+    return st.one_of(
+        st.tuples(names, st.lists(children, max_size=3), st.lists(st.tuples(keywords, children), max_size=2))
+        .map(call),
+        st.lists(children, max_size=4).map(lambda items: "[" + ", ".join(items) + "]"),
+        st.lists(children, max_size=4).map(lambda items: "(" + ", ".join(items) + ",)"),
+        st.lists(children, max_size=4).map(lambda items: "{" + ", ".join(items) + "}"),
+        st.lists(st.tuples(children, children), max_size=4).map(
+            lambda pairs: "{" + ", ".join(f"{k}: {v}" for k, v in pairs) + "}"),
+        st.tuples(children, st.sampled_from(["__class__", "__globals__", "system", "append", "__subclasses__()"]))
+        .map(lambda pair: f"{pair[0]}.{pair[1]}"),
+        st.tuples(children, st.sampled_from(["+", "-", "*", "/", "**", "//", "%", "and", "or", "<", "if 1 else"]),
+                  children).map(" ".join),
+        st.tuples(st.sampled_from(["-", "+", "not ", "~", "*", "**"]), children).map("".join),
+        children.map(lambda body: f"lambda: {body}"),
+        st.tuples(children, children).map(lambda pair: f"[{pair[0]} for x in {pair[1]}]"),
+        st.tuples(children, children).map(lambda pair: f"{{{pair[0]}: x for x in {pair[1]}}}"),
+        children.map(lambda body: f"f'{{{body}}}'"),
+        children.map(lambda body: f"(x := {body})"),
+        st.tuples(children, children).map(lambda pair: f"{pair[0]}[{pair[1]}]"),
+        children.map(lambda body: "{'a': " + body + "}"),
+    )
+
+
+PYTHON_ISH = st.recursive(_LEAVES, _python_ish, max_leaves=40)
+# Events that would mean part of the input was imported, compiled to code or run.
+_FORBIDDEN_EVENTS = ("import", "exec", "open", "os.system", "subprocess.Popen", "os.exec", "os.spawn",
+                     "builtins.input", "ctypes", "os.putenv", "os.remove", "pickle.find_class")
+_audit = {"active": False, "events": []}
+
+
+def _audit_hook(event: str, args: tuple) -> None:
+    if not _audit["active"]:
+        return
+    if event == "compile":
+        # ast.parse compiles to an AST only (no code object), under "<unknown>".
+        if len(args) < 2 or args[1] != "<unknown>":
+            _audit["events"].append((event, repr(args)[:200]))
+    elif event.startswith(_FORBIDDEN_EVENTS):
+        _audit["events"].append((event, repr(args)[:200]))
+
+
+sys.addaudithook(_audit_hook)  # cannot be removed: inert unless _audit["active"]
+
+
+def _parse_audited(function, source):
+    _audit["events"] = []
+    _audit["active"] = True
+    try:
+        return function(source)
+    finally:
+        _audit["active"] = False
+
+
+@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.one_of(PYTHON_ISH, PYTHON_ISH.map(lambda body: "{'beat_schedule': " + body + "}"),
+                 st.integers(50, 200).map(lambda depth: "(" * depth + "1" + ")" * depth),
+                 st.integers(41, 80).map(lambda depth: "{'a': " * depth + "1" + "}" * depth),
+                 st.text(max_size=200)))
+def test_fuzz_python_ish_expressions_only_configuration_error_and_nothing_runs(source):
+    for function in (parse_celery_config, parse_literal):
+        try:
+            _parse_audited(function, source)
+        except ConfigurationError:
+            pass
+        # Anything else (TypeError, RecursionError, OverflowError...) fails the test.
+        assert _audit["events"] == [], f"parsing {source!r} imported, compiled or ran something: {_audit['events']}"
+    assert pwned_global == []
+    assert PWNED_ENV not in os.environ
+
+
+def test_audit_hook_sees_what_it_guards_against():
+    """The fuzz test's hook is able to fail: an eval or import in the window is recorded."""
+    _parse_audited(lambda source: eval(compile(source, "<fuzz>", "eval")), "1")  # noqa: S307
+    assert any(event in ("compile", "exec") for event, _ in _audit["events"])
+    _audit["events"] = []
+    try:
+        _parse_audited(lambda name: __import__(name), "ws_no_such_module_for_audit")
+    except ImportError:
+        pass
+    assert [event for event, _ in _audit["events"]] and _audit["events"][0][0] == "import"

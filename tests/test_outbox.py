@@ -128,7 +128,8 @@ def test_values_that_cannot_be_stored_are_refused_at_schedule_time(outbox_settin
     router = make_app(**outbox_settings())
     with task_request(router.registry) as request:
         with request.tm:
-            with pytest.raises(OutboxError, match="arguments of task tests.add"):
+            # Refused before the outbox sees it (websauna_tasks.payload), naming the argument.
+            with pytest.raises(TypeError, match=r"tests\.add: argument 1 \(object\) cannot travel as JSON"):
                 sample_tasks.add.apply_async(args=(object(), 2), tm=request.tm)
             with pytest.raises(OutboxError, match="option 'headers'"):
                 sample_tasks.add.apply_async(args=(1, 2), headers={"x": {1, 2}}, tm=request.tm)

@@ -15,12 +15,16 @@ from .after_response import AFTER_RESPONSE_OVER, run_after_response
 from .app import APP_NAME_KEY, make_celery
 from .config import celery_config_from_settings
 from .db import configure_dbsession
+from .deadletter import configure_deadletter, list_dead_letters, requeue_dead_letter
 from .defer import DeferNotAllowed, configure_allowed_modules, defer, deferrable, run_deferred
+from .idempotency import prune_done
 from .iteration import defer_iteration_with_finalize, get_deferred_shard_index, iteration_progress, run_shard
 from .names import AlreadyEnqueued, connect_run_signals
 from .outbox import configure_outbox
+from .payload import PayloadTooLarge, configure_payload_limit
 from .queues import QueueConfig, UndeclaredQueue, backoff_seconds, configure_queues, get_queues
 from .registry import get_celery, set_celery
+from .reliability import VisibilityTimeoutExceeded
 from .request import get_current_request
 from .tasks import (
     RetryableTransactionTask,
@@ -51,6 +55,11 @@ __all__ = [
     "QueueConfig",
     "get_queues",
     "backoff_seconds",
+    "prune_done",
+    "VisibilityTimeoutExceeded",
+    "PayloadTooLarge",
+    "list_dead_letters",
+    "requeue_dead_letter",
 ]
 
 
@@ -73,6 +82,8 @@ def includeme(config: Configurator) -> None:
     app = make_celery(celery_config_from_settings(settings), name=settings.get(APP_NAME_KEY, "websauna_tasks"))
     app.pyramid_registry = config.registry
     configure_queues(config.registry, app)
+    configure_payload_limit(config.registry, app)  # websauna_tasks.max_payload_bytes (payload.py)
+    configure_deadletter(config.registry, app)  # worker: unrunnable messages moved aside (deadletter.py)
     set_celery(config.registry, app)
     config.add_request_method(lambda request: get_celery(request.registry), "celery", reify=True)
     configure_dbsession(config)

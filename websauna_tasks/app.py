@@ -5,6 +5,7 @@ import typing as t
 
 from celery import Celery
 
+from .reliability import check_transport_options
 from .schedule import normalize_beat_schedule
 from .tasks import WebsaunaTask
 
@@ -17,6 +18,13 @@ DEFAULTS: dict[str, t.Any] = {
     "result_serializer": "json",
     "accept_content": ["json"],
     "broker_connection_retry_on_startup": True,
+    # TransactionalTask and RetryableTransactionTask are acks_late: every
+    # prefetched message is held unacknowledged by this worker, waits behind
+    # the running ones (past a Redis visibility_timeout it is delivered to
+    # another worker as well) and, when the worker dies, all are redelivered
+    # together. One per pool process keeps that to the messages being run.
+    # Celery's default is 4; docs/reliability.md says when to raise it.
+    "worker_prefetch_multiplier": 1,
 }
 
 
@@ -33,4 +41,5 @@ def make_celery(config: t.Mapping[str, t.Any], name: str = "websauna_tasks") -> 
     # task, and must never write into a dict that another app can see.
     conf["beat_schedule"] = normalize_beat_schedule(conf.get("beat_schedule", {}))
     app.conf.update(conf)
+    check_transport_options(app)  # Redis timeouts that Celery asks to align (websauna_tasks.reliability)
     return app

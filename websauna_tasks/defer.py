@@ -25,15 +25,15 @@ import typing as t
 from datetime import datetime
 
 from celery.utils import uuid
-from kombu.utils.json import dumps as json_dumps
 from pyramid.exceptions import ConfigurationError
 from pyramid.registry import Registry
 from pyramid.threadlocal import get_current_registry
 
-from .dispatch import PendingMessage, schedule, transaction_to_wait_for
+from .dispatch import PendingMessage, check_payload, schedule, transaction_to_wait_for
 from .names import NAME_HEADER, claim_name, release_name
 from .queues import check_queue
 from .registry import ICeleryApp
+from .reliability import check_delay
 from .request import current_task_request
 from .tasks import TaskProxy, TransactionalTask, task
 
@@ -142,22 +142,6 @@ def check_allowed(path: str, prefixes: t.Iterable[str]) -> None:
         f"({' '.join(prefixes) or 'empty'}) and the function is not marked @deferrable")
 
 
-def _check_json(path: str, args: tuple, kwargs: dict) -> None:
-    for index, value in enumerate(args):
-        _dumpable(value, f"defer({path}): argument {index + 1}")
-    for key, value in kwargs.items():
-        _dumpable(value, f"defer({path}): keyword argument {key!r}")
-
-
-def _dumpable(value: t.Any, where: str) -> None:
-    # kombu's encoder is what the message will be written with (it also
-    # carries datetime, Decimal and UUID).
-    try:
-        json_dumps(value)
-    except (TypeError, ValueError) as exc:
-        raise TypeError(f"{where} ({type(value).__name__}) cannot travel as JSON: {exc}") from None
-
-
 def _app_of(registry: Registry | None) -> tuple[Celery, Registry]:
     if registry is None:
         request = current_task_request()
@@ -198,13 +182,14 @@ def defer(fn: t.Callable[..., t.Any], *args: t.Any, _queue: str | None = "defaul
     path = function_path(fn)
     app, registry = _app_of(_registry)
     check_allowed(path, allowed_prefixes(registry))
-    _check_json(path, args, kwargs)
+    check_payload(app, f"defer({path})", args, kwargs)  # JSON and size (payload.py)
     manager = transaction_to_wait_for(_transactional, _tm)
     runner = app.tasks[DEFERRED_TASK_NAME]
 
     options: dict[str, t.Any] = {"serializer": "json"}
     queue = _queue_option(app, _queue)
     check_queue(app, queue)
+    check_delay(app, f"defer({path})", {"countdown": _countdown, "eta": _eta})  # docs/reliability.md
     if queue is not None:
         options["queue"] = queue
     delay = 0.0

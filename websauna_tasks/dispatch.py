@@ -33,6 +33,7 @@ from transaction._transaction import Status
 from transaction.interfaces import ISavepointDataManager
 from zope.interface import implementer
 
+from .payload import check_payload, check_task_payload  # noqa: F401  (re-exported for tasks.py, defer.py)
 from .request import get_current_request
 
 if t.TYPE_CHECKING:

@@ -27,9 +27,11 @@ from transaction.interfaces import TransientError
 
 from . import dispatch
 from .dispatch import PendingMessage, schedule, transaction_to_wait_for
+from .idempotency import check_idempotent_class, claim_run
 from .names import NAME_HEADER, claim_name, release_name
 from .queues import APP_ATTRIBUTE, check_queue, mark_gave_up, run_in_queue
 from .registry import ICeleryApp, get_celery
+from .reliability import check_delay
 from .request import current_task_request, task_request
 from .schedule import periodic_entry
 
@@ -152,9 +154,14 @@ class WebsaunaTask(celery.Task):
 
     #: True when the body (``run``) was written as ``async def``.
     async_body: bool = False
+    #: ``@task(idempotent=True)``: skip a redelivered run whose task id already
+    #: committed (TransactionalTask and subclasses only; websauna_tasks.idempotency).
+    idempotent: bool = False
 
     def __init_subclass__(cls, **kwargs: t.Any) -> None:
         super().__init_subclass__(**kwargs)
+        if cls.__dict__.get("idempotent"):
+            check_idempotent_class(cls, TransactionalTask)
         # Celery's app.task() makes a subclass per decorated function with
         # the function as ``run`` (a staticmethod unless bind=True); class
         # based tasks define ``run`` themselves. An ``async def`` run is
@@ -248,6 +255,7 @@ class WebsaunaTask(celery.Task):
         nothing and return the pending task's result (``raise_if_enqueued=True``
         raises :class:`~websauna_tasks.names.AlreadyEnqueued` instead).
         """
+        dispatch.check_task_payload(self, args, kwargs, options)  # JSON and size, before any claim (payload.py)
         for name, value in (("link", link), ("link_error", link_error), ("shadow", shadow)):
             if value is not None:
                 options[name] = value
@@ -255,6 +263,7 @@ class WebsaunaTask(celery.Task):
             # In the caller, before anything is claimed or scheduled. Celery's
             # own retries (which pass ``retries``) go back to their queue.
             check_queue(self.app, options.get("queue") or getattr(self, "queue", None))
+        check_delay(self.app, self.name, options)  # a Redis countdown/eta past the visibility timeout runs twice
         unique_name = options.pop("unique_name", None)
         raise_if_enqueued = options.pop("raise_if_enqueued", False)
         if tm is _MISSING and (producer is not None or "parent_id" in options or not self.require_tm):
@@ -353,10 +362,22 @@ class ScheduleOnCommitTask(WebsaunaTask):
 
 
 class TransactionalTask(ScheduleOnCommitTask):
-    """The body runs in the request's transaction: commit on return, abort on raise."""
+    """The body runs in the request's transaction: commit on return, abort on raise.
+
+    At-least-once (docs/reliability.md): the message is acknowledged after
+    the run (``acks_late``) and put back when the worker process dies
+    mid-run (``reject_on_worker_lost``), so a run whose transaction never
+    committed is run again. ``idempotent=True`` makes a redelivery of a run
+    that did commit a no-op.
+    """
+
+    acks_late = True
+    reject_on_worker_lost = True
 
     def run_in_request(self, request: Request, args: tuple, kwargs: dict) -> t.Any:
         with request.tm:
+            if self.idempotent and not claim_run(request, self):
+                return None
             return _call_body(self, args, kwargs)
 
 
@@ -385,6 +406,9 @@ class RetryableTransactionTask(TransactionalTask):
         for attempt in range(1, attempts + 1):
             tm.begin()
             try:
+                if self.idempotent and not claim_run(request, self):
+                    tm.commit()
+                    return None
                 # A fresh coroutine per attempt: _call_body calls the body anew.
                 result = _call_body(self, args, kwargs)
                 tm.commit()

@@ -1,0 +1,10 @@
+"""The Pyramid application of the crash-safety and idempotency tests and their ws-celery workers."""
+from pyramid.config import Configurator
+
+
+def main(global_config, **settings):
+    config = Configurator(settings=settings)
+    config.include("pyramid_tm")
+    config.include("websauna_tasks")
+    config.scan("tests.reliability_tasks")
+    return config.make_wsgi_app()

@@ -1,0 +1,253 @@
+"""Messages a worker cannot run are logged and moved aside, and the worker keeps running.
+
+Celery's worker already survives them: a message for a task it does not know
+goes to ``Consumer.on_unknown_task`` (rejected, marked failed, ``task_unknown``
+signal), one without a task header to ``on_unknown_message``, one whose
+content type is not in ``accept_content`` (pickle, with our JSON-only
+default) or that is not a valid task to ``on_invalid_task`` (rejected,
+``task_rejected`` signal), one whose body cannot be decoded (broken JSON) to
+``on_decode_error`` (acked, no signal at all). In every case the message is
+then gone from the broker: only a log line is left.
+
+A consumer bootstep (:class:`DeadLetterStep`, added to the app by
+``includeme``) wraps those four handlers on the worker's consumer: the raw
+message, as kombu stored it, is first copied with a reason and the time to
+the dead-letter list and logged at ERROR with its id and task name, then
+Celery's own handler rejects or acks it as before. A bootstep rather than
+receivers of ``task_unknown``/``task_rejected``: decode errors send no
+signal, and the signals are sent after the message was already rejected,
+whereas the handlers let the copy come first.
+
+On Redis (the broker, or any transport whose broker URL is ``redis://``) the
+dead letters are JSON entries of the list ``websauna_tasks.deadletter``
+(setting ``websauna_tasks.deadletter_queue``), oldest first. Operators read
+them with :func:`list_dead_letters` and put one back with
+:func:`requeue_dead_letter` (after deploying the missing task, say). With
+another broker the message is only in the ERROR log line.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import time
+import typing as t
+import uuid
+from datetime import datetime, timezone
+
+from celery import bootsteps
+from pyramid.exceptions import ConfigurationError
+
+if t.TYPE_CHECKING:
+    from celery import Celery
+    from pyramid.registry import Registry
+
+logger = logging.getLogger(__name__)
+
+#: Setting: name of the Redis list that holds dead letters.
+DEADLETTER_QUEUE_KEY = "websauna_tasks.deadletter_queue"
+DEFAULT_DEADLETTER_QUEUE = "websauna_tasks.deadletter"
+_APP_ATTRIBUTE = "websauna_tasks_deadletter"
+_REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
+class DeadLetters:
+    """Where one app's dead letters go: a Redis list, or only the log."""
+
+    def __init__(self, app: Celery, key: str):
+        self.app = app
+        self.key = key
+        self._client: t.Any = None
+
+    @property
+    def redis_url(self) -> str | None:
+        broker = self.app.conf.broker_url
+        if isinstance(broker, (list, tuple)):
+            broker = broker[0] if broker else None
+        broker = str(broker or "").split(";")[0].strip()
+        return broker if broker.startswith(_REDIS_SCHEMES) else None
+
+    @property
+    def client(self) -> t.Any:
+        if self._client is None:
+            url = self.redis_url
+            if url is None:
+                return None
+            import redis
+
+            self._client = redis.Redis.from_url(url)
+        return self._client
+
+    def store(self, entry: dict[str, t.Any]) -> bool:
+        client = self.client
+        if client is None:
+            return False
+        client.rpush(self.key, json.dumps(entry, default=repr))
+        return True
+
+
+def configure_deadletter(registry: Registry, app: Celery) -> DeadLetters:
+    """Read ``websauna_tasks.deadletter_queue`` and add :class:`DeadLetterStep` to the app's worker."""
+    key = str((getattr(registry, "settings", None) or {}).get(DEADLETTER_QUEUE_KEY) or DEFAULT_DEADLETTER_QUEUE)
+    if not key.strip() or key != key.strip():
+        raise ConfigurationError(f"{DEADLETTER_QUEUE_KEY}: expected a Redis key name, got {key!r}")
+    letters = DeadLetters(app, key)
+    setattr(app, _APP_ATTRIBUTE, letters)
+    app.steps["consumer"].add(DeadLetterStep)
+    return letters
+
+
+def get_dead_letters(app: Celery) -> DeadLetters:
+    letters = getattr(app, _APP_ATTRIBUTE, None)
+    if letters is None:
+        raise ConfigurationError("dead letters need config.include('websauna_tasks')")
+    return letters
+
+
+def _app_of(registry_or_app: t.Any) -> Celery:
+    from .registry import ICeleryApp
+
+    query = getattr(registry_or_app, "queryUtility", None)
+    if query is None:
+        return registry_or_app
+    app = query(ICeleryApp)
+    if app is None:
+        raise ConfigurationError("dead letters need config.include('websauna_tasks')")
+    return app
+
+
+# -- the worker side ------------------------------------------------------------------------------------------------
+
+class DeadLetterStep(bootsteps.Step):
+    """Consumer bootstep: copy unrunnable messages to the dead letters before Celery drops them."""
+
+    name = "websauna_tasks.deadletter"
+
+    def __init__(self, parent: t.Any, **kwargs: t.Any) -> None:
+        super().__init__(parent, **kwargs)
+        letters = getattr(parent.app, _APP_ATTRIBUTE, None)
+        if letters is None or getattr(parent, "_websauna_deadletter", False):
+            return
+        parent._websauna_deadletter = True
+        # Instance attributes: create_task_handler() and the Tasks step (which
+        # hands on_decode_error to kombu's consumer) read them after this.
+        for name, kind in (("on_unknown_task", "unknown_task"), ("on_unknown_message", "unknown_message"),
+                           ("on_invalid_task", "invalid_task"), ("on_decode_error", "undecodable")):
+            setattr(parent, name, _wrap(letters, getattr(parent, name), kind))
+
+
+def _wrap(letters: DeadLetters, original: t.Callable[..., t.Any], kind: str) -> t.Callable[..., t.Any]:
+    def handler(*args: t.Any) -> t.Any:
+        if kind == "undecodable":
+            message, exc = args
+        elif kind == "unknown_message":
+            message, exc = args[1], None
+        else:
+            message, exc = args[1], args[2]
+        dead_letter(letters, message, kind, exc)
+        return original(*args)
+
+    handler.__wrapped__ = original  # type: ignore[attr-defined]
+    return handler
+
+
+def _reason(kind: str, name: str | None, message: t.Any, exc: BaseException | None) -> str:
+    if kind == "unknown_task":
+        return f"unknown task {name!r} (not registered in this worker)"
+    if kind == "unknown_message":
+        return "not a task message (no task name in its headers or body)"
+    detail = f"{type(exc).__name__}: {exc}" if exc is not None else "no detail"
+    content_type = getattr(message, "content_type", None)
+    if kind == "undecodable":
+        return f"cannot decode the body (content type {content_type!r}): {detail}"
+    return f"invalid task message (content type {content_type!r}): {detail}"
+
+
+def raw_message(message: t.Any) -> t.Any:
+    """The message as the transport stored it (kombu's Redis envelope), else rebuilt from its parts."""
+    raw = getattr(message, "_raw", None)
+    if isinstance(raw, dict):
+        return raw
+    body = getattr(message, "body", None)
+    if isinstance(body, str):
+        body = body.encode("utf-8", "surrogateescape")
+    headers = getattr(message, "headers", None)
+    return {
+        "body": base64.b64encode(body).decode("ascii") if isinstance(body, (bytes, bytearray, memoryview)) else body,
+        "content-type": getattr(message, "content_type", None),
+        "content-encoding": getattr(message, "content_encoding", None),
+        "headers": dict(headers) if isinstance(headers, dict) else headers,
+        "properties": dict(getattr(message, "properties", None) or {}, body_encoding="base64"),
+    }
+
+
+def dead_letter(letters: DeadLetters, message: t.Any, kind: str, exc: BaseException | None = None) -> dict:
+    """Log ``message`` at ERROR and copy it, with a reason and the time, to the dead letters; never raises."""
+    headers = getattr(message, "headers", None)
+    headers = headers if isinstance(headers, dict) else {}
+    delivery_info = getattr(message, "delivery_info", None) or {}
+    name = headers.get("task")
+    task_id = headers.get("id") or (getattr(message, "properties", None) or {}).get("correlation_id")
+    queue = delivery_info.get("routing_key")
+    reason = _reason(kind, name, message, exc)
+    now = time.time()
+    entry = {
+        "kind": kind, "reason": reason, "id": task_id, "task": name, "queue": queue,
+        "exchange": delivery_info.get("exchange"), "time": datetime.fromtimestamp(now, timezone.utc).isoformat(),
+        "timestamp": now, "message": None,
+    }
+    try:
+        entry["message"] = raw_message(message)
+        stored = letters.store(entry)
+    except Exception:
+        logger.exception("websauna_tasks: could not store a dead letter in %s; the message follows in this log: %s",
+                         letters.key, json.dumps(entry, default=repr))
+        return entry
+    if stored:
+        logger.error("websauna_tasks: message id %s task %s from queue %s moved to dead letters (%s): %s",
+                     task_id, name, queue, letters.key, reason)
+    else:
+        logger.error("websauna_tasks: message id %s task %s from queue %s dropped (%s); no Redis for dead "
+                     "letters, the message: %s", task_id, name, queue, reason, json.dumps(entry, default=repr))
+    return entry
+
+
+# -- for operators --------------------------------------------------------------------------------------------------
+
+def list_dead_letters(registry_or_app: t.Any, start: int = 0, stop: int = -1) -> list[dict[str, t.Any]]:
+    """Dead letters, oldest first (``start``/``stop`` as in Redis LRANGE); [] when there is no Redis."""
+    letters = get_dead_letters(_app_of(registry_or_app))
+    client = letters.client
+    if client is None:
+        return []
+    return [json.loads(raw) for raw in client.lrange(letters.key, start, stop)]
+
+
+def requeue_dead_letter(registry_or_app: t.Any, task_id: str, queue: str | None = None) -> bool:
+    """Put the dead letter of ``task_id`` back on its queue (or ``queue``) and remove it; False if not found.
+
+    Only for the Redis transport, whose queues are lists of the envelopes kept here.
+    """
+    letters = get_dead_letters(_app_of(registry_or_app))
+    client = letters.client
+    if client is None:
+        return False
+    for raw in client.lrange(letters.key, 0, -1):
+        entry = json.loads(raw)
+        if entry.get("id") != task_id or not isinstance(entry.get("message"), dict):
+            continue
+        target = queue or entry.get("queue")
+        if not target:
+            raise ValueError(f"dead letter {task_id}: no queue recorded, pass queue=")
+        message = entry["message"]
+        properties = dict(message.get("properties") or {})
+        properties["delivery_tag"] = str(uuid.uuid4())
+        properties["delivery_info"] = dict(properties.get("delivery_info") or {}, routing_key=target)
+        message = dict(message, properties=properties)
+        pipe = client.pipeline()
+        pipe.lpush(target, json.dumps(message))
+        pipe.lrem(letters.key, 1, raw)
+        pipe.execute()
+        logger.info("websauna_tasks: dead letter %s requeued to %s", task_id, target)
+        return True
+    return False

@@ -1,0 +1,158 @@
+"""Idempotent tasks: at-least-once delivery, exactly-once effects.
+
+``@task(base=TransactionalTask, idempotent=True)`` (or ``idempotent = True``
+on a subclass of :class:`~websauna_tasks.TransactionalTask`) makes each run
+first insert its task id into ``websauna_tasks_done``, through
+``request.dbsession``, in the run's own transaction:
+
+- the row commits with the body's writes, or not at all: a run that raises,
+  is aborted or whose worker dies leaves no row, and its redelivery runs;
+- a redelivery of a run that committed finds the row and skips the body
+  (it returns None and logs "already done" at INFO);
+- on PostgreSQL a duplicate running *at the same time* waits on the primary
+  key until the first run ends: after its commit the insert does nothing
+  (skip), after its abort the insert goes through (run).
+
+The insert is ``INSERT ... ON CONFLICT DO NOTHING`` on PostgreSQL and
+SQLite, so no error aborts the run's transaction; other databases insert in
+a savepoint and read an ``IntegrityError`` as "already done". The table is
+created (``IF NOT EXISTS``) on first use unless
+``websauna_tasks.idempotency_create_table = false`` (then create
+:data:`done_table` with your migrations). Old rows are removed by
+:func:`prune_done`, which keeps ``websauna_tasks.idempotency_retention_seconds``
+(default 7 days). See ``docs/reliability.md``.
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+import threading
+import typing as t
+import weakref
+
+import sqlalchemy as sa
+from pyramid.exceptions import ConfigurationError
+from sqlalchemy.dialects import postgresql, sqlite
+
+from .config import number_setting
+
+if t.TYPE_CHECKING:
+    from celery import Task
+    from pyramid.registry import Registry
+    from pyramid.request import Request
+    from sqlalchemy.engine import Engine
+    from sqlalchemy.orm import Session
+
+logger = logging.getLogger(__name__)
+
+#: Setting: seconds a done-row is kept by :func:`prune_done` (default 7 days).
+RETENTION_KEY = "websauna_tasks.idempotency_retention_seconds"
+DEFAULT_RETENTION_SECONDS = 7 * 24 * 3600.0
+#: Setting: create ``websauna_tasks_done`` on first use (default true).
+CREATE_TABLE_KEY = "websauna_tasks.idempotency_create_table"
+
+DONE_TABLE_NAME = "websauna_tasks_done"
+
+metadata = sa.MetaData()
+
+#: One row per committed run of an idempotent task.
+done_table = sa.Table(
+    DONE_TABLE_NAME, metadata,
+    sa.Column("task_id", sa.String(255), primary_key=True),
+    sa.Column("task_name", sa.String(255), nullable=False),
+    sa.Column("done_at", sa.DateTime(timezone=True), nullable=False, index=True),
+)
+
+_created: weakref.WeakSet[Engine] = weakref.WeakSet()
+_created_lock = threading.Lock()
+
+
+def check_idempotent_class(cls: type, transactional_base: type) -> None:
+    """At class creation: ``idempotent`` needs the run's transaction to record the id in."""
+    if cls.__dict__.get("idempotent") and not issubclass(cls, transactional_base):
+        raise ConfigurationError(
+            f"{cls.__module__}.{cls.__qualname__}: idempotent=True needs base=TransactionalTask or "
+            "RetryableTransactionTask: the task id is recorded in the run's transaction, with its writes")
+
+
+def _engine_of(session: Session) -> Engine:
+    bind = session.get_bind()
+    return getattr(bind, "engine", bind)
+
+
+def _truthy(value: t.Any) -> bool:
+    return str(value).strip().lower() not in ("false", "no", "off", "0", "")
+
+
+def ensure_table(engine: Engine) -> None:
+    """Create ``websauna_tasks_done`` unless it exists; safe when several processes do it at once."""
+    with _created_lock:
+        if engine in _created:
+            return
+    # IF NOT EXISTS covers most races; PostgreSQL can still fail one of two
+    # concurrent creates (on its catalog's unique index), after which the
+    # table exists. Same as names.SQLNameStore._create_table.
+    try:
+        metadata.create_all(engine, checkfirst=True)
+    except sa.exc.DBAPIError:
+        if not sa.inspect(engine).has_table(DONE_TABLE_NAME):
+            raise
+    with _created_lock:
+        _created.add(engine)
+
+
+def record_run(session: Session, task_id: str, task_name: str) -> bool:
+    """Insert the done-row in the session's transaction: True if inserted, False if it was there."""
+    values = {"task_id": task_id, "task_name": task_name,
+              "done_at": datetime.datetime.now(datetime.timezone.utc)}
+    dialect = _engine_of(session).dialect.name
+    if dialect in ("postgresql", "sqlite"):
+        insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+        statement = (insert(done_table).values(**values).on_conflict_do_nothing(index_elements=["task_id"])
+                     .returning(done_table.c.task_id))  # rowcount is -1 here with psycopg 3 and SQLAlchemy 2.1
+        return session.execute(statement).first() is not None
+    try:
+        with session.begin_nested():
+            session.execute(sa.insert(done_table).values(**values))
+    except sa.exc.IntegrityError:
+        return False
+    return True
+
+
+def claim_run(request: Request, task: Task) -> bool:
+    """Called in the run's transaction, before the body: False when this task id already committed."""
+    task_id = task.request.id
+    if not task_id:
+        return True
+    session = request.dbsession
+    if _truthy(request.registry.settings.get(CREATE_TABLE_KEY, "true")):
+        ensure_table(_engine_of(session))
+    if record_run(session, task_id, task.name):
+        return True
+    logger.info("%s[%s]: already done (a previous delivery committed); skipping the body", task.name, task_id)
+    return False
+
+
+def retention_seconds(settings: t.Mapping[str, t.Any]) -> float:
+    return number_setting(settings, RETENTION_KEY, DEFAULT_RETENTION_SECONDS, unit="seconds")
+
+
+def prune_done(registry: Registry, older_than_seconds: float | None = None,
+               engine: Engine | None = None) -> int:
+    """Delete done-rows older than the retention; returns how many.
+
+    Run it from a periodic task. A row must outlive every redelivery of its
+    message: keep the retention well above the broker's visibility timeout
+    plus the longest countdown you use.
+    """
+    from .db import get_engine
+
+    engine = engine or get_engine(registry)
+    if engine is None:
+        raise ConfigurationError("prune_done() needs sqlalchemy.url in the settings, or engine=")
+    seconds = retention_seconds(registry.settings or {}) if older_than_seconds is None else older_than_seconds
+    cutoff = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(seconds=float(seconds))
+    if not sa.inspect(engine).has_table(DONE_TABLE_NAME):
+        return 0
+    with engine.begin() as conn:
+        return conn.execute(sa.delete(done_table).where(done_table.c.done_at < cutoff)).rowcount

@@ -122,7 +122,7 @@ def test_queue_countdown_and_eta(app, redis_client, queue_name, redis_url):
         redis_client.delete(other, f"_kombu.binding.{other}")
     # "default" is the app's default queue (task_default_queue here).
     defer(deferred_functions.record, "d", _registry=app.registry)
-    far = datetime.now(timezone.utc) + timedelta(minutes=30)  # under the Redis visibility_timeout (docs/reliability.md)
+    far = datetime.now(timezone.utc) + timedelta(minutes=30)  # under the Redis visibility_timeout (docs/RELIABILITY.md)
     before = datetime.now(timezone.utc)
     defer(deferred_functions.record, "both", _countdown=600, _eta=far, _registry=app.registry)
     defer(deferred_functions.record, "eta", _eta=far, _registry=app.registry)

@@ -23,7 +23,7 @@ DEFAULTS: dict[str, t.Any] = {
     # the running ones (past a Redis visibility_timeout it is delivered to
     # another worker as well) and, when the worker dies, all are redelivered
     # together. One per pool process keeps that to the messages being run.
-    # Celery's default is 4; docs/reliability.md says when to raise it.
+    # Celery's default is 4; docs/RELIABILITY.md says when to raise it.
     "worker_prefetch_multiplier": 1,
 }
 

@@ -189,7 +189,7 @@ def defer(fn: t.Callable[..., t.Any], *args: t.Any, _queue: str | None = "defaul
     options: dict[str, t.Any] = {"serializer": "json"}
     queue = _queue_option(app, _queue)
     check_queue(app, queue)
-    check_delay(app, f"defer({path})", {"countdown": _countdown, "eta": _eta})  # docs/reliability.md
+    check_delay(app, f"defer({path})", {"countdown": _countdown, "eta": _eta})  # docs/RELIABILITY.md
     if queue is not None:
         options["queue"] = queue
     delay = 0.0

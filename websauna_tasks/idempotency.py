@@ -20,7 +20,7 @@ created (``IF NOT EXISTS``) on first use unless
 ``websauna_tasks.idempotency_create_table = false`` (then create
 :data:`done_table` with your migrations). Old rows are removed by
 :func:`prune_done`, which keeps ``websauna_tasks.idempotency_retention_seconds``
-(default 7 days). See ``docs/reliability.md``.
+(default 7 days). See ``docs/RELIABILITY.md``.
 """
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ timeout is not the broker's (Celery's Redis docs ask for the same value in
 ``broker_transport_options``, ``result_backend_transport_options`` and
 ``visibility_timeout``).
 
-Why the task base classes are ``acks_late`` is in ``docs/reliability.md``.
+Why the task base classes are ``acks_late`` is in ``docs/RELIABILITY.md``.
 """
 from __future__ import annotations
 

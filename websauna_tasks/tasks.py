@@ -364,7 +364,7 @@ class ScheduleOnCommitTask(WebsaunaTask):
 class TransactionalTask(ScheduleOnCommitTask):
     """The body runs in the request's transaction: commit on return, abort on raise.
 
-    At-least-once (docs/reliability.md): the message is acknowledged after
+    At-least-once (docs/RELIABILITY.md): the message is acknowledged after
     the run (``acks_late``) and put back when the worker process dies
     mid-run (``reject_on_worker_lost``), so a run whose transaction never
     committed is run again. ``idempotent=True`` makes a redelivery of a run

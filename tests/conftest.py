@@ -100,28 +100,34 @@ def celery_config_literal(**config) -> str:
 
 
 @pytest.fixture
-def make_app():
-    """Build the test application from a settings dict; returns the WSGI router.
+def built_apps():
+    """A list to append every router a test builds to; their engines are disposed afterwards.
 
-    The apps' engines are disposed after the test: scanned tasks keep every
-    app they were bound to, and with them pools of idle connections that
-    would add up to PostgreSQL's max_connections over a whole run.
+    Scanned tasks keep every app they were bound to, and with them pools of
+    idle connections that would add up to PostgreSQL's max_connections over
+    a whole run.
     """
-    from tests.testapp import main
     from websauna_tasks.db import get_engine
 
-    built = []
-
-    def factory(**settings):
-        router = main({}, **settings)
-        built.append(router)
-        return router
-
-    yield factory
-    for router in built:
+    apps = []
+    yield apps
+    for router in apps:
         engine = get_engine(router.registry)
         if engine is not None:
             engine.dispose()
+
+
+@pytest.fixture
+def make_app(built_apps):
+    """Build the test application from a settings dict; returns the WSGI router."""
+    from tests.testapp import main
+
+    def factory(**settings):
+        router = main({}, **settings)
+        built_apps.append(router)
+        return router
+
+    return factory
 
 
 @pytest.fixture

@@ -36,18 +36,6 @@ def make_reliability_app(settings: dict[str, str]):
 
 
 @pytest.fixture
-def built_apps():
-    from websauna_tasks.db import get_engine
-
-    apps = []
-    yield apps
-    for router in apps:
-        engine = get_engine(router.registry)
-        if engine is not None:
-            engine.dispose()
-
-
-@pytest.fixture
 def build(built_apps, redis_url, database_url, queue_name, db):
     def factory(**celery):
         router = make_reliability_app(reliability_settings(redis_url, database_url, queue_name, **celery))

@@ -19,7 +19,6 @@ from sqlalchemy import text
 from tests import task_client_app as tasks
 from tests.conftest import queued_messages
 from websauna_tasks import defer, dispatch
-from websauna_tasks.db import get_engine
 from websauna_tasks.names import NAME_HEADER
 from websauna_tasks.testing import (
     DrainLimitExceeded,
@@ -41,24 +40,14 @@ def client_settings(broker: str, database_url: str, default_queue: str | None = 
 
 
 @pytest.fixture
-def build_app():
-    """Build tests.task_client_app from settings; the engines are disposed at teardown.
-
-    Apps stay reachable after the test (the scanned tasks remember every app
-    they were bound to), so their pooled connections would stay open.
-    """
-    built = []
-
+def build_app(built_apps):
+    """Build tests.task_client_app from settings (engines disposed at teardown by built_apps)."""
     def factory(**settings):
         router = tasks.main({}, **settings)
-        built.append(router)
+        built_apps.append(router)
         return router
 
-    yield factory
-    for router in built:
-        engine = get_engine(router.registry)
-        if engine is not None:
-            engine.dispose()
+    return factory
 
 
 @pytest.fixture

@@ -276,6 +276,9 @@ class WebsaunaTask(celery.Task):
                 f"{self.name}.apply_async() needs the transaction manager to send after commit: "
                 f"pass tm=request.tm (or tm=None to send immediately)"
             )
+        if tm is not None and self.typing:
+            # Fail in the caller, before a name is claimed, not silently after the commit.
+            self._check_arguments(tuple(args or ()), dict(kwargs or {}))
         on_dropped = None
         if unique_name is not None:
             task_id = task_id or uuid()
@@ -293,14 +296,6 @@ class WebsaunaTask(celery.Task):
                 raise
         args = tuple(args or ())
         kwargs = dict(kwargs or {})
-        if self.typing:
-            # Fail in the caller, not silently after the commit.
-            try:
-                self._check_arguments(args, kwargs)
-            except TypeError:
-                if on_dropped is not None:
-                    on_dropped()
-                raise
         task_id = task_id or uuid()
         # A producer given with tm (Celery's group passes one to each member)
         # is not kept: the message is published after the commit, through

@@ -20,7 +20,6 @@ import os
 import pathlib
 import re
 import signal
-import socket
 import subprocess
 import sys
 import typing as t
@@ -32,6 +31,7 @@ import webtest
 from celery.schedules import crontab
 from pyramid.paster import get_app, get_appsettings
 
+from tests.servers import free_port
 from websauna_tasks.app import make_celery
 from websauna_tasks.config import celery_config_from_settings
 from websauna_tasks.dispatch import EagerTaskError
@@ -381,12 +381,6 @@ def http_post(url: str, form: dict[str, str]) -> str:
     data = urllib.parse.urlencode(form).encode()
     with urllib.request.urlopen(url, data=data, timeout=10) as response:
         return response.read().decode()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def processes_using(text: str) -> dict[int, int]:

@@ -12,7 +12,8 @@ from sqlalchemy import text
 
 from tests import sample_tasks
 from tests.conftest import queued_messages
-from tests.outbox_helpers import PrivateRedis, outbox_rows
+from tests.outbox_helpers import outbox_rows
+from tests.servers import PrivateRedis
 from websauna_tasks.outbox import OutboxError, OutboxRelay, get_outbox
 from websauna_tasks.registry import get_celery
 from websauna_tasks.request import task_request

@@ -20,6 +20,7 @@ from .defer import DeferNotAllowed, configure_allowed_modules, defer, deferrable
 from .idempotency import prune_done
 from .iteration import defer_iteration_with_finalize, get_deferred_shard_index, iteration_progress, run_shard
 from .names import AlreadyEnqueued, connect_run_signals
+from .outages import configure_outages
 from .outbox import configure_outbox
 from .payload import PayloadTooLarge, configure_payload_limit
 from .queues import QueueConfig, UndeclaredQueue, backoff_seconds, configure_queues, get_queues
@@ -84,6 +85,7 @@ def includeme(config: Configurator) -> None:
     configure_queues(config.registry, app)
     configure_payload_limit(config.registry, app)  # websauna_tasks.max_payload_bytes (payload.py)
     configure_deadletter(config.registry, app)  # worker: unrunnable messages moved aside (deadletter.py)
+    configure_outages(settings, app)  # a run that lost its database is sent again later (outages.py)
     set_celery(config.registry, app)
     config.add_request_method(lambda request: get_celery(request.registry), "celery", reify=True)
     configure_dbsession(config)

@@ -665,13 +665,22 @@ def _retry(task: Task, queue: QueueConfig, exc: Exception, delay: float, first_r
                 request.id, attempt, "unlimited" if queue.max_attempts == -1 else queue.max_attempts,
                 queue.name, exc, delay)
     headers = {**(request.headers or {}), FIRST_RUN_HEADER: first_run}
-    # Task.retry() refuses past the task's max_retries (3 by default) and
-    # remembers an explicit limit on the task object: the queue decided
-    # already, so it passes one that allows this retry and puts back
-    # whatever was there for the task's own later retry() calls.
+    retry_with_limit(task, exc, delay, request.retries + 1, headers=headers)
+
+
+def retry_with_limit(task: Task, exc: Exception, countdown: float, max_retries: int,
+                     headers: dict[str, t.Any] | None = None) -> t.NoReturn:
+    """``raise task.retry(...)`` with a limit decided by the caller, leaving the task's own limit as it was.
+
+    Task.retry() refuses past the task's max_retries (3 by default) and
+    remembers an explicit limit on the task object: the caller has decided
+    already, so it passes one that allows this retry and puts back whatever
+    was there for the task's own later retry() calls.
+    """
     previous = task.__dict__.get("override_max_retries", _ABSENT)
+    options: dict[str, t.Any] = {"headers": headers} if headers is not None else {}
     try:
-        raise task.retry(exc=exc, countdown=delay, max_retries=request.retries + 1, headers=headers)
+        raise task.retry(exc=exc, countdown=countdown, max_retries=max_retries, **options)
     finally:
         if previous is _ABSENT:
             task.__dict__.pop("override_max_retries", None)

@@ -29,6 +29,7 @@ from . import dispatch
 from .dispatch import PendingMessage, schedule, transaction_to_wait_for
 from .idempotency import check_idempotent_class, claim_run
 from .names import NAME_HEADER, claim_name, release_name
+from .outages import retry_after_outage
 from .queues import APP_ATTRIBUTE, check_queue, mark_gave_up, run_in_queue
 from .registry import ICeleryApp, get_celery
 from .reliability import check_delay
@@ -368,6 +369,15 @@ class TransactionalTask(ScheduleOnCommitTask):
 
     acks_late = True
     reject_on_worker_lost = True
+
+    def _run_with_request(self, registry: t.Any, args: tuple, kwargs: dict) -> t.Any:
+        try:
+            return super()._run_with_request(registry, args, kwargs)
+        except Exception as exc:
+            # Lost or refused database connection: raises Celery's Retry, the
+            # run is sent again later (websauna_tasks.outages).
+            retry_after_outage(self, exc)
+            raise
 
     def run_in_request(self, request: Request, args: tuple, kwargs: dict) -> t.Any:
         with request.tm:

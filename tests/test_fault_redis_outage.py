@@ -108,6 +108,23 @@ def effect_totals(engine) -> tuple[int, int]:
     return rows, distinct
 
 
+def missing_report(engine, client, worker_log: str) -> str:
+    """Where the committed keys without an effect are stuck: outbox row, Redis, worker log."""
+    with engine.connect() as conn:
+        missing = [row[0] for row in conn.execute(sa.text(
+            "SELECT c.key FROM fault_commits c LEFT JOIN fault_effects e ON e.key = c.key "
+            "WHERE e.key IS NULL ORDER BY c.key LIMIT 10"))]
+        lines = [f"effects {effect_totals(engine)}; queue {client.llen(QUEUE)}, unacked {client.hlen('unacked')}; "
+                 f"first keys without an effect: {missing}"]
+        for key in missing:
+            for task_id, sent_at in conn.execute(sa.text(
+                    "SELECT id, sent_at FROM websauna_tasks_outbox WHERE args = :args"), {"args": json.dumps([key])}):
+                seen = [line for line in worker_log.splitlines() if task_id in line]
+                lines.append(f"{key}: outbox row {task_id} sent_at={sent_at}, in unacked: "
+                             f"{client.hexists('unacked', task_id)}, worker log: {seen}")
+    return "\n".join(lines + ["worker log tail:", worker_log[-4000:]])
+
+
 def summary_of(out: pathlib.Path) -> dict:
     lines = out.read_text(errors="replace").strip().splitlines()
     for line in reversed(lines):
@@ -152,7 +169,7 @@ def run_outage(outbox: bool, servers, tmp_path, ws_celery_worker_factory, subpro
     try:
         if outbox:
             wait_for(lambda: effect_totals(engine)[1] >= TASKS, timeout=120, interval=0.25,
-                     describe=lambda: f"effects {effect_totals(engine)}; worker log:\n{worker.output()[-6000:]}")
+                     describe=lambda: missing_report(engine, client, worker.output()))
             last_change = time.monotonic()
             time.sleep(1.0)  # a duplicate committed late would show now
         else:

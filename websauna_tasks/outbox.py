@@ -12,8 +12,9 @@ With ``websauna_tasks.outbox = true``:
   PostgreSQL a ``NOTIFY`` in the same transaction wakes the relays when, and
   only when, it commits.
 - After a successful commit the rows of that transaction are published at
-  once (the fast path, in a short transaction of its own); whatever fails
-  there stays in the table.
+  once by a thread of the process (the fast path, ``fast_path.py``, in a
+  short transaction of its own), so the request never waits on the broker;
+  whatever fails there stays in the table.
 - A relay (a thread in every ``ws-celery ... worker``, or ``ws-celery INI --
   outbox-relay``) claims unsent rows in batches, publishes them through one
   producer, marks them sent in the same transaction and commits. On
@@ -46,6 +47,7 @@ from pyramid.settings import asbool
 
 from .db import get_engine
 from .dispatch import OUTBOX_ATTRIBUTE, PendingMessage, _batch, _PlainSender
+from .fast_path import FastPath
 from .request import get_current_request
 
 if t.TYPE_CHECKING:
@@ -74,9 +76,6 @@ DEFAULT_BATCH_SIZE = 500
 #: Back-off after a failed relay round: base * 2**(failures - 1), capped.
 BACKOFF_BASE_SECONDS = 0.5
 BACKOFF_MAX_SECONDS = 30.0
-#: After a failed fast path, later commits leave their rows to the relay for
-#: this long instead of each waiting for the broker's connect timeout.
-FAST_PATH_PAUSE_SECONDS = 10.0
 #: PostgreSQL channel the writing transaction NOTIFYs and relays LISTEN on.
 CHANNEL = "websauna_tasks_outbox"
 
@@ -254,11 +253,20 @@ class Outbox:
         self.relay_in_worker = asbool(settings.get(IN_WORKER_KEY, True))
         self.publish_on_commit = asbool(settings.get(ON_COMMIT_KEY, True))
         self._relay_engine: sa.Engine | None = None
-        self._fast_path_paused_until = 0.0
+        #: Publishes each transaction's rows right after its commit, off the request's thread.
+        self.fast_path = FastPath(lambda ids, engine: self.publish_pending(ids, engine=engine), self.batch_size,
+                                  self.app_name, prepare=self._load_transport)
 
     @property
     def app_name(self) -> str:
         return self.app.main or ""
+
+    def _load_transport(self) -> None:
+        connection = self.app.connection_for_write()
+        try:
+            connection.transport  # creating it imports the client library; no I/O
+        finally:
+            connection.release()
 
     # -- writing, inside the request's transaction --------------------------------------------
     def write(self, tm: transaction.TransactionManager, message: PendingMessage) -> None:
@@ -314,20 +322,9 @@ class Outbox:
         return self._relay_engine
 
     def after_commit(self, task_ids: list[str], engine: sa.Engine | None = None) -> None:
-        """The fast path: publish rows a transaction has just committed; failures are the relay's."""
-        if not self.publish_on_commit or not task_ids:
-            return
-        if time.monotonic() < self._fast_path_paused_until:
-            # The broker failed a moment ago: do not make this request wait
-            # for it too; the rows are committed and the relay has them.
-            return
-        try:
-            for start in range(0, len(task_ids), self.batch_size):
-                self.publish_pending(task_ids[start:start + self.batch_size], engine=engine)
-        except Exception as exc:
-            self._fast_path_paused_until = time.monotonic() + FAST_PATH_PAUSE_SECONDS
-            logger.warning("websauna_tasks outbox: could not publish %d message(s) after commit (%s: %s); "
-                           "they are kept in the outbox for the relay", len(task_ids), type(exc).__name__, exc)
+        """Hand the rows a transaction has just committed to the fast path (which never raises)."""
+        if self.publish_on_commit:
+            self.fast_path.submit(task_ids, engine)
 
     def publish_pending(self, ids: list[str] | None = None, engine: sa.Engine | None = None) -> int:
         """Claim up to a batch of unsent rows (``ids`` only, if given), publish them, mark them sent.

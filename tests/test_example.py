@@ -27,6 +27,7 @@ import urllib.parse
 import urllib.request
 
 import pytest
+import sqlalchemy
 import webtest
 from celery.schedules import crontab
 from pyramid.paster import get_app, get_appsettings
@@ -341,6 +342,7 @@ def test_production_ini_goes_through_the_safe_parser():
     assert entry["task"] == "example.heartbeat"
     assert isinstance(entry["schedule"], crontab)  # the cron string was converted
     assert settings["sqlalchemy.isolation_level"] == "SERIALIZABLE"
+    assert settings["websauna_tasks.outbox"] == "true"
     assert app.conf.result_backend == "redis://127.0.0.1:6379/4"
     assert app.conf.result_expires == 86400
 
@@ -368,6 +370,15 @@ def test_production_ini_with_real_redis_postgresql_and_worker(tmp_path, redis_ur
     assert "result backend: <code>redis://" in task
     assert task_state(task) == "SUCCESS" and task_value(task) == "HELLO POSTGRES"
     assert redis_client.exists(f"celery-task-meta-{scheduled}")
+    # It travelled through the outbox: the row of that id, marked sent.
+    engine = sqlalchemy.create_engine(database_url)
+    try:
+        with engine.connect() as conn:
+            sent_at = conn.execute(sqlalchemy.text("SELECT sent_at FROM websauna_tasks_outbox WHERE id = :id"),
+                                   {"id": scheduled}).scalar_one()
+        assert sent_at is not None
+    finally:
+        engine.dispose()
 
 
 # -- scripts/run-example: the one command ---------------------------------------------------------

@@ -14,6 +14,7 @@ from tests import sample_tasks
 from tests.conftest import queued_messages
 from tests.outbox_helpers import outbox_rows
 from tests.servers import PrivateRedis
+from websauna_tasks.db import get_engine
 from websauna_tasks.outbox import OutboxError, OutboxRelay, get_outbox
 from websauna_tasks.registry import get_celery
 from websauna_tasks.request import task_request
@@ -189,6 +190,34 @@ def test_sent_rows_are_pruned_after_the_retention(outbox_settings, make_app, db,
     assert outbox.prune() == 0
     assert outbox.prune(now=time.time() + 61) == 1
     assert outbox_rows(db, app_name) == []
+
+
+def test_sqlite_rows_are_published_by_a_polling_relay(make_app, redis_url, redis_client, queue_name, tmp_path):
+    """No LISTEN/NOTIFY and no SKIP LOCKED on SQLite: one relay finds the rows by polling."""
+    router = make_app(**{
+        "websauna.celery_config": repr({"broker_url": redis_url, "task_default_queue": queue_name}),
+        "sqlalchemy.url": f"sqlite:///{tmp_path / 'app.sqlite'}",
+        "websauna_tasks.outbox": "true",
+        "websauna_tasks.outbox_publish_on_commit": "false",
+        "websauna_tasks.outbox_poll_seconds": "0.2",
+    })
+    ids = _commit_one_each(router, 3)
+    engine = get_engine(router.registry)
+    assert [row[0] for row in outbox_rows(engine)] == ids and all(row[2] is None for row in outbox_rows(engine))
+    relay = OutboxRelay(get_outbox(get_celery(router.registry)))
+    relay.start()
+    try:
+        wait_for(lambda: relay.published == 3, timeout=10)
+        later = _commit_one_each(router, 1)  # nothing wakes it: the next poll finds the row
+        started = time.monotonic()
+        wait_for(lambda: relay.published == 4, timeout=10)
+        waited = time.monotonic() - started
+    finally:
+        relay.stop()
+    assert relay.failures == 0
+    assert sent_ids(redis_client, queue_name) == ids + later
+    assert all(row[2] is not None for row in outbox_rows(engine))
+    assert waited < 2.0, "found by a 0.2 s poll"
 
 
 def test_outbox_is_off_by_default(make_app, redis_url, database_url, queue_name, db):
@@ -401,8 +430,6 @@ def test_fast_path_runs_in_a_forked_child_of_its_own(outbox_settings, make_app, 
                                                      queue_name):
     """A server that imports the app, commits, then forks its workers (gunicorn --preload)."""
     import os
-
-    from websauna_tasks.db import get_engine
 
     router = make_app(**outbox_settings())
     parent_ids = _commit_one_each(router, 1)  # the parent's thread now exists

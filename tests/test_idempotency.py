@@ -236,3 +236,33 @@ def test_same_fault_without_idempotency_is_at_least_once(
           f"effects committed twice: {twice}; effects in all: {sum(effects.values())}")
     assert all(effects.values())  # nothing lost
     assert sum(effects.values()) == 100 + sum(n - 1 for n in effects.values() if n > 1)
+
+
+@pytest.mark.slow
+def test_worker_prunes_done_rows_past_the_retention(
+        build, tmp_path, redis_url, database_url, queue_name, db, clean_done, ws_celery_worker_factory,
+        subprocess_env):
+    settings = reliability_settings(redis_url, database_url, queue_name)
+    settings.update({"websauna_tasks.idempotency_prune_interval_seconds": "0.5",
+                     "websauna_tasks.idempotency_retention_seconds": "2"})
+    worker = ws_celery_worker_factory(write_reliability_ini(tmp_path, settings), "worker", "-c", "1",
+                                      env=subprocess_env)
+    app = get_celery(build().registry)
+    app.send_task("tests.rel.idempotent_effect", args=("pruned",), task_id="id-pruned")
+    wait_for(lambda: "effect" in rows_of(db, "pruned"), timeout=30, describe=worker.output)
+    committed = time.monotonic()
+    assert done_rows(db, "id-pruned")
+    wait_for(lambda: not done_rows(db, "id-pruned"), timeout=30, describe=worker.output)
+    kept = time.monotonic() - committed
+    assert 1.0 < kept < 10.0, f"kept {kept:.1f}s with a 2 s retention and a 0.5 s interval"
+    assert "pruned 1 row(s) of websauna_tasks_done" in worker.output()
+    assert rows_of(db, "pruned").count("effect") == 1  # the task's own writes stay
+
+
+@pytest.mark.parametrize("value", ["-1", "hourly"])
+def test_bad_prune_interval_is_refused_at_start(build, value):
+    with pytest.raises(ConfigurationError, match="websauna_tasks.idempotency_prune_interval_seconds"):
+        from tests.test_crash_safety import make_reliability_app
+
+        make_reliability_app({"websauna.celery_config": repr({"broker_url": "memory://"}),
+                              "websauna_tasks.idempotency_prune_interval_seconds": value})

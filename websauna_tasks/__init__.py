@@ -15,9 +15,15 @@ from .after_response import AFTER_RESPONSE_OVER, run_after_response
 from .app import APP_NAME_KEY, make_celery
 from .config import celery_config_from_settings
 from .db import configure_dbsession
-from .deadletter import configure_deadletter, list_dead_letters, requeue_dead_letter
+from .deadletter import (
+    configure_deadletter,
+    drop_dead_letter,
+    list_dead_letters,
+    prune_dead_letters,
+    requeue_dead_letter,
+)
 from .defer import DeferNotAllowed, configure_allowed_modules, defer, deferrable, run_deferred
-from .idempotency import prune_done
+from .idempotency import configure_idempotency, prune_done
 from .iteration import defer_iteration_with_finalize, get_deferred_shard_index, iteration_progress, run_shard
 from .names import AlreadyEnqueued, connect_run_signals
 from .outages import configure_outages
@@ -61,6 +67,8 @@ __all__ = [
     "PayloadTooLarge",
     "list_dead_letters",
     "requeue_dead_letter",
+    "drop_dead_letter",
+    "prune_dead_letters",
 ]
 
 
@@ -85,6 +93,7 @@ def includeme(config: Configurator) -> None:
     configure_queues(config.registry, app)
     configure_payload_limit(config.registry, app)  # websauna_tasks.max_payload_bytes (payload.py)
     configure_deadletter(config.registry, app)  # worker: unrunnable messages moved aside (deadletter.py)
+    configure_idempotency(config.registry, app)  # workers prune websauna_tasks_done (idempotency.py)
     configure_outages(settings, app)  # a run that lost its database is sent again later (outages.py)
     set_celery(config.registry, app)
     config.add_request_method(lambda request: get_celery(request.registry), "celery", reify=True)

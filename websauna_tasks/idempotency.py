@@ -20,7 +20,9 @@ created (``IF NOT EXISTS``) on first use unless
 ``websauna_tasks.idempotency_create_table = false`` (then create
 :data:`done_table` with your migrations). Old rows are removed by
 :func:`prune_done`, which keeps ``websauna_tasks.idempotency_retention_seconds``
-(default 7 days). See ``docs/RELIABILITY.md``.
+(default 7 days); every worker whose app has an idempotent task calls it
+each ``websauna_tasks.idempotency_prune_interval_seconds`` (default one
+hour) from its main process. See ``docs/RELIABILITY.md``.
 """
 from __future__ import annotations
 
@@ -31,13 +33,14 @@ import typing as t
 import weakref
 
 import sqlalchemy as sa
+from celery import bootsteps
 from pyramid.exceptions import ConfigurationError
 from sqlalchemy.dialects import postgresql, sqlite
 
 from .config import number_setting
 
 if t.TYPE_CHECKING:
-    from celery import Task
+    from celery import Celery, Task
     from pyramid.registry import Registry
     from pyramid.request import Request
     from sqlalchemy.engine import Engine
@@ -50,6 +53,9 @@ RETENTION_KEY = "websauna_tasks.idempotency_retention_seconds"
 DEFAULT_RETENTION_SECONDS = 7 * 24 * 3600.0
 #: Setting: create ``websauna_tasks_done`` on first use (default true).
 CREATE_TABLE_KEY = "websauna_tasks.idempotency_create_table"
+#: Setting: seconds between two prunes by each worker (default 3600; 0: workers never prune).
+PRUNE_INTERVAL_KEY = "websauna_tasks.idempotency_prune_interval_seconds"
+DEFAULT_PRUNE_INTERVAL_SECONDS = 3600.0
 
 DONE_TABLE_NAME = "websauna_tasks_done"
 
@@ -156,3 +162,77 @@ def prune_done(registry: Registry, older_than_seconds: float | None = None,
         return 0
     with engine.begin() as conn:
         return conn.execute(sa.delete(done_table).where(done_table.c.done_at < cutoff)).rowcount
+
+
+# -- pruning in the worker ------------------------------------------------------------------------
+
+def configure_idempotency(registry: Registry, app: Celery) -> None:
+    """Check the settings at start, and let workers prune the done-rows (called by includeme)."""
+    settings = registry.settings or {}
+    retention_seconds(settings)
+    if prune_interval_seconds(settings) > 0:
+        app.steps["worker"].add(DonePruneStep)
+
+
+def prune_interval_seconds(settings: t.Mapping[str, t.Any]) -> float:
+    return number_setting(settings, PRUNE_INTERVAL_KEY, DEFAULT_PRUNE_INTERVAL_SECONDS, unit="seconds")
+
+
+class DonePruner:
+    """A thread calling :func:`prune_done` every interval until stopped; errors wait for the next round."""
+
+    def __init__(self, registry: Registry, interval: float):
+        self.registry = registry
+        self.interval = interval
+        self.stopping = threading.Event()
+        self.thread: threading.Thread | None = None
+        #: Rounds done and rows deleted so far (tests and metrics read them).
+        self.rounds = 0
+        self.deleted = 0
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self.run, name="websauna_tasks-done-pruner", daemon=True)
+        self.thread.start()
+
+    def stop(self, timeout: float = 15.0) -> None:
+        self.stopping.set()
+        if self.thread is not None and self.thread is not threading.current_thread():
+            self.thread.join(timeout)
+
+    def run(self) -> None:
+        while not self.stopping.wait(self.interval):
+            try:
+                deleted = prune_done(self.registry)
+            except Exception as exc:
+                # The database may be down for a while; the next round tries again.
+                logger.warning("websauna_tasks: could not prune %s (%s: %s); trying again in %gs",
+                               DONE_TABLE_NAME, type(exc).__name__, exc, self.interval)
+            else:
+                self.deleted += deleted
+                if deleted:
+                    logger.info("websauna_tasks: pruned %d row(s) of %s", deleted, DONE_TABLE_NAME)
+            self.rounds += 1
+
+
+class DonePruneStep(bootsteps.StartStopStep):
+    """Runs a :class:`DonePruner` in the worker's main process when the app has an idempotent task.
+
+    Several workers prune the same table now and then: each DELETE removes
+    what the others left, and none depends on the others running.
+    """
+
+    requires = ("celery.worker.components:Pool",)
+    label = "websauna_tasks done-row pruning"
+
+    def include_if(self, parent: t.Any) -> bool:
+        from .db import get_engine
+
+        app = parent.app
+        registry = getattr(app, "pyramid_registry", None)
+        if registry is None or get_engine(registry) is None:
+            return False
+        return any(getattr(task, "idempotent", False) for task in app.tasks.values())
+
+    def create(self, parent: t.Any) -> DonePruner:
+        registry = parent.app.pyramid_registry
+        return DonePruner(registry, prune_interval_seconds(registry.settings or {}))

@@ -6,6 +6,9 @@ rest of the command line to Celery 5's click group through
 ``Celery.start(argv)``. Nothing is added to Celery's own options, which keeps
 every subcommand (``flower``, ``purge``...) working as documented.
 
+A few commands are ours, looked up before Celery's: ``outbox-relay`` (below),
+``outbox-status`` and ``dead-letters`` (operator_commands.py).
+
 A mistake in the command line or the INI (missing file, no ``--``, unsafe
 ``websauna.celery_config``...) is one line on stderr and exit status 2, so it
 reads well in a service log; errors after that are Celery's and click's own.
@@ -17,6 +20,7 @@ import sys
 import typing as t
 
 USAGE = "usage: ws-celery INI -- <celery subcommand> [options]   e.g. ws-celery production.ini -- worker -l info"
+OWN_COMMANDS = "ws-celery's own commands: outbox-relay, outbox-status, dead-letters (each with --help)"
 
 
 class CommandError(Exception):
@@ -83,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("-h", "--help"):
         print(USAGE)
+        print(OWN_COMMANDS)
         return 0
     try:
         from pyramid.exceptions import ConfigurationError
@@ -101,8 +106,9 @@ def main(argv: list[str] | None = None) -> int:
         print(message, file=sys.stderr)
         return 2
 
-    if celery_args[0] == "outbox-relay":
-        return outbox_relay(app, celery_args[1:])
+    command = own_command(celery_args[0])
+    if command is not None:
+        return command(app, celery_args[1:])
 
     import click
 
@@ -116,6 +122,15 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     return code or 0
+
+
+def own_command(name: str) -> t.Callable[[t.Any, list[str]], int] | None:
+    """The command of ours called ``name``, or None for Celery's."""
+    if name == "outbox-relay":
+        return outbox_relay
+    from .operator_commands import COMMANDS
+
+    return COMMANDS.get(name)
 
 
 def outbox_relay(app: t.Any, args: list[str]) -> int:

@@ -21,15 +21,18 @@ whereas the handlers let the copy come first.
 On Redis (the broker, or any transport whose broker URL is ``redis://``) the
 dead letters are JSON entries of the list ``websauna_tasks.deadletter``
 (setting ``websauna_tasks.deadletter_queue``), oldest first. Operators read
-them with :func:`list_dead_letters` and put one back with
-:func:`requeue_dead_letter` (after deploying the missing task, say). With
-another broker the message is only in the ERROR log line.
+them with :func:`list_dead_letters`, put one back with
+:func:`requeue_dead_letter` (after deploying the missing task, say) and
+remove entries with :func:`drop_dead_letter` and :func:`prune_dead_letters`
+(also ``ws-celery INI -- dead-letters``). With another broker the message is
+only in the ERROR log line.
 """
 from __future__ import annotations
 
 import base64
 import json
 import logging
+import math
 import time
 import typing as t
 import uuid
@@ -244,10 +247,84 @@ def requeue_dead_letter(registry_or_app: t.Any, task_id: str, queue: str | None 
         properties["delivery_tag"] = str(uuid.uuid4())
         properties["delivery_info"] = dict(properties.get("delivery_info") or {}, routing_key=target)
         message = dict(message, properties=properties)
-        pipe = client.pipeline()
-        pipe.lpush(target, json.dumps(message))
-        pipe.lrem(letters.key, 1, raw)
-        pipe.execute()
+        # One atomic step: of two operators requeueing the same letter at
+        # once, only the one whose removal succeeds pushes the message.
+        if not client.eval(_MOVE_SCRIPT, 2, letters.key, target, raw, json.dumps(message)):
+            continue
         logger.info("websauna_tasks: dead letter %s requeued to %s", task_id, target)
         return True
     return False
+
+
+_MOVE_SCRIPT = """
+if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 1 then
+    redis.call('LPUSH', KEYS[2], ARGV[2])
+    return 1
+end
+return 0
+"""
+
+
+def _entries(client: t.Any, key: str) -> t.Iterator[tuple[bytes, dict[str, t.Any]]]:
+    # Something other than a worker may have written to the list: such an
+    # entry is left alone rather than stopping the walk.
+    for raw in client.lrange(key, 0, -1):
+        try:
+            entry = json.loads(raw)
+        except ValueError:
+            continue
+        if isinstance(entry, dict):
+            yield raw, entry
+
+
+def drop_dead_letter(registry_or_app: t.Any, task_id: str) -> bool:
+    """Remove the (oldest) dead letter of ``task_id``; False if there is none, or no Redis."""
+    letters = get_dead_letters(_app_of(registry_or_app))
+    client = letters.client
+    if client is None:
+        return False
+    for raw, entry in _entries(client, letters.key):
+        # LREM of the exact bytes: entries workers append meanwhile are untouched,
+        # and 0 means another operator removed this one first.
+        if entry.get("id") == task_id and client.lrem(letters.key, 1, raw):
+            logger.info("websauna_tasks: dead letter %s dropped from %s", task_id, letters.key)
+            return True
+    return False
+
+
+def _recorded_at(entry: dict[str, t.Any]) -> float | None:
+    stamp = entry.get("timestamp")
+    if isinstance(stamp, (int, float)) and not isinstance(stamp, bool) and math.isfinite(stamp):
+        return float(stamp)
+    try:
+        when = datetime.fromisoformat(str(entry.get("time")))
+    except ValueError:
+        return None
+    # A time without an offset is read as UTC, as dead_letter() writes it.
+    return (when if when.tzinfo else when.replace(tzinfo=timezone.utc)).timestamp()
+
+
+def prune_dead_letters(registry_or_app: t.Any, older_than_seconds: float) -> int:
+    """Remove dead letters recorded more than ``older_than_seconds`` ago; the number removed.
+
+    Entries with no readable time are kept. Safe while workers append: each
+    old entry is removed by its exact value (LREM), the list is never rewritten.
+    """
+    if not math.isfinite(older_than_seconds) or older_than_seconds < 0:
+        raise ValueError(f"older_than_seconds must be a finite number >= 0, got {older_than_seconds!r}")
+    letters = get_dead_letters(_app_of(registry_or_app))
+    client = letters.client
+    if client is None:
+        return 0
+    cutoff = time.time() - older_than_seconds
+    old = [raw for raw, entry in _entries(client, letters.key)
+           if (recorded := _recorded_at(entry)) is not None and recorded < cutoff]
+    if not old:
+        return 0
+    pipe = client.pipeline(transaction=False)
+    for raw in old:
+        pipe.lrem(letters.key, 1, raw)
+    removed = sum(pipe.execute())
+    logger.info("websauna_tasks: %d dead letter(s) older than %ss pruned from %s", removed, older_than_seconds,
+                letters.key)
+    return removed

@@ -31,6 +31,7 @@ acknowledgement and its own COMMIT publishes those rows again next time.
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import logging
@@ -100,6 +101,19 @@ _pending_index = sa.Index(
     postgresql_where=outbox_table.c.sent_at.is_(None), sqlite_where=outbox_table.c.sent_at.is_(None),
 )
 _sent_index = sa.Index("ix_websauna_tasks_outbox_sent", outbox_table.c.sent_at)
+
+
+@dataclasses.dataclass(frozen=True)
+class OutboxStatus:
+    """One app's rows in the outbox table at one moment (``ws-celery INI -- outbox-status``)."""
+
+    #: Rows committed and not yet handed to the broker.
+    unsent: int
+    #: Seconds since the oldest unsent row was written; None when nothing is unsent.
+    oldest_unsent_age: float | None
+    #: Sent rows not yet deleted (they go after ``retention_seconds``).
+    sent_kept: int
+    retention_seconds: float
 
 
 class OutboxError(Exception):
@@ -403,6 +417,21 @@ class Outbox:
         with engine.connect() as conn:
             return conn.execute(sa.select(sa.func.count()).select_from(table)
                                 .where(table.c.app == self.app_name, table.c.sent_at.is_(None))).scalar_one()
+
+    def status(self, now: float | None = None) -> OutboxStatus:
+        """Counts of this app's unsent and kept sent rows, and the age of the oldest unsent one."""
+        engine = self.relay_engine()
+        ensure_table(engine)
+        table = outbox_table
+        unsent = table.c.sent_at.is_(None)
+        # One statement, so the three figures describe the same snapshot.
+        query = sa.select(sa.func.count().filter(unsent), sa.func.min(table.c.created_at).filter(unsent),
+                          sa.func.count().filter(table.c.sent_at.is_not(None))).where(table.c.app == self.app_name)
+        with engine.connect() as conn:
+            pending, oldest, sent = conn.execute(query).one()
+        age = None if oldest is None else max(0.0, (time.time() if now is None else now) - oldest)
+        return OutboxStatus(unsent=pending, oldest_unsent_age=age, sent_kept=sent,
+                            retention_seconds=self.retention_seconds)
 
 
 def _joined_sessions(tm: transaction.TransactionManager) -> list[Session]:

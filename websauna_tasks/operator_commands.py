@@ -1,0 +1,199 @@
+"""``ws-celery INI -- dead-letters ...`` and ``ws-celery INI -- outbox-status``.
+
+Ours, not Celery's subcommands (like ``outbox-relay``): they look after what
+this package keeps aside, the dead-letter list (deadletter.py) and the outbox
+table (outbox.py), with the app loaded from the same INI as the workers.
+
+Exit status: 0 done; 1 the entry asked for is not there, or Redis or the
+database could not be read; 2 a mistake in the command line or in the
+configuration (the outbox is off, the broker keeps no dead-letter list).
+Every message is one line on stderr, as ws-celery's own, for service logs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import typing as t
+
+from kombu.utils.url import maybe_sanitize_url
+
+NO_LIST = ("no dead-letter list: the broker ({broker}) is not Redis, so workers write the messages they cannot run "
+           "to their ERROR log only")
+
+
+class Failed(Exception):
+    """The command cannot do what was asked: its message is printed, its code is the exit status."""
+
+    def __init__(self, message: str, code: int = 1):
+        super().__init__(message)
+        self.code = code
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with mistakes reported as ws-celery reports its own: one line, exit status 2."""
+
+    def error(self, message: str) -> t.NoReturn:
+        usage = _one_line(self.format_usage()).removeprefix("usage: ")
+        self.exit(2, f"ws-celery: {message} (usage: {usage})\n")
+
+
+def _one_line(message: str) -> str:
+    return " ".join(str(message).split())
+
+
+def _run(parser: argparse.ArgumentParser, args: list[str], action: t.Callable[[argparse.Namespace], int]) -> int:
+    try:
+        options = parser.parse_args(args)
+    except SystemExit as exc:
+        # argparse has already printed the help (0) or the mistake (2).
+        return exc.code if isinstance(exc.code, int) else 2
+    try:
+        return action(options)
+    except Failed as exc:
+        print(f"ws-celery: {_one_line(str(exc))}", file=sys.stderr)
+        return exc.code
+
+
+# -- dead letters -------------------------------------------------------------------------------------------------
+
+def _seconds(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {raw!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0, got {raw!r}")
+    return value
+
+
+def dead_letters_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="ws-celery INI -- dead-letters",
+                     description="Messages workers could not run (unknown task, pickle, undecodable body).")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{list,requeue,drop,prune}")
+    listing = commands.add_parser("list", help="one line per dead letter, oldest first")
+    listing.add_argument("--json", action="store_true", help="whole entries as JSON lines, raw message included")
+    requeue = commands.add_parser("requeue", help="put a dead letter back on its queue and remove it from the list")
+    requeue.add_argument("id", help="the task id")
+    requeue.add_argument("--queue", help="another queue than the one it came from")
+    drop = commands.add_parser("drop", help="remove a dead letter")
+    drop.add_argument("id", help="the task id")
+    prune = commands.add_parser("prune", help="remove dead letters older than a number of seconds")
+    prune.add_argument("--older-than", type=_seconds, required=True, metavar="SECONDS")
+    return parser
+
+
+def dead_letters(app: t.Any, args: list[str]) -> int:
+    """``ws-celery INI -- dead-letters {list,requeue,drop,prune}``."""
+    return _run(dead_letters_parser(), args, lambda options: _dead_letters(app, options))
+
+
+def _dead_letters(app: t.Any, options: argparse.Namespace) -> int:
+    import redis
+
+    from .deadletter import get_dead_letters
+
+    letters = get_dead_letters(app)
+    if letters.client is None:
+        note = NO_LIST.format(broker=maybe_sanitize_url(str(app.conf.broker_url)))
+        if options.command != "list":
+            raise Failed(note, code=2)
+        # Not a failure: there is simply nothing kept to show.
+        print(f"ws-celery: {note}", file=sys.stderr)
+        return 0
+    try:
+        return _DEAD_LETTER_COMMANDS[options.command](app, letters.key, options)
+    except redis.RedisError as exc:
+        raise Failed(f"cannot read the dead-letter list {letters.key} at "
+                     f"{maybe_sanitize_url(letters.redis_url)}: {exc}") from None
+    except ValueError as exc:
+        # A list entry that is not JSON: written by something other than a worker.
+        raise Failed(f"the dead-letter list {letters.key} holds an entry that cannot be read: {exc}") from None
+
+
+def _list(app: t.Any, key: str, options: argparse.Namespace) -> int:
+    from .deadletter import list_dead_letters
+
+    for entry in list_dead_letters(app):
+        if options.json:
+            print(json.dumps(entry))
+        else:
+            print("  ".join(str(entry.get(field) or "-") for field in ("time", "id", "task", "queue", "reason")))
+    return 0
+
+
+def _requeue(app: t.Any, key: str, options: argparse.Namespace) -> int:
+    from .deadletter import list_dead_letters, requeue_dead_letter
+
+    # Looked up first to name the queue it goes to, and to refuse a letter
+    # without one before anything is touched.
+    entry = next((entry for entry in list_dead_letters(app) if entry.get("id") == options.id), None)
+    target = options.queue or (entry or {}).get("queue")
+    if entry is not None and not target:
+        raise Failed(f"dead letter {options.id} has no queue recorded: give one with --queue", code=2)
+    if entry is None or not requeue_dead_letter(app, options.id, queue=options.queue):
+        raise Failed(f"no dead letter with id {options.id} in {key}")
+    print(f"requeued dead letter {options.id} to queue {target}")
+    return 0
+
+
+def _drop(app: t.Any, key: str, options: argparse.Namespace) -> int:
+    from .deadletter import drop_dead_letter
+
+    if not drop_dead_letter(app, options.id):
+        raise Failed(f"no dead letter with id {options.id} in {key}")
+    print(f"dropped dead letter {options.id}")
+    return 0
+
+
+def _prune(app: t.Any, key: str, options: argparse.Namespace) -> int:
+    from .deadletter import prune_dead_letters
+
+    removed = prune_dead_letters(app, options.older_than)
+    print(f"removed {removed} dead letter(s) older than {options.older_than:g} s from {key}")
+    return 0
+
+
+_DEAD_LETTER_COMMANDS = {"list": _list, "requeue": _requeue, "drop": _drop, "prune": _prune}
+
+
+# -- the outbox ---------------------------------------------------------------------------------------------------
+
+def outbox_status(app: t.Any, args: list[str]) -> int:
+    """``ws-celery INI -- outbox-status [--json]``."""
+    parser = _Parser(prog="ws-celery INI -- outbox-status",
+                     description="Unsent and kept sent rows of this app in the outbox table.")
+    parser.add_argument("--json", action="store_true", help="one JSON object")
+    return _run(parser, args, lambda options: _outbox_status(app, options))
+
+
+def _outbox_status(app: t.Any, options: argparse.Namespace) -> int:
+    import sqlalchemy as sa
+    from pyramid.exceptions import ConfigurationError
+
+    from .outbox import get_outbox
+
+    try:
+        outbox = get_outbox(app)
+        status = outbox.status()
+    except ConfigurationError as exc:
+        raise Failed(str(exc), code=2) from None
+    except sa.exc.SQLAlchemyError as exc:
+        raise Failed(f"cannot read the outbox table: {exc}") from None
+    age = status.oldest_unsent_age
+    if options.json:
+        print(json.dumps({"app": outbox.app_name, "unsent": status.unsent, "oldest_unsent_age_seconds": age,
+                          "sent_kept": status.sent_kept, "retention_seconds": status.retention_seconds}))
+        return 0
+    print(f"app: {outbox.app_name}")
+    print(f"unsent: {status.unsent}")
+    print(f"oldest unsent age: {'none' if age is None else f'{age:.1f} s'}")
+    print(f"sent rows kept: {status.sent_kept} (deleted after {status.retention_seconds:g} s)")
+    return 0
+
+
+COMMANDS: dict[str, t.Callable[[t.Any, list[str]], int]] = {
+    "dead-letters": dead_letters,
+    "outbox-status": outbox_status,
+}

@@ -479,3 +479,17 @@ def test_a_script_that_commits_and_exits_at_once_has_its_message_published(outbo
     # No relay ran anywhere: the exiting process published it itself.
     assert sent_ids(redis_client, queue_name) == [task_id]
     assert outbox_rows(db, app_name)[0][0] == task_id and outbox_rows(db, app_name)[0][2] is not None
+
+
+def test_the_relay_creates_the_table_itself_on_a_fresh_database(outbox_settings, make_app, db):
+    """The relay's engine is READ COMMITTED on PostgreSQL; its DDL must still commit."""
+    from websauna_tasks import outbox as outbox_module
+
+    with db.begin() as conn:
+        conn.execute(text("DROP TABLE IF EXISTS websauna_tasks_outbox"))
+    outbox_module._created.clear()
+    outbox = get_outbox(get_celery(make_app(**outbox_settings()).registry))
+    assert outbox.pending_count() == 0
+    with db.connect() as conn:
+        indexes = conn.execute(text("SELECT indexname FROM pg_indexes WHERE tablename = 'websauna_tasks_outbox'"))
+        assert {"ix_websauna_tasks_outbox_pending", "ix_websauna_tasks_outbox_sent"} <= set(indexes.scalars())

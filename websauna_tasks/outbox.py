@@ -235,12 +235,15 @@ def ensure_table(engine: sa.Engine) -> None:
     with _created_lock:
         if key in _created:
             return
-        autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
+        # One transaction per statement, so that losing one race does not
+        # undo the others. Not an AUTOCOMMIT engine: the relay's engine
+        # already carries an isolation level, and SQLAlchemy keeps the first
+        # of two chained ones (the DDL was silently rolled back).
         for ddl in (sa.schema.CreateTable(outbox_table, if_not_exists=True),
                     sa.schema.CreateIndex(_pending_index, if_not_exists=True),
                     sa.schema.CreateIndex(_sent_index, if_not_exists=True)):
             try:
-                with autocommit.connect() as conn:
+                with engine.begin() as conn:
                     conn.execute(ddl)
             except sa.exc.DBAPIError:
                 inspector = sa.inspect(engine)

@@ -49,6 +49,7 @@ from pyramid.settings import asbool
 from .db import get_engine
 from .dispatch import OUTBOX_ATTRIBUTE, PendingMessage, _batch, _PlainSender
 from .fast_path import FastPath
+from .redelivery import Redeliverer
 from .request import get_current_request
 
 if t.TYPE_CHECKING:
@@ -94,6 +95,9 @@ outbox_table = sa.Table(
     # Epoch seconds, as in names.py: no time zone to get wrong between databases.
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("sent_at", sa.Float, nullable=True),
+    # Times sent again because its task never finished (redelivery.py); the
+    # maximum once a run failed for good.
+    sa.Column("redeliveries", sa.Integer, nullable=False, server_default="0"),
 )
 # Unsent rows only, in claim order: the relay's query reads this and nothing else.
 _pending_index = sa.Index(
@@ -270,6 +274,8 @@ class Outbox:
         self.relay_in_worker = asbool(settings.get(IN_WORKER_KEY, True))
         self.publish_on_commit = asbool(settings.get(ON_COMMIT_KEY, True))
         self._relay_engine: sa.Engine | None = None
+        #: Sends again the rows of idempotent tasks that never finished (redelivery.py).
+        self.redeliverer = Redeliverer(self, settings)
         #: Publishes each transaction's rows right after its commit, off the request's thread.
         self.fast_path = FastPath(lambda ids, engine: self.publish_pending(ids, engine=engine), self.batch_size,
                                   self.app_name, prepare=self._load_transport)
@@ -365,12 +371,13 @@ class Outbox:
             rows = conn.execute(query).all()
             if not rows:
                 return 0
-            self._publish_rows(rows)
+            self.publish_rows(rows)
             conn.execute(sa.update(table).where(table.c.id.in_([row.id for row in rows]))
                          .values(sent_at=time.time()))
         return len(rows)
 
-    def _publish_rows(self, rows: t.Sequence[t.Any]) -> None:
+    def publish_rows(self, rows: t.Sequence[t.Any]) -> None:
+        """Publish rows (id, task_name, args, kwargs, options) under their ids, in one batch."""
         app = self.app
         with app.producer_or_acquire() as producer:
             sender = _PlainSender.for_producer(app, producer)
@@ -531,6 +538,7 @@ class OutboxRelay:
         outbox = self.outbox
         listener: _Listener | None = None
         next_prune = 0.0
+        next_redelivery = 0.0
         logger.info("websauna_tasks outbox relay started (app %s, batch %d, poll %.3gs)",
                     outbox.app_name, outbox.batch_size, outbox.poll_seconds)
         try:
@@ -544,6 +552,9 @@ class OutboxRelay:
                     if published:
                         self.published += published
                         logger.debug("websauna_tasks outbox relay: published %d message(s)", published)
+                    if outbox.redeliverer.enabled and time.monotonic() >= next_redelivery:
+                        outbox.redeliverer.run()
+                        next_redelivery = time.monotonic() + outbox.redeliverer.interval
                     if time.monotonic() >= next_prune:
                         outbox.prune()
                         next_prune = time.monotonic() + min(self.PRUNE_EVERY_SECONDS,

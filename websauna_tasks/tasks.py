@@ -31,6 +31,7 @@ from .idempotency import check_idempotent_class, claim_run
 from .names import NAME_HEADER, claim_name, release_name
 from .outages import retry_after_outage
 from .queues import APP_ATTRIBUTE, check_queue, mark_gave_up, run_in_queue
+from .redelivery import note_failed_run
 from .registry import ICeleryApp, get_celery
 from .reliability import check_delay
 from .request import current_task_request, task_request
@@ -378,6 +379,12 @@ class TransactionalTask(ScheduleOnCommitTask):
             # run is sent again later (websauna_tasks.outages).
             retry_after_outage(self, exc)
             raise
+
+    def on_failure(self, exc: Exception, task_id: str, args: t.Any, kwargs: t.Any, einfo: t.Any) -> None:
+        if self.idempotent and not self.request.is_eager:
+            # Failed for good: the outbox must not take its missing done-row for a lost message.
+            note_failed_run(self, task_id)
+        super().on_failure(exc, task_id, args, kwargs, einfo)
 
     def run_in_request(self, request: Request, args: tuple, kwargs: dict) -> t.Any:
         with request.tm:

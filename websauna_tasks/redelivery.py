@@ -88,7 +88,7 @@ class Redeliverer:
         table = _outbox_table()
         unfinished = ~sa.exists().where(done_table.c.task_id == table.c.id)
         query = (sa.select(table.c.id, table.c.task_name, table.c.args, table.c.kwargs, table.c.options,
-                           table.c.created_at)
+                           table.c.sent_at)
                  .where(table.c.app == outbox.app_name, table.c.task_name.in_(names),
                         table.c.sent_at.is_not(None), table.c.sent_at < now - self.after_seconds,
                         # A done-row is younger than its row's publication; older ones may
@@ -120,14 +120,15 @@ def _outbox_table() -> sa.Table:
 
 
 def _due_at(row: t.Any) -> float:
-    """When the row's message may first run: its creation, or later with a countdown or an ETA."""
+    """When the row's message may first run: its publication, or later with a countdown (which counts from
+    the publication) or an ETA."""
     try:
         options = json.loads(row.options)
     except ValueError:
-        return row.created_at
+        return row.sent_at
     countdown = options.get("countdown")
     if isinstance(countdown, (int, float)):
-        return row.created_at + countdown
+        return row.sent_at + countdown
     eta = options.get("eta")
     if isinstance(eta, dict) and len(eta) == 1:
         # outbox.py stores a datetime as {tag: ISO text}.
@@ -136,11 +137,11 @@ def _due_at(row: t.Any) -> float:
         try:
             parsed = datetime.datetime.fromisoformat(eta)
         except ValueError:
-            return row.created_at
+            return row.sent_at
         if parsed.tzinfo is None:
             parsed = parsed.replace(tzinfo=datetime.timezone.utc)
-        return parsed.timestamp()
-    return row.created_at
+        return max(row.sent_at, parsed.timestamp())
+    return row.sent_at
 
 
 def note_failed_run(task: Task, task_id: str) -> None:

@@ -9,6 +9,11 @@ from .reliability import check_transport_options
 from .schedule import normalize_beat_schedule
 from .tasks import WebsaunaTask
 
+#: ``broker_transport`` for ``redis://`` brokers unless the settings name one: a lost Redis
+#: connection stays a connection error (websauna_tasks.redis_transport). A string, so that
+#: building an app imports no transport.
+REDIS_TRANSPORT = "websauna_tasks.redis_transport:Transport"
+
 #: Setting: the Celery app's ``main`` name (shows in worker banners and task names of __main__).
 APP_NAME_KEY = "websauna_tasks.app_name"
 
@@ -41,5 +46,23 @@ def make_celery(config: t.Mapping[str, t.Any], name: str = "websauna_tasks") -> 
     # task, and must never write into a dict that another app can see.
     conf["beat_schedule"] = normalize_beat_schedule(conf.get("beat_schedule", {}))
     app.conf.update(conf)
+    if not app.conf.broker_transport and _redis_broker(app):
+        app.conf.broker_transport = REDIS_TRANSPORT
     check_transport_options(app)  # Redis timeouts that Celery asks to align (websauna_tasks.reliability)
     return app
+
+
+def _redis_broker(app: Celery) -> bool:
+    """Whether every broker URL the app may connect to (failover, read, write) is ``redis://``.
+
+    ``broker_transport`` applies to all of them, so one URL of another kind
+    would be opened with the wrong transport. ``rediss://`` is left to kombu:
+    its default TLS options are added only when the transport is named by the
+    URL's scheme, and an explicit transport would connect without TLS.
+    """
+    urls: list[t.Any] = []
+    for setting in ("broker_url", "broker_read_url", "broker_write_url"):
+        value = getattr(app.conf, setting)
+        urls.extend(value if isinstance(value, (list, tuple)) else [value])
+    parts = [part.strip() for url in urls for part in str(url or "").split(";")]
+    return all(part.startswith("redis://") for part in parts)

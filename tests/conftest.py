@@ -151,3 +151,34 @@ def subprocess_env():
     """Environment for ws-celery subprocesses: tests package importable."""
     path = os.environ.get("PYTHONPATH", "")
     return {"PYTHONPATH": str(ROOT) + (os.pathsep + path if path else "")}
+
+
+@pytest.fixture
+def fault_servers(tmp_path):
+    """A persistent private Redis and a private PostgreSQL (tests/servers.py) with ``fault_effects``.
+
+    Yields (broker, database, engine); both servers are stopped, and the
+    cluster deleted, whatever the test did to them.
+    """
+    import sqlalchemy as sa
+
+    from tests import fault_tasks
+    from tests.servers import PrivatePostgres, PrivateRedis
+
+    redis_dir = tmp_path / "redis"
+    redis_dir.mkdir()
+    broker = PrivateRedis(str(redis_dir), persistent=True)
+    database = PrivatePostgres()
+    engine = None
+    try:
+        broker.start()
+        database.start()
+        engine = sa.create_engine(database.url, poolclass=sa.pool.NullPool)
+        with engine.begin() as conn:
+            conn.execute(sa.text(fault_tasks.EFFECTS_DDL))
+        yield broker, database, engine
+    finally:
+        if engine is not None:
+            engine.dispose()
+        broker.stop()
+        database.cleanup()

@@ -27,21 +27,8 @@ QUEUE = "faults"
 
 
 @pytest.fixture
-def servers(tmp_path):
-    redis_dir = tmp_path / "redis"
-    redis_dir.mkdir()
-    broker = PrivateRedis(str(redis_dir), persistent=True)
-    database = PrivatePostgres()
-    try:
-        broker.start()
-        database.start()
-        engine = sa.create_engine(database.url, poolclass=sa.pool.NullPool)
-        with engine.begin() as conn:
-            conn.execute(sa.text(fault_tasks.EFFECTS_DDL))
-        yield broker, database, engine
-    finally:
-        broker.stop()
-        database.cleanup()
+def servers(fault_servers):
+    return fault_servers
 
 
 def fault_settings(broker: PrivateRedis, database: PrivatePostgres, **extra: str) -> dict[str, str]:

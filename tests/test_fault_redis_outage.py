@@ -36,7 +36,6 @@ import time
 import pytest
 import sqlalchemy as sa
 
-from tests import fault_tasks
 from tests.fault_producer import COMMITS_DDL
 from tests.servers import PrivatePostgres, PrivateRedis
 from websauna_tasks.testing import wait_for
@@ -58,25 +57,11 @@ REDELIVER_AFTER = 60
 
 
 @pytest.fixture
-def servers(tmp_path):
-    redis_dir = tmp_path / "redis"
-    redis_dir.mkdir()
-    broker = PrivateRedis(str(redis_dir), persistent=True)
-    database = PrivatePostgres()
-    engine = None
-    try:
-        broker.start()
-        database.start()
-        engine = sa.create_engine(database.url, poolclass=sa.pool.NullPool)
-        with engine.begin() as conn:
-            conn.execute(sa.text(fault_tasks.EFFECTS_DDL))
-            conn.execute(sa.text(COMMITS_DDL))
-        yield broker, database, engine
-    finally:
-        if engine is not None:
-            engine.dispose()
-        broker.stop()
-        database.cleanup()
+def servers(fault_servers):
+    _broker, _database, engine = fault_servers
+    with engine.begin() as conn:
+        conn.execute(sa.text(COMMITS_DDL))
+    return fault_servers
 
 
 @pytest.fixture

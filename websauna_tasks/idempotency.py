@@ -38,6 +38,7 @@ from pyramid.exceptions import ConfigurationError
 from sqlalchemy.dialects import postgresql, sqlite
 
 from .config import number_setting
+from .threads import BackgroundLoop
 
 if t.TYPE_CHECKING:
     from celery import Celery, Task
@@ -178,26 +179,18 @@ def prune_interval_seconds(settings: t.Mapping[str, t.Any]) -> float:
     return number_setting(settings, PRUNE_INTERVAL_KEY, DEFAULT_PRUNE_INTERVAL_SECONDS, unit="seconds")
 
 
-class DonePruner:
+class DonePruner(BackgroundLoop):
     """A thread calling :func:`prune_done` every interval until stopped; errors wait for the next round."""
+
+    thread_name = "websauna_tasks-done-pruner"
 
     def __init__(self, registry: Registry, interval: float):
         self.registry = registry
         self.interval = interval
-        self.stopping = threading.Event()
-        self.thread: threading.Thread | None = None
+        super().__init__()
         #: Rounds done and rows deleted so far (tests and metrics read them).
         self.rounds = 0
         self.deleted = 0
-
-    def start(self) -> None:
-        self.thread = threading.Thread(target=self.run, name="websauna_tasks-done-pruner", daemon=True)
-        self.thread.start()
-
-    def stop(self, timeout: float = 15.0) -> None:
-        self.stopping.set()
-        if self.thread is not None and self.thread is not threading.current_thread():
-            self.thread.join(timeout)
 
     def run(self) -> None:
         while not self.stopping.wait(self.interval):

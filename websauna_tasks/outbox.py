@@ -51,6 +51,7 @@ from .dispatch import OUTBOX_ATTRIBUTE, PendingMessage, _batch, _PlainSender
 from .fast_path import FastPath
 from .redelivery import Redeliverer
 from .request import get_current_request
+from .threads import BackgroundLoop
 
 if t.TYPE_CHECKING:
     from celery import Celery
@@ -501,7 +502,7 @@ class _Listener:
             pass
 
 
-class OutboxRelay:
+class OutboxRelay(BackgroundLoop):
     """Publishes an app's unsent outbox rows until stopped.
 
     Woken by PostgreSQL NOTIFY when a writing transaction commits, and every
@@ -515,24 +516,16 @@ class OutboxRelay:
     WAIT_SLICE = 0.5
     PRUNE_EVERY_SECONDS = 60.0
 
+    thread_name = "websauna_tasks-outbox-relay"
+
     def __init__(self, outbox: Outbox, listen: bool = True):
         self.outbox = outbox
         self.listen = listen
-        self.stopping = threading.Event()
-        self.thread: threading.Thread | None = None
+        super().__init__()
         self.failures = 0
         self.published = 0
         #: Set after every round, successful or not (tests wait on it).
         self.rounds = 0
-
-    def start(self) -> None:
-        self.thread = threading.Thread(target=self.run, name="websauna_tasks-outbox-relay", daemon=True)
-        self.thread.start()
-
-    def stop(self, timeout: float = 15.0) -> None:
-        self.stopping.set()
-        if self.thread is not None and self.thread is not threading.current_thread():
-            self.thread.join(timeout)
 
     def run(self) -> None:
         outbox = self.outbox

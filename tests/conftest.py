@@ -3,13 +3,21 @@
 Services are found at WS_TEST_REDIS_URL / WS_TEST_DATABASE_URL (defaults:
 the machine's Redis db 15 and PostgreSQL database ``test``). When one is not
 reachable the test is skipped on a laptop but fails when CI=true.
+
+Tiers (markers given at collection, see ``pytest_collection_modifyitems``):
+``fault`` as marked by hand; ``integration`` for every test that uses a
+service fixture (``SERVICE_FIXTURES``, directly or through other fixtures) or
+is marked so; ``unit`` for the rest, which may not connect to a service port
+(``unit_tier_guard``).
 """
 from __future__ import annotations
 
 import json
 import os
 import pathlib
+import tempfile
 import textwrap
+import typing as t
 import uuid
 
 import pytest
@@ -17,10 +25,94 @@ import redis
 import sqlalchemy
 from sqlalchemy import text
 
+from tests.servers import PrivatePostgres, PrivateRedis
+from tests.unit_guard.sitecustomize import ENVIRONMENT, UnitGuard
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 REDIS_URL = os.environ.get("WS_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 DATABASE_URL = os.environ.get("WS_TEST_DATABASE_URL", "postgresql+psycopg://root@127.0.0.1:5432/test")
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+#: Fixtures that reach Redis, PostgreSQL or a broker, or start processes that do: a test that
+#: uses one (``item.fixturenames`` includes fixtures used through other fixtures) is integration.
+SERVICE_FIXTURES = frozenset({
+    "redis_url", "database_url", "redis_client", "db", "ws_celery_worker_factory", "fault_servers",
+})
+TIERS = ("unit", "integration", "fault")
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by these markers
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Put each test in exactly one tier; a test in none or in two stops the collection."""
+    wrong = []
+    for item in items:
+        tiers = {mark.name for mark in item.iter_markers() if mark.name in TIERS}
+        services = sorted(SERVICE_FIXTURES.intersection(item.fixturenames))
+        if not tiers:
+            tiers = {"integration" if services else "unit"}
+            item.add_marker(next(iter(tiers)))
+        if len(tiers) != 1:
+            wrong.append(f"{item.nodeid} is marked {' and '.join(sorted(tiers))}: one tier only")
+        elif "unit" in tiers and services:
+            wrong.append(f"{item.nodeid} is marked unit but uses the service fixture(s) {', '.join(services)}")
+    if wrong:
+        raise pytest.UsageError("test tiers (tests/conftest.py):\n  " + "\n  ".join(wrong))
+
+
+def _port(url: str, default: int) -> int:
+    try:
+        return sqlalchemy.engine.make_url(url).port or default
+    except Exception:
+        return default
+
+
+#: Redis, PostgreSQL, AMQP, and wherever WS_TEST_* moved the first two.
+SERVICE_PORTS = frozenset({6379, 5432, 5672, _port(REDIS_URL, 6379), _port(DATABASE_URL, 5432)})
+UNIT_GUARD_PATH = ROOT / "tests" / "unit_guard"
+UNIT_GUARD = UnitGuard(SERVICE_PORTS, f"use a service fixture ({', '.join(sorted(SERVICE_FIXTURES))}) or mark "
+                                      "the test @pytest.mark.integration(reason=...), so that it runs in the "
+                                      "integration tier (tests/conftest.py)")
+UNIT_GUARD.install()
+
+
+def _refused_in_unit_tests(cls: type, what: str) -> None:
+    original = cls.start
+
+    def start(self: t.Any, *args: t.Any, **kwargs: t.Any) -> t.Any:
+        if UNIT_GUARD.test is not None:
+            UNIT_GUARD.refuse(what)
+        return original(self, *args, **kwargs)
+
+    cls.start = start
+
+
+# Servers of a test's own are services too, even on ports of their own.
+_refused_in_unit_tests(PrivateRedis, "started a redis-server (tests/servers.py)")
+_refused_in_unit_tests(PrivatePostgres, "started a PostgreSQL server (tests/servers.py)")
+
+
+@pytest.fixture(autouse=True)
+def unit_tier_guard(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> t.Iterator[None]:
+    """A unit-tier test fails if it, a thread or a Python process it started connects to a service port."""
+    if request.node.get_closest_marker("unit") is None:
+        yield
+        return
+    handle, report = tempfile.mkstemp(prefix="ws-unit-guard-", suffix=".jsonl")
+    os.close(handle)
+    UNIT_GUARD.test, UNIT_GUARD.refused = request.node.nodeid, []
+    monkeypatch.setenv(ENVIRONMENT, UNIT_GUARD.environment(report))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(UNIT_GUARD_PATH),
+                                                                     os.environ.get("PYTHONPATH")])))
+    try:
+        yield
+    finally:
+        UNIT_GUARD.test = None
+        with open(report, encoding="utf-8") as lines:
+            refused = UNIT_GUARD.refused + [json.loads(line) for line in lines if line.strip()]
+        os.unlink(report)
+    if refused:
+        # Also when the code under test swallowed the ConnectionRefusedError.
+        pytest.fail(refused[0], pytrace=False)
 
 
 def service_missing(what: str, exc: Exception):
@@ -163,7 +255,6 @@ def fault_servers(tmp_path):
     import sqlalchemy as sa
 
     from tests import fault_tasks
-    from tests.servers import PrivatePostgres, PrivateRedis
 
     redis_dir = tmp_path / "redis"
     redis_dir.mkdir()

@@ -413,6 +413,7 @@ def processes_using(text: str) -> dict[int, int]:
 
 
 @pytest.mark.slow
+@pytest.mark.integration(reason="the example's web, worker and beat processes: too slow for the unit tier")
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc to find the script's processes")
 def test_run_example_serves_processes_and_stops_everything_on_ctrl_c(tmp_path):
     port = free_port()

@@ -116,6 +116,7 @@ def test_round_trip_without_db_number(build, redis_url, redis_client, queue_name
             cleanup.close()
 
 
+@pytest.mark.integration(reason="starts a redis-server of its own (tests/servers.py)")
 @pytest.mark.parametrize("which", TRANSPORTS)
 def test_worker_teardown_on_a_stopped_redis(which, build, tmp_path, queue_name):
     """Celery 5.7's teardown after a lost connection: collect(), then close(), which may only fail

@@ -497,6 +497,7 @@ def test_the_fixture_restores_the_sink_even_when_the_test_fails(pytester, task_c
     assert current_sink() is task_client, "the inner fixture did not put the outer client back"
 
 
+@pytest.mark.integration(reason="three pytest processes: too slow for the unit tier")
 def test_the_plugin_comes_from_the_entry_point(pytester):
     pytester.makepyfile(test_inner=INNER_TESTS)
     listed = pytester.runpytest_subprocess("--fixtures", "-p", "no:cacheprovider")

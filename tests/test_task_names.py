@@ -195,6 +195,7 @@ def test_processes_racing_on_postgresql_send_once(redis_url, database_url, queue
 
 
 @pytest.mark.slow
+@pytest.mark.integration(reason="racing Python processes: too slow for the unit tier")
 def test_processes_racing_on_the_embedded_default_send_once(tmp_path, name):
     settings = sqlite_settings(tmp_path)
     ids = race(settings, name)

@@ -24,6 +24,7 @@ from .deadletter import (
 )
 from .defer import DeferNotAllowed, configure_allowed_modules, defer, deferrable, run_deferred
 from .idempotency import configure_idempotency, prune_done
+from .intake import configure_intake
 from .iteration import defer_iteration_with_finalize, get_deferred_shard_index, iteration_progress, run_shard
 from .names import AlreadyEnqueued, connect_run_signals
 from .outages import configure_outages
@@ -92,7 +93,8 @@ def includeme(config: Configurator) -> None:
     app.pyramid_registry = config.registry
     configure_queues(config.registry, app)
     configure_payload_limit(config.registry, app)  # websauna_tasks.max_payload_bytes (payload.py)
-    configure_deadletter(config.registry, app)  # worker: unrunnable messages moved aside (deadletter.py)
+    configure_deadletter(config.registry, app)  # where refused messages are kept (deadletter.py)
+    configure_intake(config.registry, app)  # worker: every message checked before it runs (intake.py)
     configure_idempotency(config.registry, app)  # workers prune websauna_tasks_done (idempotency.py)
     configure_outages(settings, app)  # a run that lost its database is sent again later (outages.py)
     set_celery(config.registry, app)

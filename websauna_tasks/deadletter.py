@@ -1,22 +1,15 @@
-"""Messages a worker cannot run are logged and moved aside, and the worker keeps running.
+"""Dead letters: messages a worker will not run, kept with a reason so that an operator can act.
 
-Celery's worker already survives them: a message for a task it does not know
-goes to ``Consumer.on_unknown_task`` (rejected, marked failed, ``task_unknown``
-signal), one without a task header to ``on_unknown_message``, one whose
-content type is not in ``accept_content`` (pickle, with our JSON-only
-default) or that is not a valid task to ``on_invalid_task`` (rejected,
-``task_rejected`` signal), one whose body cannot be decoded (broken JSON) to
-``on_decode_error`` (acked, no signal at all). In every case the message is
-then gone from the broker: only a log line is left.
-
-A consumer bootstep (:class:`DeadLetterStep`, added to the app by
-``includeme``) wraps those four handlers on the worker's consumer: the raw
-message, as kombu stored it, is first copied with a reason and the time to
-the dead-letter list and logged at ERROR with its id and task name, then
-Celery's own handler rejects or acks it as before. A bootstep rather than
-receivers of ``task_unknown``/``task_rejected``: decode errors send no
-signal, and the signals are sent after the message was already rejected,
-whereas the handlers let the copy come first.
+The worker's intake (intake.py) decides what cannot run: what Celery itself
+refuses (a task the worker does not know, ``unknown_task``; no task name,
+``unknown_message``; a content type kombu refuses, such as pickle, or an
+invalid message, ``invalid_task``; a body that cannot be decoded,
+``undecodable``) and what its own gate refuses (``malformed``,
+``too_large``, ``refused_deferred``, ``unreadable``, ``intake_error``).
+:func:`dead_letter` keeps the copy: the raw message, as kombu stored it,
+with the kind, a reason and the time, logged at ERROR with its id and task
+name. A copy rather than Celery's signals: decode errors send none, and the
+signals come after the message was already dropped.
 
 On Redis (the broker, or any transport whose broker URL is ``redis://``) the
 dead letters are JSON entries of the list ``websauna_tasks.deadletter``
@@ -38,7 +31,6 @@ import typing as t
 import uuid
 from datetime import datetime, timezone
 
-from celery import bootsteps
 from pyramid.exceptions import ConfigurationError
 
 if t.TYPE_CHECKING:
@@ -90,13 +82,11 @@ class DeadLetters:
 
 
 def configure_deadletter(registry: Registry, app: Celery) -> DeadLetters:
-    """Read ``websauna_tasks.deadletter_queue`` and add :class:`DeadLetterStep` to the app's worker."""
-    key = str((getattr(registry, "settings", None) or {}).get(DEADLETTER_QUEUE_KEY) or DEFAULT_DEADLETTER_QUEUE)
-    if not key.strip() or key != key.strip():
-        raise ConfigurationError(f"{DEADLETTER_QUEUE_KEY}: expected a Redis key name, got {key!r}")
-    letters = DeadLetters(app, key)
+    """Read ``websauna_tasks.deadletter_queue``; the worker's intake (intake.py) writes there."""
+    from .settings import get_task_settings  # parsed and checked there, with the queue names (settings.py)
+
+    letters = DeadLetters(app, get_task_settings(registry).deadletter_queue)
     setattr(app, _APP_ATTRIBUTE, letters)
-    app.steps["consumer"].add(DeadLetterStep)
     return letters
 
 
@@ -119,40 +109,7 @@ def _app_of(registry_or_app: t.Any) -> Celery:
     return app
 
 
-# -- the worker side ------------------------------------------------------------------------------------------------
-
-class DeadLetterStep(bootsteps.Step):
-    """Consumer bootstep: copy unrunnable messages to the dead letters before Celery drops them."""
-
-    name = "websauna_tasks.deadletter"
-
-    def __init__(self, parent: t.Any, **kwargs: t.Any) -> None:
-        super().__init__(parent, **kwargs)
-        letters = getattr(parent.app, _APP_ATTRIBUTE, None)
-        if letters is None or getattr(parent, "_websauna_deadletter", False):
-            return
-        parent._websauna_deadletter = True
-        # Instance attributes: create_task_handler() and the Tasks step (which
-        # hands on_decode_error to kombu's consumer) read them after this.
-        for name, kind in (("on_unknown_task", "unknown_task"), ("on_unknown_message", "unknown_message"),
-                           ("on_invalid_task", "invalid_task"), ("on_decode_error", "undecodable")):
-            setattr(parent, name, _wrap(letters, getattr(parent, name), kind))
-
-
-def _wrap(letters: DeadLetters, original: t.Callable[..., t.Any], kind: str) -> t.Callable[..., t.Any]:
-    def handler(*args: t.Any) -> t.Any:
-        if kind == "undecodable":
-            message, exc = args
-        elif kind == "unknown_message":
-            message, exc = args[1], None
-        else:
-            message, exc = args[1], args[2]
-        dead_letter(letters, message, kind, exc)
-        return original(*args)
-
-    handler.__wrapped__ = original  # type: ignore[attr-defined]
-    return handler
-
+# -- the worker side: intake.py decides, this keeps the copy ---------------------------------------------------
 
 def _reason(kind: str, name: str | None, message: t.Any, exc: BaseException | None) -> str:
     if kind == "unknown_task":
@@ -164,6 +121,10 @@ def _reason(kind: str, name: str | None, message: t.Any, exc: BaseException | No
     if kind == "undecodable":
         return f"cannot decode the body (content type {content_type!r}): {detail}"
     return f"invalid task message (content type {content_type!r}): {detail}"
+
+
+def _text(value: t.Any) -> str | None:
+    return value[:500] if isinstance(value, str) else None
 
 
 def raw_message(message: t.Any) -> t.Any:
@@ -184,23 +145,42 @@ def raw_message(message: t.Any) -> t.Any:
     }
 
 
-def dead_letter(letters: DeadLetters, message: t.Any, kind: str, exc: BaseException | None = None) -> dict:
-    """Log ``message`` at ERROR and copy it, with a reason and the time, to the dead letters; never raises."""
+def dead_letter(letters: DeadLetters, message: t.Any, kind: str, exc: BaseException | None = None, *,
+                reason: str | None = None, max_bytes: int = 0) -> dict:
+    """Log ``message`` at ERROR and copy it, with a reason and the time, to the dead letters; never raises.
+
+    ``reason`` replaces the one derived from ``kind`` and ``exc``. A raw
+    message longer than ``max_bytes`` (JSON text; 0: any length) is kept as
+    its first ``max_bytes`` characters under ``message_head``, with
+    ``message`` None: the dead letters must not hold what the limit refused.
+    """
     headers = getattr(message, "headers", None)
     headers = headers if isinstance(headers, dict) else {}
-    delivery_info = getattr(message, "delivery_info", None) or {}
-    name = headers.get("task")
-    task_id = headers.get("id") or (getattr(message, "properties", None) or {}).get("correlation_id")
-    queue = delivery_info.get("routing_key")
-    reason = _reason(kind, name, message, exc)
+    delivery_info = getattr(message, "delivery_info", None)
+    delivery_info = delivery_info if isinstance(delivery_info, dict) else {}
+    properties = getattr(message, "properties", None)
+    properties = properties if isinstance(properties, dict) else {}
+    # Forged headers may hold anything: only strings are recorded as names.
+    name = _text(headers.get("task"))
+    task_id = _text(headers.get("id")) or _text(properties.get("correlation_id"))
+    queue = _text(delivery_info.get("routing_key"))
+    if reason is None:
+        reason = _reason(kind, name, message, exc)
     now = time.time()
     entry = {
         "kind": kind, "reason": reason, "id": task_id, "task": name, "queue": queue,
-        "exchange": delivery_info.get("exchange"), "time": datetime.fromtimestamp(now, timezone.utc).isoformat(),
-        "timestamp": now, "message": None,
+        "exchange": _text(delivery_info.get("exchange")),
+        "time": datetime.fromtimestamp(now, timezone.utc).isoformat(), "timestamp": now, "message": None,
     }
     try:
-        entry["message"] = raw_message(message)
+        raw = raw_message(message)
+        if max_bytes:
+            text = json.dumps(raw, default=repr)
+            if len(text) > max_bytes:
+                raw = None
+                entry["message_head"] = text[:max_bytes]
+                entry["message_size"] = len(text)
+        entry["message"] = raw
         stored = letters.store(entry)
     except Exception:
         logger.exception("websauna_tasks: could not store a dead letter in %s; the message follows in this log: %s",

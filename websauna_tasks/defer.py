@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import functools
 import importlib
+import inspect
 import logging
 import typing as t
 from datetime import datetime
 
+import celery
 from celery.utils import uuid
 from pyramid.exceptions import ConfigurationError
 from pyramid.registry import Registry
@@ -78,7 +80,39 @@ def function_path(fn: t.Callable[..., t.Any]) -> str:
         found = None
     if found is not fn and found != fn:
         raise TypeError(f"defer(): {fn!r} cannot be found again as {path} (is it shadowed or decorated?)")
+    problem = target_problem(module, qualname, found)
+    if problem is not None:
+        raise TypeError(f"defer(): {path} {problem}")
     return path
+
+
+def target_problem(module: str, qualname: str, target: t.Any) -> str | None:
+    """Why ``target`` (found at ``module:qualname``) may not be deferred, or None when it may.
+
+    One rule for ``defer()`` in the caller and for the worker's intake: a
+    forged message must not reach what the call refuses. Plain functions,
+    static methods and class methods only; a task would skip its queue's
+    limits, its idempotency and its unique name, a class would be built from
+    message data, and an unbound method would take any ``self``.
+    """
+    if isinstance(target, (TaskProxy, celery.Task)):
+        return "is a @task; call its .apply_async() or .defer() instead"
+    if isinstance(target, type):
+        return "is a class, not a function"
+    if not callable(target):
+        return "is not callable"
+    owner_path, _, attribute = qualname.rpartition(".")
+    if not owner_path:
+        return None
+    try:
+        owner = _lookup(module, owner_path)
+    except (ImportError, AttributeError):
+        return "cannot be found again through its owner"
+    if not isinstance(owner, type):
+        return "is not a module-level function, static method or class method"
+    if not isinstance(inspect.getattr_static(owner, attribute, None), (staticmethod, classmethod)):
+        return "is a method that needs an instance; defer a staticmethod or classmethod and pass the instance's id"
+    return None
 
 
 def _path_of(fn: t.Callable[..., t.Any]) -> str:
@@ -118,15 +152,12 @@ def allowed_prefixes(registry: Registry) -> tuple[str, ...]:
 
 
 def configure_allowed_modules(registry: Registry, root_package: str | None) -> None:
-    """Read ``websauna_tasks.defer_allowed_modules``; the default is the application's own package."""
-    raw = (registry.settings or {}).get(ALLOWED_MODULES_KEY)
-    if raw is None:
+    """Take ``websauna_tasks.defer_allowed_modules`` from the settings layer; by default the application's package."""
+    from .settings import get_task_settings  # parsed and checked there (settings.py)
+
+    prefixes = get_task_settings(registry).defer_allowed_modules
+    if prefixes is None:
         prefixes = (root_package,) if root_package else ()
-    else:
-        prefixes = tuple(part for part in str(raw).replace(",", " ").split() if part)
-    for prefix in prefixes:
-        if not all(piece.isidentifier() for piece in prefix.split(".")):
-            raise ConfigurationError(f"{ALLOWED_MODULES_KEY}: {prefix!r} is not a module name")
     registry[_ALLOWED_KEY] = prefixes
 
 
@@ -230,26 +261,46 @@ def defer(fn: t.Callable[..., t.Any], *args: t.Any, _queue: str | None = "defaul
 @task(name=DEFERRED_TASK_NAME, base=TransactionalTask, bind=True, serializer="json",
       dont_autoretry_for=(DeferNotAllowed,))
 def run_deferred(self: t.Any, path: str, args: list, kwargs: dict) -> t.Any:
-    """The worker side: check the path against the allow-list, then import and call."""
+    """The worker side: the intake has checked the call already; checked again for eager runs and test drains."""
     registry = self.get_request().registry
     try:
-        if not isinstance(path, str) or path.count(":") != 1:
-            raise DeferNotAllowed(f"malformed function path {path!r}")
-        check_allowed(path, allowed_prefixes(registry))
-        if not isinstance(args, list) or not isinstance(kwargs, dict):
-            raise DeferNotAllowed(f"malformed arguments for {path}")
-        func = _resolve(path)
+        func = resolve_deferred(path, args, kwargs, allowed_prefixes(registry))
     except DeferNotAllowed as exc:
         logger.error("websauna_tasks: refused deferred call (task id %s): %s", self.request.id, exc)
         raise
     return func(*args, **kwargs)
 
 
+def resolve_deferred(path: t.Any, args: t.Any, kwargs: t.Any, prefixes: t.Iterable[str]) -> t.Callable[..., t.Any]:
+    """The function a deferred-call message names, or :class:`DeferNotAllowed` saying why not.
+
+    The path is checked against the allow-list before anything is imported
+    (importing a module runs its code), then resolved and held to the same
+    rule as ``defer()`` in the caller (:func:`target_problem`).
+    """
+    if not isinstance(path, str) or path.count(":") != 1:
+        raise DeferNotAllowed(f"malformed function path {path!r}"[:300])
+    check_allowed(path, prefixes)
+    if not isinstance(args, list) or not isinstance(kwargs, dict):
+        raise DeferNotAllowed(f"malformed arguments for {path}")
+    func = _resolve(path)
+    module, _, qualname = path.partition(":")
+    problem = target_problem(module, qualname, func)
+    if problem is not None:
+        raise DeferNotAllowed(f"refused deferred call {path}: it {problem}")
+    return func
+
+
 def _resolve(path: str) -> t.Callable[..., t.Any]:
     module, _, qualname = path.partition(":")
+    if not all(part.isidentifier() for part in module.split(".")):
+        raise DeferNotAllowed(f"refused deferred call {path}: not a module name")
     if any(not part.isidentifier() or part.startswith("__") for part in qualname.split(".")):
         raise DeferNotAllowed(f"refused deferred call {path}: not a plain qualified name")
-    func = _lookup(module, qualname)
+    try:
+        func = _lookup(module, qualname)
+    except (ImportError, AttributeError) as exc:
+        raise DeferNotAllowed(f"refused deferred call {path}: cannot be found ({type(exc).__name__}: {exc})") from None
     # The allow-list is about where a function is defined: a module of the
     # app that imports os must not make "myapp.views:os.system" callable.
     if getattr(func, "__module__", None) != module or getattr(func, "__qualname__", None) != qualname:

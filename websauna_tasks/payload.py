@@ -11,7 +11,14 @@ them on the wire (kombu's JSON, which also carries ``datetime``,
   position or keyword) and its type;
 - a payload whose JSON text is longer than ``websauna_tasks.max_payload_bytes``
   (default 512 KiB) is a :class:`PayloadTooLarge` naming the task, the size
-  and the setting.
+  and the setting;
+- an argument nested more than :data:`MAX_NESTING_DEPTH` lists or dicts deep
+  is a :class:`TypeError` naming it. The bound sits far below what the
+  JSON encoder, the worker's decoder and a prefork pool's pickling can
+  carry: a payload a few hundred levels deep passes JSON but makes the pool
+  raise ``RecursionError`` while it hands the message to a child. The
+  worker's intake (intake.py) refuses deeper message bodies with the same
+  bound.
 
 Both are raised before a ``unique_name`` is claimed or a message scheduled,
 so nothing is sent and nothing is left behind. Messages with a serializer
@@ -23,7 +30,6 @@ import json
 import typing as t
 
 from kombu.utils.json import dumps as kombu_dumps
-from pyramid.exceptions import ConfigurationError
 
 if t.TYPE_CHECKING:
     from celery import Celery
@@ -39,22 +45,19 @@ _LIMIT_ATTRIBUTE = "websauna_tasks_max_payload_bytes"
 _plain_dumps = json.JSONEncoder(ensure_ascii=True, check_circular=True, allow_nan=True).encode
 
 
+#: Deepest nesting of lists and dicts an argument may have (``[[1]]`` is 2).
+MAX_NESTING_DEPTH = 64
+
+
 class PayloadTooLarge(ValueError):
     """A task's arguments encode to more than ``websauna_tasks.max_payload_bytes``."""
 
 
 def configure_payload_limit(registry: t.Any, app: Celery) -> int:
-    """Read ``websauna_tasks.max_payload_bytes`` (0: no limit) and keep it on the app."""
-    raw = (getattr(registry, "settings", None) or {}).get(MAX_PAYLOAD_KEY)
-    if raw in (None, ""):
-        limit = DEFAULT_MAX_PAYLOAD_BYTES
-    else:
-        try:
-            limit = int(str(raw).strip())
-        except ValueError:
-            raise ConfigurationError(f"{MAX_PAYLOAD_KEY}: expected a number of bytes, got {raw!r}") from None
-        if limit < 0:
-            raise ConfigurationError(f"{MAX_PAYLOAD_KEY}: must be 0 (no limit) or more, got {raw!r}")
+    """Take ``websauna_tasks.max_payload_bytes`` (0: no limit) from the settings layer and keep it on the app."""
+    from .settings import get_task_settings  # parsed and checked there (settings.py)
+
+    limit = get_task_settings(registry).max_payload_bytes
     setattr(app, _LIMIT_ATTRIBUTE, limit)
     return limit
 
@@ -94,6 +97,10 @@ def check_payload(app: t.Any, label: str, args: t.Any, kwargs: t.Any) -> int:
     if kwargs and not all(type(key) is str for key in kwargs):
         # JSON would quietly turn them into strings; the worker's call would fail.
         _raise_naming_argument(label, args, kwargs, TypeError("keywords must be strings"))
+    # Fewer brackets than the bound cannot nest deeper than it: the count is
+    # C-fast, and only a payload that could be too deep is walked.
+    if text.count("[") + text.count("{") > MAX_NESTING_DEPTH:
+        _check_depth(label, args, kwargs)
     size = len(text)  # ensure_ascii: characters are bytes
     limit = payload_limit(app)
     if limit and size > limit:
@@ -103,11 +110,40 @@ def check_payload(app: t.Any, label: str, args: t.Any, kwargs: t.Any) -> int:
     return size
 
 
+def nesting_exceeds(value: t.Any, limit: int) -> bool:
+    """True when ``value`` nests lists, tuples or dicts more than ``limit`` deep; never recurses."""
+    stack: list[tuple[t.Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: t.Iterable[t.Any] = item.values()
+        elif isinstance(item, (list, tuple)):
+            children = item
+        else:
+            continue
+        depth += 1
+        if depth > limit:
+            return True
+        stack.extend((child, depth) for child in children if isinstance(child, (dict, list, tuple)))
+    return False
+
+
+def _check_depth(label: str, args: t.Any, kwargs: t.Any) -> None:
+    named = [(f"argument {index + 1}", value) for index, value in enumerate(args)]
+    named += [(f"keyword argument {key!r}", value) for key, value in kwargs.items()]
+    for where, value in named:
+        if nesting_exceeds(value, MAX_NESTING_DEPTH):
+            raise TypeError(f"{label}: {where} ({type(value).__name__}) is nested more than {MAX_NESTING_DEPTH} "
+                            "levels deep; a worker refuses such a message")
+
+
 def _raise_naming_argument(label: str, args: t.Any, kwargs: t.Any, exc: BaseException) -> t.NoReturn:
     if not isinstance(args, (list, tuple)):
         raise TypeError(f"{label}: args must be a list or tuple, got {type(args).__name__}") from None
     if not isinstance(kwargs, dict):
         raise TypeError(f"{label}: kwargs must be a dict, got {type(kwargs).__name__}") from None
+    if isinstance(exc, RecursionError):
+        _check_depth(label, args, kwargs)
     for index, value in enumerate(args):
         check_json_value(value, f"{label}: argument {index + 1}")
     for key, value in kwargs.items():

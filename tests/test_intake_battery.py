@@ -1,6 +1,6 @@
 """Hostile messages sent straight to the broker never stop a real worker (docs/RELIABILITY.md, "Poison messages").
 
-A real ``ws-celery`` worker, under the prefork and the solo pool, takes a
+A real ``ws-celery`` worker, under the prefork, solo and threads pools, takes a
 battery of forged Redis entries: bodies of the wrong shape, compression
 bombs of every codec kombu offers here, deep nesting, bodies over the
 limit, entries that are not JSON or not an envelope, bad headers and
@@ -123,7 +123,7 @@ def effects(db):
 
 @pytest.mark.fault
 @pytest.mark.slow
-@pytest.mark.parametrize("pool", ["prefork", "solo"])
+@pytest.mark.parametrize("pool", ["prefork", "solo", "threads"])
 def test_no_message_from_the_broker_stops_a_worker(
         pool, make_app, redis_url, database_url, queue_name, redis_client, db, write_ini, ws_celery_worker_factory,
         subprocess_env):

@@ -21,8 +21,10 @@ import zlib
 import pytest
 from sqlalchemy import text
 
+from tests import sample_tasks
 from websauna_tasks import get_celery, list_dead_letters
 from websauna_tasks.defer import DEFERRED_TASK_NAME
+from websauna_tasks.payload import MAX_NESTING_DEPTH
 from websauna_tasks.testing import wait_for
 
 LIMIT = 200_000
@@ -145,9 +147,13 @@ def test_no_message_from_the_broker_stops_a_worker(
             value = f"between-{index}"
             celery.send_task("tests.record", args=(value,), queue=queue_name)
             genuine.append(value)
-        # A genuine task with a compressed body still runs.
+        # A genuine task with a compressed body still runs, and so does one
+        # nested as deep as dispatch allows: the bound is below what the pool pickles.
         celery.send_task("tests.record", args=("compressed",), queue=queue_name, compression="zlib")
         genuine.append("compressed")
+        deepest = nested(MAX_NESTING_DEPTH - 1)
+        sample_tasks.record.apply_async(args=(deepest,), tm=None, queue=queue_name)
+        genuine.append(str(deepest))
 
         wait_for(lambda: effects(db) >= set(genuine), timeout=120)
         letters = wait_for(lambda: len(list_dead_letters(router.registry)) >= len(battery)

@@ -201,7 +201,7 @@ def test_invalid_declaration_fails_at_app_start(redis_url, database_url, queue_n
 
 @pytest.mark.parametrize("key, value, expected", [
     ("websauna_tasks.allow_undeclared_queues", "perhaps", "expected true or false"),
-    ("websauna_tasks.queue_wait_seconds", "-1", "must be 0 or more seconds"),
+    ("websauna_tasks.queue_wait_seconds", "-1", "must be 0 to 3600 seconds"),
     ("websauna_tasks.limits_redis_url", "http://x", "expected a redis:// URL"),
 ])
 def test_invalid_queue_settings_are_refused(redis_url, database_url, queue_name, key, value, expected):

@@ -55,7 +55,8 @@ def test_bad_cron_strings_are_configuration_errors(expression, error):
 def test_accepted_schedule_forms():
     assert normalize_schedule(timedelta(minutes=30)) == timedelta(minutes=30)
     assert normalize_schedule(10) == timedelta(seconds=10)
-    assert normalize_schedule(0.5) == timedelta(seconds=0.5)
+    assert normalize_schedule(1.5) == timedelta(seconds=1.5)
+    assert normalize_schedule(1) == timedelta(seconds=1)  # the floor itself
     cron = crontab(minute=0, hour=3)
     assert normalize_schedule(cron) is cron
     every = schedule(timedelta(seconds=7))

@@ -12,8 +12,7 @@ from pyramid.config import Configurator
 from pyramid.tweens import INGRESS
 
 from .after_response import AFTER_RESPONSE_OVER, run_after_response
-from .app import APP_NAME_KEY, make_celery
-from .config import celery_config_from_settings
+from .app import make_celery
 from .db import configure_dbsession
 from .deadletter import (
     configure_deadletter,
@@ -34,6 +33,7 @@ from .queues import QueueConfig, UndeclaredQueue, backoff_seconds, configure_que
 from .registry import get_celery, set_celery
 from .reliability import VisibilityTimeoutExceeded
 from .request import get_current_request
+from .settings import TaskSettings, configure_settings, get_task_settings
 from .tasks import (
     RetryableTransactionTask,
     ScheduleOnCommitTask,
@@ -66,6 +66,8 @@ __all__ = [
     "prune_done",
     "VisibilityTimeoutExceeded",
     "PayloadTooLarge",
+    "TaskSettings",
+    "get_task_settings",
     "list_dead_letters",
     "requeue_dead_letter",
     "drop_dead_letter",
@@ -88,15 +90,16 @@ def includeme(config: Configurator) -> None:
     The app is registered immediately (not as a deferred action) so that a
     ``config.scan()`` right after the include can bind tasks to it.
     """
-    settings = config.get_settings()
-    app = make_celery(celery_config_from_settings(settings), name=settings.get(APP_NAME_KEY, "websauna_tasks"))
+    # Every websauna_tasks.* setting is parsed and checked here, once (settings.py).
+    task_settings = configure_settings(config)
+    app = make_celery(dict(task_settings.celery_config), name=task_settings.app_name)
     app.pyramid_registry = config.registry
     configure_queues(config.registry, app)
     configure_payload_limit(config.registry, app)  # websauna_tasks.max_payload_bytes (payload.py)
     configure_deadletter(config.registry, app)  # where refused messages are kept (deadletter.py)
     configure_intake(config.registry, app)  # worker: every message checked before it runs (intake.py)
     configure_idempotency(config.registry, app)  # workers prune websauna_tasks_done (idempotency.py)
-    configure_outages(settings, app)  # a run that lost its database is sent again later (outages.py)
+    configure_outages(task_settings, app)  # a run that lost its database is sent again later (outages.py)
     set_celery(config.registry, app)
     config.add_request_method(lambda request: get_celery(request.registry), "celery", reify=True)
     configure_dbsession(config)

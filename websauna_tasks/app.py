@@ -7,15 +7,13 @@ from celery import Celery
 
 from .reliability import check_transport_options
 from .schedule import normalize_beat_schedule
+from .settings import APP_NAME_KEY as APP_NAME_KEY  # noqa: F401  (its home before settings.py)
 from .tasks import WebsaunaTask
 
 #: ``broker_transport`` for ``redis://`` brokers unless the settings name one: a lost Redis
 #: connection stays a connection error (websauna_tasks.redis_transport). A string, so that
 #: building an app imports no transport.
 REDIS_TRANSPORT = "websauna_tasks.redis_transport:Transport"
-
-#: Setting: the Celery app's ``main`` name (shows in worker banners and task names of __main__).
-APP_NAME_KEY = "websauna_tasks.app_name"
 
 # Sensible, safe defaults that the INI may override.
 DEFAULTS: dict[str, t.Any] = {

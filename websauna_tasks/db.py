@@ -21,8 +21,10 @@ from sqlalchemy import engine_from_config, event
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-#: Setting: ``dotted.name:callable(request) -> Session`` replacing ours.
-DBSESSION_FACTORY_KEY = "websauna_tasks.dbsession_factory"
+#: Setting: a sessionmaker or ``dotted.name:callable(request) -> Session`` replacing ours (settings.py).
+from .settings import DBSESSION_FACTORY_KEY as DBSESSION_FACTORY_KEY
+from .settings import get_task_settings
+
 _ENGINE_KEY = "websauna_tasks.engine"
 _SESSIONMAKER_KEY = "websauna_tasks.sessionmaker"
 #: ``session.info`` key of the session's ``zope.sqlalchemy.datamanager.ZopeTransactionEvents``.
@@ -36,11 +38,19 @@ _INITIAL_STATE = zope.sqlalchemy.datamanager.STATUS_CHANGED
 
 def configure_dbsession(config: Configurator) -> None:
     settings = config.get_settings()
-    factory_name = settings.get(DBSESSION_FACTORY_KEY)
-    if factory_name:
-        factory = config.maybe_dotted(factory_name)
-        if not callable(factory):
-            raise ConfigurationError(f"{DBSESSION_FACTORY_KEY}: {factory_name!r} is not callable")
+    # Resolved and checked by the settings layer: a sessionmaker or a function(request).
+    factory = get_task_settings(config.registry).dbsession_factory
+    if isinstance(factory, sessionmaker):
+        # Its sessions are joined to request.tm exactly as ours are; its engine serves
+        # what needs one outside a request (outbox relay, pruning, the SQL name store).
+        bind = factory.kw.get("bind")
+        if isinstance(bind, Engine):
+            config.registry[_ENGINE_KEY] = bind
+        register_transaction_events(factory)
+        config.registry[_SESSIONMAKER_KEY] = factory
+        config.add_request_method(make_dbsession, "dbsession", reify=True)
+        return
+    if factory is not None:
         config.registry[_SESSIONMAKER_KEY] = None
         config.add_request_method(factory, "dbsession", reify=True)
         return
@@ -83,7 +93,10 @@ def register_transaction_events(maker: sessionmaker) -> None:
     The listeners apply to sessions of this sessionmaker only.
     """
     for name, listener in _LISTENERS.items():
-        event.listen(maker, name, listener)
+        # A sessionmaker named by websauna_tasks.dbsession_factory may serve several apps:
+        # a second listener would hand each event to the transaction twice.
+        if not event.contains(maker, name, listener):
+            event.listen(maker, name, listener)
 
 
 def _events_of(session: Session) -> zope.sqlalchemy.datamanager.ZopeTransactionEvents | None:

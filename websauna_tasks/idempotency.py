@@ -37,7 +37,15 @@ from celery import bootsteps
 from pyramid.exceptions import ConfigurationError
 from sqlalchemy.dialects import postgresql, sqlite
 
-from .config import number_setting
+# The settings keep their names here (settings.py declares and parses them): seconds a done-row is
+# kept by prune_done() (7 days); create websauna_tasks_done on first use (true); seconds between two
+# prunes by each worker (3600; 0: never).
+from .settings import DEFAULT_IDEMPOTENCY_PRUNE_INTERVAL_SECONDS as DEFAULT_PRUNE_INTERVAL_SECONDS  # noqa: F401
+from .settings import DEFAULT_IDEMPOTENCY_RETENTION_SECONDS as DEFAULT_RETENTION_SECONDS  # noqa: F401
+from .settings import IDEMPOTENCY_CREATE_TABLE_KEY as CREATE_TABLE_KEY  # noqa: F401
+from .settings import IDEMPOTENCY_PRUNE_INTERVAL_KEY as PRUNE_INTERVAL_KEY  # noqa: F401
+from .settings import IDEMPOTENCY_RETENTION_KEY as RETENTION_KEY
+from .settings import TaskSettings, get_task_settings, parse_setting
 from .threads import BackgroundLoop
 
 if t.TYPE_CHECKING:
@@ -49,14 +57,6 @@ if t.TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-#: Setting: seconds a done-row is kept by :func:`prune_done` (default 7 days).
-RETENTION_KEY = "websauna_tasks.idempotency_retention_seconds"
-DEFAULT_RETENTION_SECONDS = 7 * 24 * 3600.0
-#: Setting: create ``websauna_tasks_done`` on first use (default true).
-CREATE_TABLE_KEY = "websauna_tasks.idempotency_create_table"
-#: Setting: seconds between two prunes by each worker (default 3600; 0: workers never prune).
-PRUNE_INTERVAL_KEY = "websauna_tasks.idempotency_prune_interval_seconds"
-DEFAULT_PRUNE_INTERVAL_SECONDS = 3600.0
 
 DONE_TABLE_NAME = "websauna_tasks_done"
 
@@ -85,10 +85,6 @@ def check_idempotent_class(cls: type, transactional_base: type) -> None:
 def _engine_of(session: Session) -> Engine:
     bind = session.get_bind()
     return getattr(bind, "engine", bind)
-
-
-def _truthy(value: t.Any) -> bool:
-    return str(value).strip().lower() not in ("false", "no", "off", "0", "")
 
 
 def ensure_table(engine: Engine) -> None:
@@ -132,7 +128,7 @@ def claim_run(request: Request, task: Task) -> bool:
     if not task_id:
         return True
     session = request.dbsession
-    if _truthy(request.registry.settings.get(CREATE_TABLE_KEY, "true")):
+    if get_task_settings(request.registry).idempotency_create_table:
         ensure_table(_engine_of(session))
     if record_run(session, task_id, task.name):
         return True
@@ -140,8 +136,11 @@ def claim_run(request: Request, task: Task) -> bool:
     return False
 
 
-def retention_seconds(settings: t.Mapping[str, t.Any]) -> float:
-    return number_setting(settings, RETENTION_KEY, DEFAULT_RETENTION_SECONDS, unit="seconds")
+def retention_seconds(settings: t.Mapping[str, t.Any] | TaskSettings) -> float:
+    """``websauna_tasks.idempotency_retention_seconds`` of parsed settings, or of a settings mapping."""
+    if isinstance(settings, TaskSettings):
+        return settings.idempotency_retention_seconds
+    return parse_setting(settings, RETENTION_KEY)
 
 
 def prune_done(registry: Registry, older_than_seconds: float | None = None,
@@ -157,7 +156,7 @@ def prune_done(registry: Registry, older_than_seconds: float | None = None,
     engine = engine or get_engine(registry)
     if engine is None:
         raise ConfigurationError("prune_done() needs sqlalchemy.url in the settings, or engine=")
-    seconds = retention_seconds(registry.settings or {}) if older_than_seconds is None else older_than_seconds
+    seconds = retention_seconds(get_task_settings(registry)) if older_than_seconds is None else older_than_seconds
     cutoff = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(seconds=float(seconds))
     if not sa.inspect(engine).has_table(DONE_TABLE_NAME):
         return 0
@@ -168,15 +167,16 @@ def prune_done(registry: Registry, older_than_seconds: float | None = None,
 # -- pruning in the worker ------------------------------------------------------------------------
 
 def configure_idempotency(registry: Registry, app: Celery) -> None:
-    """Check the settings at start, and let workers prune the done-rows (called by includeme)."""
-    settings = registry.settings or {}
-    retention_seconds(settings)
-    if prune_interval_seconds(settings) > 0:
+    """Let workers prune the done-rows unless the interval is 0 (called by includeme)."""
+    if get_task_settings(registry).idempotency_prune_interval_seconds > 0:
         app.steps["worker"].add(DonePruneStep)
 
 
-def prune_interval_seconds(settings: t.Mapping[str, t.Any]) -> float:
-    return number_setting(settings, PRUNE_INTERVAL_KEY, DEFAULT_PRUNE_INTERVAL_SECONDS, unit="seconds")
+def prune_interval_seconds(settings: t.Mapping[str, t.Any] | TaskSettings) -> float:
+    """``websauna_tasks.idempotency_prune_interval_seconds`` of parsed settings, or of a settings mapping."""
+    if isinstance(settings, TaskSettings):
+        return settings.idempotency_prune_interval_seconds
+    return parse_setting(settings, PRUNE_INTERVAL_KEY)
 
 
 class DonePruner(BackgroundLoop):
@@ -228,4 +228,4 @@ class DonePruneStep(bootsteps.StartStopStep):
 
     def create(self, parent: t.Any) -> DonePruner:
         registry = parent.app.pyramid_registry
-        return DonePruner(registry, prune_interval_seconds(registry.settings or {}))
+        return DonePruner(registry, get_task_settings(registry).idempotency_prune_interval_seconds)

@@ -49,7 +49,6 @@ from pyramid.request import Request
 from pyramid.threadlocal import get_current_registry
 from transaction.interfaces import NoTransaction
 
-from .config import number_setting
 from .db import get_engine
 from .defer import (
     DeferNotAllowed,
@@ -63,21 +62,23 @@ from .defer import (
 )
 from .registry import ICeleryApp
 from .request import get_current_request
+from .settings import DEFAULT_ITERATION_BATCH_SIZE as DEFAULT_BATCH_SIZE  # noqa: F401
+from .settings import DEFAULT_ITERATION_MAX_FAILURES as DEFAULT_MAX_FAILURES  # noqa: F401
+from .settings import DEFAULT_ITERATION_TIME_BUDGET as DEFAULT_TIME_BUDGET  # noqa: F401
+from .settings import ITERATION_BATCH_SIZE_KEY as BATCH_SIZE_KEY  # noqa: F401
+from .settings import ITERATION_MAX_FAILURES_KEY as MAX_FAILURES_KEY  # noqa: F401
+from .settings import ITERATION_TIME_BUDGET_KEY as TIME_BUDGET_KEY  # noqa: F401
+from .settings import get_task_settings
 from .tasks import WebsaunaTask, is_transient, task
 
 logger = logging.getLogger(__name__)
 
 #: The Celery task that runs one shard.
 SHARD_TASK_NAME = "websauna_tasks.iteration_shard"
-#: Setting: seconds a shard run may work before it re-defers itself (default 570, djangae's 9.5 minutes).
-TIME_BUDGET_KEY = "websauna_tasks.iteration_time_budget_seconds"
-DEFAULT_TIME_BUDGET = 570.0
-#: Setting: rows per batch (one transaction each) when ``_batch_size`` is not given (default 100).
-BATCH_SIZE_KEY = "websauna_tasks.iteration_batch_size"
-DEFAULT_BATCH_SIZE = 100
-#: Setting: consecutive failures without progress after which a shard is marked failed (default 10).
-MAX_FAILURES_KEY = "websauna_tasks.iteration_max_failures"
-DEFAULT_MAX_FAILURES = 10
+# Settings (declared and parsed in settings.py, imported above under their old names): TIME_BUDGET_KEY,
+# seconds a shard run may work before it re-defers itself (570, djangae's 9.5 minutes); BATCH_SIZE_KEY,
+# rows per batch, one transaction each, when _batch_size is not given (100); MAX_FAILURES_KEY, failures
+# in a row without progress after which a shard is marked failed (10).
 #: Longest back-off (seconds) of the Celery retry after a failure without progress.
 MAX_RETRY_COUNTDOWN = 60.0
 # Serialization failures / deadlocks retried inside one run before they count as a failure.
@@ -175,20 +176,16 @@ def _tables_ready(registry: Registry, engine: sa.Engine) -> None:
 
 # -- settings ----------------------------------------------------------------------------------
 
-def _number(registry: Registry, key: str, default: float, minimum: float) -> float:
-    return number_setting(registry.settings or {}, key, default, minimum)
-
-
 def time_budget(registry: Registry) -> float:
-    return _number(registry, TIME_BUDGET_KEY, DEFAULT_TIME_BUDGET, 0.0)
+    return get_task_settings(registry).iteration_time_budget_seconds
 
 
 def max_failures(registry: Registry) -> int:
-    return int(_number(registry, MAX_FAILURES_KEY, DEFAULT_MAX_FAILURES, 1))
+    return get_task_settings(registry).iteration_max_failures
 
 
 def default_batch_size(registry: Registry) -> int:
-    return int(_number(registry, BATCH_SIZE_KEY, DEFAULT_BATCH_SIZE, 1))
+    return get_task_settings(registry).iteration_batch_size
 
 
 # -- the query as JSON -------------------------------------------------------------------------

@@ -24,19 +24,20 @@ import sqlalchemy as sa
 from pyramid.exceptions import ConfigurationError
 from pyramid.registry import Registry
 
-from .config import number_setting
 from .db import get_engine
+from .settings import DEFAULT_NAME_PENDING_SECONDS as DEFAULT_PENDING_SECONDS  # noqa: F401
+from .settings import NAME_PENDING_KEY as PENDING_KEY  # noqa: F401
+from .settings import NAME_RETENTION_KEY as RETENTION_KEY  # noqa: F401
+from .settings import NAME_STORE_KEY as NAME_STORE_KEY
+from .settings import get_task_settings
 
 if t.TYPE_CHECKING:
     from celery import Celery
 
-#: Setting: where claims live: ``redis://...``, ``sql`` (the ``sqlalchemy.url`` database) or ``memory``.
-NAME_STORE_KEY = "websauna_tasks.name_store"
-#: Setting: seconds a name stays taken after its task has run (default 0).
-RETENTION_KEY = "websauna_tasks.name_retention_seconds"
-#: Setting: seconds a claim of a task that never runs is kept (default one day), plus any countdown.
-PENDING_KEY = "websauna_tasks.name_pending_seconds"
-DEFAULT_PENDING_SECONDS = 24 * 3600
+# Settings (declared and parsed in settings.py, imported above under their old names): NAME_STORE_KEY,
+# where claims live: redis://..., sql (the sqlalchemy.url database) or memory; RETENTION_KEY, seconds a
+# name stays taken after its task has run (0); PENDING_KEY, seconds a claim of a task that never runs
+# is kept (one day), plus any countdown.
 
 #: Message header carrying the claimed name to the worker.
 NAME_HEADER = "websauna_tasks_name"
@@ -221,8 +222,7 @@ def get_name_store(registry: Registry, app: Celery) -> NameStore:
 
 
 def _make_store(registry: Registry, app: Celery) -> NameStore:
-    settings = registry.settings or {}
-    choice = (settings.get(NAME_STORE_KEY) or "").strip()
+    choice = get_task_settings(registry).name_store
     prefix = f"websauna_tasks:name:{app.main}:"
     broker = str(app.conf.broker_url or "")
     if not choice:
@@ -250,11 +250,11 @@ def _make_store(registry: Registry, app: Celery) -> NameStore:
 
 
 def retention_seconds(registry: Registry) -> float:
-    return number_setting(registry.settings or {}, RETENTION_KEY, 0.0, unit="seconds")
+    return get_task_settings(registry).name_retention_seconds
 
 
 def pending_seconds(registry: Registry) -> float:
-    return number_setting(registry.settings or {}, PENDING_KEY, DEFAULT_PENDING_SECONDS, unit="seconds")
+    return get_task_settings(registry).name_pending_seconds
 
 
 def claim_name(app: Celery, name: t.Any, task_id: str, delay_seconds: float = 0.0,

@@ -23,23 +23,23 @@ import random
 import typing as t
 
 import sqlalchemy as sa
-from pyramid.exceptions import ConfigurationError
 
-from .config import number_setting
 from .queues import retry_with_limit
 from .reliability import visibility_timeout
+from .settings import DB_OUTAGE_BACKOFF_MAX_KEY as BACKOFF_MAX_KEY  # noqa: F401
+from .settings import DB_OUTAGE_RETRIES_KEY as RETRIES_KEY  # noqa: F401
+from .settings import DEFAULT_DB_OUTAGE_BACKOFF_MAX_SECONDS as DEFAULT_BACKOFF_MAX_SECONDS  # noqa: F401
+from .settings import DEFAULT_DB_OUTAGE_RETRIES as DEFAULT_RETRIES  # noqa: F401
+from .settings import TaskSettings, parse_settings
 
 if t.TYPE_CHECKING:
     from celery import Celery, Task
 
 logger = logging.getLogger(__name__)
 
-#: Setting: times a run is sent again after a database outage (default 10; 0 turns it off).
-RETRIES_KEY = "websauna_tasks.db_outage_retries"
-#: Setting: longest countdown between two of those runs, in seconds (default 60).
-BACKOFF_MAX_KEY = "websauna_tasks.db_outage_backoff_max_seconds"
-DEFAULT_RETRIES = 10
-DEFAULT_BACKOFF_MAX_SECONDS = 60.0
+# Settings (declared and parsed in settings.py, imported above under their old names): RETRIES_KEY,
+# times a run is sent again after a database outage (10; 0 turns it off); BACKOFF_MAX_KEY, longest
+# countdown between two of those runs, in seconds (60).
 BACKOFF_BASE_SECONDS = 1.0
 APP_ATTRIBUTE = "websauna_tasks_outage_policy"
 
@@ -61,12 +61,11 @@ class OutagePolicy(t.NamedTuple):
         return random.uniform(ceiling / 2, ceiling)
 
 
-def configure_outages(settings: t.Mapping[str, t.Any], app: Celery) -> OutagePolicy:
-    retries = number_setting(settings, RETRIES_KEY, DEFAULT_RETRIES, unit="retries")
-    if retries != int(retries):
-        raise ConfigurationError(f"{RETRIES_KEY}: expected a whole number of retries, got {settings[RETRIES_KEY]!r}")
-    policy = OutagePolicy(int(retries), number_setting(settings, BACKOFF_MAX_KEY, DEFAULT_BACKOFF_MAX_SECONDS,
-                                                        minimum=0.01, unit="seconds"))
+def configure_outages(settings: TaskSettings | t.Mapping[str, t.Any], app: Celery) -> OutagePolicy:
+    """Keep the outage policy on ``app`` (called by includeme with the parsed settings; a mapping is parsed)."""
+    if not isinstance(settings, TaskSettings):
+        settings = parse_settings(settings)
+    policy = OutagePolicy(settings.db_outage_retries, settings.db_outage_backoff_max_seconds)
     setattr(app, APP_ATTRIBUTE, policy)
     return policy
 

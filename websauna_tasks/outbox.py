@@ -44,13 +44,22 @@ import transaction
 import zope.sqlalchemy
 from celery import bootsteps
 from pyramid.exceptions import ConfigurationError
-from pyramid.settings import asbool
 
 from .db import get_engine
 from .dispatch import OUTBOX_ATTRIBUTE, PendingMessage, _batch, _PlainSender
 from .fast_path import FastPath
 from .redelivery import Redeliverer
 from .request import get_current_request
+from .settings import DEFAULT_OUTBOX_BATCH_SIZE as DEFAULT_BATCH_SIZE  # noqa: F401
+from .settings import DEFAULT_OUTBOX_POLL_SECONDS as DEFAULT_POLL_SECONDS  # noqa: F401
+from .settings import DEFAULT_OUTBOX_RETENTION_SECONDS as DEFAULT_RETENTION_SECONDS  # noqa: F401
+from .settings import OUTBOX_BATCH_KEY as BATCH_KEY  # noqa: F401
+from .settings import OUTBOX_IN_WORKER_KEY as IN_WORKER_KEY  # noqa: F401
+from .settings import OUTBOX_KEY as OUTBOX_KEY
+from .settings import OUTBOX_ON_COMMIT_KEY as ON_COMMIT_KEY  # noqa: F401
+from .settings import OUTBOX_POLL_KEY as POLL_KEY  # noqa: F401
+from .settings import OUTBOX_RETENTION_KEY as RETENTION_KEY  # noqa: F401
+from .settings import TaskSettings, get_task_settings, parse_setting
 from .threads import BackgroundLoop
 
 if t.TYPE_CHECKING:
@@ -60,22 +69,13 @@ if t.TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-#: Setting: write on-commit messages to the outbox table (default false).
-OUTBOX_KEY = "websauna_tasks.outbox"
-#: Setting: seconds a sent row is kept before the relay deletes it (default one day).
-RETENTION_KEY = "websauna_tasks.outbox_retention_seconds"
-#: Setting: seconds between two looks at the table when nothing wakes the relay (default 5).
-POLL_KEY = "websauna_tasks.outbox_poll_seconds"
-#: Setting: rows claimed and published per relay transaction (default 500).
-BATCH_KEY = "websauna_tasks.outbox_batch_size"
-#: Setting: run a relay thread in each ``ws-celery ... worker`` main process (default true).
-IN_WORKER_KEY = "websauna_tasks.outbox_relay_in_worker"
-#: Setting: publish a transaction's rows right after its commit (default true).
-ON_COMMIT_KEY = "websauna_tasks.outbox_publish_on_commit"
+# Settings (declared and parsed in settings.py, imported above under their old names): OUTBOX_KEY,
+# write on-commit messages to the outbox table (false); RETENTION_KEY, seconds a sent row is kept before
+# the relay deletes it (one day); POLL_KEY, seconds between two looks at the table when nothing wakes
+# the relay (5); BATCH_KEY, rows claimed and published per relay transaction (500); IN_WORKER_KEY, run a
+# relay thread in each ``ws-celery ... worker`` main process (true); ON_COMMIT_KEY, publish a
+# transaction's rows right after its commit (true).
 
-DEFAULT_RETENTION_SECONDS = 24 * 3600.0
-DEFAULT_POLL_SECONDS = 5.0
-DEFAULT_BATCH_SIZE = 500
 #: Back-off after a failed relay round: base * 2**(failures - 1), capped.
 BACKOFF_BASE_SECONDS = 0.5
 BACKOFF_MAX_SECONDS = 30.0
@@ -127,27 +127,16 @@ class OutboxError(Exception):
 
 # -- settings -----------------------------------------------------------------------------------
 
-def _number(settings: t.Mapping[str, t.Any], key: str, default: float, minimum: float = 0.0) -> float:
-    raw = settings.get(key)
-    if raw in (None, ""):
-        return default
-    try:
-        value = float(raw)
-    except (TypeError, ValueError):
-        raise ConfigurationError(f"{key}: expected a number, got {raw!r}") from None
-    if value < minimum:
-        raise ConfigurationError(f"{key}: must be at least {minimum}, got {raw!r}")
-    return value
-
-
-def outbox_enabled(settings: t.Mapping[str, t.Any]) -> bool:
-    return asbool(settings.get(OUTBOX_KEY, False))
+def outbox_enabled(settings: t.Mapping[str, t.Any] | TaskSettings) -> bool:
+    """``websauna_tasks.outbox`` of parsed settings, or of a settings mapping."""
+    if isinstance(settings, TaskSettings):
+        return settings.outbox
+    return parse_setting(settings, OUTBOX_KEY)
 
 
 def configure_outbox(registry: Registry, app: Celery) -> Outbox | None:
     """Turn the outbox on for ``app`` when the settings ask for it (called by includeme)."""
-    settings = registry.settings or {}
-    if not outbox_enabled(settings):
+    if not get_task_settings(registry).outbox:
         return None
     outbox = Outbox(app, registry)
     setattr(app, OUTBOX_ATTRIBUTE, outbox)
@@ -266,14 +255,14 @@ class Outbox:
     """Writes an app's on-commit messages as rows and publishes unsent rows."""
 
     def __init__(self, app: Celery, registry: Registry):
-        settings = registry.settings or {}
+        settings = get_task_settings(registry)
         self.app = app
         self.registry = registry
-        self.retention_seconds = _number(settings, RETENTION_KEY, DEFAULT_RETENTION_SECONDS)
-        self.poll_seconds = _number(settings, POLL_KEY, DEFAULT_POLL_SECONDS, minimum=0.01)
-        self.batch_size = int(_number(settings, BATCH_KEY, DEFAULT_BATCH_SIZE, minimum=1))
-        self.relay_in_worker = asbool(settings.get(IN_WORKER_KEY, True))
-        self.publish_on_commit = asbool(settings.get(ON_COMMIT_KEY, True))
+        self.retention_seconds = settings.outbox_retention_seconds
+        self.poll_seconds = settings.outbox_poll_seconds
+        self.batch_size = settings.outbox_batch_size
+        self.relay_in_worker = settings.outbox_relay_in_worker
+        self.publish_on_commit = settings.outbox_publish_on_commit
         self._relay_engine: sa.Engine | None = None
         #: Sends again the rows of idempotent tasks that never finished (redelivery.py).
         self.redeliverer = Redeliverer(self, settings)

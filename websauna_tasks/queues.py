@@ -37,22 +37,24 @@ from celery.exceptions import Ignore, Reject, Retry
 from pyramid.exceptions import ConfigurationError
 from pyramid.registry import Registry
 
-from .config import number_setting, parse_literal
+from .config import parse_literal
+from .settings import ALLOW_UNDECLARED_KEY as ALLOW_UNDECLARED_KEY
+from .settings import DEFAULT_QUEUE_WAIT_SECONDS as DEFAULT_WAIT_SECONDS  # noqa: F401
+from .settings import LIMITS_REDIS_URL_KEY as LIMITS_REDIS_URL_KEY
+from .settings import QUEUE_WAIT_SECONDS_KEY as WAIT_SECONDS_KEY  # noqa: F401
+from .settings import QUEUES_KEY as QUEUES_KEY
+from .settings import get_task_settings
 
 if t.TYPE_CHECKING:
     from celery import Celery, Task
 
 logger = logging.getLogger(__name__)
 
-#: Setting: the declared queues, a Python-literal list of dicts.
-QUEUES_KEY = "websauna_tasks.queues"
-#: Setting: when true, queues that are not declared may be used too.
-ALLOW_UNDECLARED_KEY = "websauna_tasks.allow_undeclared_queues"
-#: Setting: Redis holding the rate and concurrency state (default: the broker, when it is Redis).
-LIMITS_REDIS_URL_KEY = "websauna_tasks.limits_redis_url"
-#: Setting: seconds a worker process waits for a slot before it re-queues the task (default 1).
-WAIT_SECONDS_KEY = "websauna_tasks.queue_wait_seconds"
-DEFAULT_WAIT_SECONDS = 1.0
+# Settings (declared and parsed in settings.py, imported above under their old names): QUEUES_KEY, the
+# declared queues, a Python-literal list of dicts; ALLOW_UNDECLARED_KEY, when true, queues that are not
+# declared may be used too; LIMITS_REDIS_URL_KEY, Redis holding the rate and concurrency state (the
+# broker, when it is Redis); WAIT_SECONDS_KEY, seconds a worker process waits for a slot before it
+# re-queues the task (1).
 
 #: Message header with the time (epoch seconds) the first attempt started.
 FIRST_RUN_HEADER = "websauna_tasks_first_run"
@@ -261,30 +263,13 @@ def parse_queues(raw: t.Any) -> tuple[QueueConfig, ...]:
     return queues
 
 
-_TRUE = ("true", "yes", "on", "1")
-_FALSE = ("false", "no", "off", "0", "")
-
-
-def _flag(settings: t.Mapping[str, t.Any], key: str) -> bool:
-    raw = settings.get(key, False)
-    if isinstance(raw, bool):
-        return raw
-    text = str(raw).strip().lower()
-    if text in _TRUE or text in _FALSE:
-        return text in _TRUE
-    raise ConfigurationError(f"{key}: expected true or false, got {raw!r}")
-
-
 # -- wiring into the Celery app --------------------------------------------------------------
 
 _REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 
 
-def _limits_url(settings: t.Mapping[str, t.Any], app: Celery, limited: list[str]) -> str:
-    url = str(settings.get(LIMITS_REDIS_URL_KEY) or "").strip()
-    if url:
-        if not url.startswith(_REDIS_SCHEMES):
-            raise ConfigurationError(f"{LIMITS_REDIS_URL_KEY}: expected a redis:// URL, got {url!r}")
+def _limits_url(url: str, app: Celery, limited: list[str]) -> str:
+    if url:  # checked to be a Redis URL by the settings layer
         return url
     broker = str(app.conf.broker_url or "")
     if broker.startswith(_REDIS_SCHEMES):
@@ -334,19 +319,18 @@ def _celery_queues(app: Celery, declared: tuple[QueueConfig, ...]) -> dict[str, 
 
 
 def configure_queues(registry: Registry, app: Celery) -> QueuesConfig:
-    """Parse the queue settings once and hand them to the Celery app (called by ``includeme``)."""
-    settings = registry.settings or {}
-    raw = settings.get(QUEUES_KEY)
-    enforced = raw is not None and not (isinstance(raw, str) and not raw.strip())
-    declared = parse_queues(raw) if enforced else ()
+    """Hand the parsed queue settings (settings.py) to the Celery app (called by ``includeme``)."""
+    settings = get_task_settings(registry)
+    enforced = settings.queues is not None
+    declared = settings.queues or ()
     _check_visibility_timeout(app, declared)
-    allow_undeclared = _flag(settings, ALLOW_UNDECLARED_KEY)
-    wait_seconds = number_setting(settings, WAIT_SECONDS_KEY, DEFAULT_WAIT_SECONDS, unit="seconds")
+    allow_undeclared = settings.allow_undeclared_queues
+    wait_seconds = settings.queue_wait_seconds
     limited = [queue.name for queue in declared if queue.has_limits]
     limits = None
     # Eager mode runs tasks in the calling process, with no worker to limit.
     if limited and not app.conf.task_always_eager:
-        limits = RedisLimits(_limits_url(settings, app, limited), f"websauna_tasks:queue:{app.main}:")
+        limits = RedisLimits(_limits_url(settings.limits_redis_url, app, limited), f"websauna_tasks:queue:{app.main}:")
     allowed: frozenset[str] = frozenset()
     if enforced:
         celery_queues = _celery_queues(app, declared)

@@ -32,35 +32,34 @@ import typing as t
 
 import sqlalchemy as sa
 
-from .config import number_setting
 from .idempotency import done_table
 from .idempotency import ensure_table as ensure_done_table
-from .idempotency import retention_seconds as done_retention_seconds
+from .settings import DEFAULT_REDELIVER_AFTER_SECONDS as DEFAULT_AFTER_SECONDS  # noqa: F401
+from .settings import DEFAULT_REDELIVER_MAX as DEFAULT_MAX  # noqa: F401
+from .settings import REDELIVER_AFTER_KEY as AFTER_KEY  # noqa: F401
+from .settings import REDELIVER_MAX_KEY as MAX_KEY  # noqa: F401
 
 if t.TYPE_CHECKING:
     from celery import Task
 
     from .outbox import Outbox
+    from .settings import TaskSettings
 
 logger = logging.getLogger(__name__)
 
-#: Setting: seconds after its publication a row of an idempotent task with no done-row is sent again (default 300;
-#: 0 turns it off).
-AFTER_KEY = "websauna_tasks.outbox_redeliver_after_seconds"
-#: Setting: times one row may be sent again (default 3).
-MAX_KEY = "websauna_tasks.outbox_redeliver_max"
-DEFAULT_AFTER_SECONDS = 300.0
-DEFAULT_MAX = 3
+# Settings (declared and parsed in settings.py, imported above under their old names): AFTER_KEY,
+# seconds after its publication a row of an idempotent task with no done-row is sent again (300; 0 turns
+# it off); MAX_KEY, times one row may be sent again (3).
 
 
 class Redeliverer:
     """Finds and re-sends an app's unfinished rows; one call of :meth:`run` is one round."""
 
-    def __init__(self, outbox: Outbox, settings: t.Mapping[str, t.Any]):
+    def __init__(self, outbox: Outbox, settings: TaskSettings):
         self.outbox = outbox
-        self.after_seconds = number_setting(settings, AFTER_KEY, DEFAULT_AFTER_SECONDS, unit="seconds")
-        self.max_redeliveries = int(number_setting(settings, MAX_KEY, DEFAULT_MAX))
-        self.done_retention = done_retention_seconds(settings)
+        self.after_seconds = settings.outbox_redeliver_after_seconds
+        self.max_redeliveries = settings.outbox_redeliver_max
+        self.done_retention = settings.idempotency_retention_seconds
         #: Rows sent again so far by this process.
         self.redelivered = 0
 

@@ -27,8 +27,9 @@ from pyramid.threadlocal import manager as threadlocal_manager
 from pyramid.traversal import DefaultRootFactory
 from webob.request import BaseRequest
 
-#: Setting: base URL for ``request.route_url()`` inside tasks.
-SITE_URL_KEY = "websauna.site_url"
+#: Setting: base URL for ``request.route_url()`` inside tasks (settings.py).
+from .settings import SITE_URL_KEY as SITE_URL_KEY
+from .settings import current_site_url
 
 _TEMPLATE_KEY = "websauna_tasks.request_template"
 _MISSING: t.Any = object()
@@ -107,7 +108,7 @@ def _template_for(registry: Registry) -> _RequestTemplate:
         extensions,
         len(extensions.methods) if extensions is not None else 0,
         len(extensions.descriptors) if extensions is not None else 0,
-        registry.settings.get(SITE_URL_KEY) or "http://localhost",
+        current_site_url(registry.settings),
         registry.queryUtility(IRootFactory, default=DefaultRootFactory),
     )
     template = registry.get(_TEMPLATE_KEY)

@@ -5,10 +5,17 @@ number of seconds, a ``crontab(...)``/``schedule(...)`` object or a
 five-field cron string. Celery only understands the objects, so strings are
 turned into ``crontab`` here, and malformed entries are refused before beat
 starts rather than when the first tick fires.
+
+An interval (a number of seconds, a ``timedelta``, ``schedule(run_every=...)``)
+must be a finite number of seconds from :data:`MIN_INTERVAL_SECONDS` to
+:data:`MAX_INTERVAL_SECONDS`: below the floor beat sends the task in a busy
+loop (``0.0000001`` rounds to no interval at all), and above the ceiling
+beat's date arithmetic overflows.
 """
 from __future__ import annotations
 
 import copy
+import math
 import typing as t
 from datetime import timedelta
 
@@ -16,6 +23,11 @@ from celery.schedules import crontab, schedule
 from pyramid.exceptions import ConfigurationError
 
 _CRON_FIELDS = ("minute", "hour", "day_of_month", "month_of_year", "day_of_week")
+
+#: Shortest interval between two runs of a periodic task, in seconds.
+MIN_INTERVAL_SECONDS = 1.0
+#: Longest interval, in seconds (100 years): beat adds it to the last run's datetime.
+MAX_INTERVAL_SECONDS = 100 * 365 * 24 * 3600.0
 
 
 def parse_cron(expression: str, where: str = "schedule") -> crontab:
@@ -38,22 +50,45 @@ def normalize_schedule(value: t.Any, where: str = "schedule") -> timedelta | cro
     if isinstance(value, bool):
         raise ConfigurationError(f"{where}: expected a timedelta, seconds, crontab() or cron string, got {value!r}")
     if isinstance(value, (int, float)):
-        if value <= 0:
-            raise ConfigurationError(f"{where}: an interval must be positive, got {value!r}")
+        _check_interval(value, value, where)
         return timedelta(seconds=value)
     if isinstance(value, timedelta):
-        if value.total_seconds() <= 0:
-            raise ConfigurationError(f"{where}: an interval must be positive, got {value!r}")
+        _check_interval(value.total_seconds(), value, where)
         return value
     if isinstance(value, crontab):
         return value
     if isinstance(value, schedule):
-        # schedule(0) would make beat send the task in a busy loop.
         run_every = getattr(value, "run_every", None)
-        if not isinstance(run_every, timedelta) or run_every.total_seconds() <= 0:
-            raise ConfigurationError(f"{where}: an interval must be positive, got {value!r}")
+        if not isinstance(run_every, timedelta):
+            raise ConfigurationError(f"{where}: an interval must be positive, got {_shown(value)}")
+        _check_interval(run_every.total_seconds(), value, where)
         return value
     raise ConfigurationError(f"{where}: expected a timedelta, seconds, crontab() or cron string, got {value!r}")
+
+
+def _check_interval(seconds: int | float, value: t.Any, where: str) -> None:
+    # Compared before any timedelta is built: timedelta(seconds=nan) is a ValueError and
+    # timedelta(seconds=10**37) an OverflowError, neither of which names the entry.
+    if isinstance(seconds, float) and not math.isfinite(seconds):
+        raise ConfigurationError(f"{where}: an interval must be a finite number of seconds, got {_shown(value)}")
+    if seconds <= 0:
+        raise ConfigurationError(f"{where}: an interval must be positive, got {_shown(value)}")
+    if seconds < MIN_INTERVAL_SECONDS:
+        raise ConfigurationError(f"{where}: an interval must be at least {MIN_INTERVAL_SECONDS:g} second "
+                                 f"(beat would send the task in a busy loop), got {_shown(value)}")
+    if seconds > MAX_INTERVAL_SECONDS:
+        raise ConfigurationError(f"{where}: an interval must be at most {MAX_INTERVAL_SECONDS:.0f} seconds "
+                                 f"(100 years), got {_shown(value)}")
+
+
+def _shown(value: t.Any) -> str:
+    if isinstance(value, schedule):  # its own repr, "<freq: now>", hides the interval
+        return f"schedule(run_every={getattr(value, 'run_every', None)!r})"
+    try:
+        text = repr(value)
+    except ValueError:  # an int past Python's int-to-text digit limit
+        return f"an integer of {value.bit_length()} bits"
+    return text if len(text) <= 200 else text[:200] + "..."
 
 
 def normalize_beat_schedule(beat_schedule: t.Any) -> dict[str, dict[str, t.Any]]:

@@ -36,12 +36,14 @@ from .registry import ICeleryApp, get_celery
 from .reliability import check_delay
 from .request import current_task_request, task_request
 from .schedule import periodic_entry
+from .settings import DEFAULT_RETRY_ATTEMPTS as DEFAULT_RETRY_ATTEMPTS
+from .settings import RETRY_ATTEMPTS_KEY as RETRY_ATTEMPTS_KEY
+from .settings import get_task_settings
 
 logger = logging.getLogger(__name__)
 
-#: Setting: default number of attempts for :class:`RetryableTransactionTask`.
-RETRY_ATTEMPTS_KEY = "websauna_tasks.retry_attempts"
-DEFAULT_RETRY_ATTEMPTS = 3
+# RETRY_ATTEMPTS_KEY (imported above from settings.py): default number of attempts for
+# RetryableTransactionTask (DEFAULT_RETRY_ATTEMPTS).
 
 _MISSING: t.Any = object()
 
@@ -410,7 +412,7 @@ class RetryableTransactionTask(TransactionalTask):
     def get_retry_attempts(self, request: Request) -> int:
         if self.retry_attempts is not None:
             return int(self.retry_attempts)
-        return int(request.registry.settings.get(RETRY_ATTEMPTS_KEY, DEFAULT_RETRY_ATTEMPTS))
+        return get_task_settings(request.registry).retry_attempts
 
     def run_in_request(self, request: Request, args: tuple, kwargs: dict) -> t.Any:
         tm = request.tm

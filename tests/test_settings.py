@@ -442,6 +442,20 @@ def test_unacked_keys_renamed_by_transport_options_are_the_ones_reserved():
     assert parsed.queues[0].name == "unacked"
 
 
+def test_the_library_keeps_its_redis_keys_under_the_reserved_prefix():
+    # The prefix refused for queue names must be the one names.py and queues.py really use.
+    from websauna_tasks.names import get_name_store
+    from websauna_tasks.queues import get_queues
+    from websauna_tasks.settings import LIBRARY_KEY_PREFIX
+
+    unreachable = "redis://127.0.0.1:1/0"  # never connected to: building the stores does no I/O
+    config = include(**{"websauna_tasks.name_store": unreachable, "websauna_tasks.limits_redis_url": unreachable,
+                        QUEUES_KEY: "[{'name': 'emails', 'max_concurrent': 2}]"})
+    app = get_celery(config.registry)
+    assert get_name_store(config.registry, app).prefix.startswith(LIBRARY_KEY_PREFIX)
+    assert get_queues(config.registry).limits.key("emails", "running").startswith(LIBRARY_KEY_PREFIX)
+
+
 def test_a_colliding_queue_stops_the_application():
     with pytest.raises(ConfigurationError, match="queue 'unacked'"):
         include(**{QUEUES_KEY: "[{'name': 'unacked'}]"})

@@ -21,8 +21,7 @@ from sqlalchemy.exc import ArgumentError
 from websauna_tasks import get_celery
 from websauna_tasks.db import get_engine
 
-from .models import create_tables
-from .views import AFTER_RESPONSE_LOG, AfterResponseLog
+from .models import AFTER_RESPONSE_LOG, AfterResponseLog, create_tables
 
 
 def sqlite_file(url: str | None) -> str | None:

@@ -6,8 +6,11 @@ never add a column to an existing one (a real application would use migrations).
 """
 from __future__ import annotations
 
+import collections
 import datetime
+import threading
 
+from pyramid.registry import Registry
 from sqlalchemy import Boolean, DateTime, Integer, String
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -108,3 +111,29 @@ def create_tables(engine: Engine) -> None:
             conn.execute(CreateTable(table, if_not_exists=True))
             for index in table.indexes:
                 conn.execute(CreateIndex(index, if_not_exists=True))
+
+
+#: Registry key of the AfterResponseLog (one per application, made in main()).
+AFTER_RESPONSE_LOG = "websauna_tasks_example.after_response_log"
+
+
+class AfterResponseLog:
+    """What run_after_response callbacks did in this web process: a count and the last lines, in memory."""
+
+    def __init__(self, keep: int = 5) -> None:
+        self._lock = threading.Lock()  # callbacks run in the server's worker threads
+        self.count = 0
+        self.lines: collections.deque[str] = collections.deque(maxlen=keep)
+
+    def add(self, line: str) -> None:
+        with self._lock:
+            self.count += 1
+            self.lines.append(f"{utcnow():%H:%M:%S} UTC {line}")
+
+    def snapshot(self) -> tuple[int, list[str]]:
+        with self._lock:
+            return self.count, list(self.lines)
+
+
+def after_response_log(registry: Registry) -> AfterResponseLog:
+    return registry[AFTER_RESPONSE_LOG]

@@ -6,10 +6,7 @@ import json
 import typing as t
 from html import escape
 
-from .models import Heartbeat, Message, MessageStats, WordCount, WordCountRequest
-
-if t.TYPE_CHECKING:
-    from .views import AfterResponseLog
+from .models import AfterResponseLog, Heartbeat, Message, MessageStats, WordCount, WordCountRequest
 
 PAGE = """<!DOCTYPE html>
 <html lang="en">

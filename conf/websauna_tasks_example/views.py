@@ -4,13 +4,11 @@ from __future__ import annotations
 import collections
 import datetime
 import logging
-import threading
 
 from celery.backends.base import DisabledBackend
 from celery.result import AsyncResult
 from kombu.utils.url import maybe_sanitize_url
 from pyramid.httpexceptions import HTTPNotFound, HTTPSeeOther
-from pyramid.registry import Registry
 from pyramid.request import Request
 from pyramid.response import Response
 from pyramid.view import view_config
@@ -20,7 +18,15 @@ from websauna_tasks import AlreadyEnqueued, defer, run_after_response
 
 from . import pages
 from .deferred import count_words
-from .models import Heartbeat, Message, MessageStats, WordCount, WordCountRequest, utcnow
+from .models import (
+    Heartbeat,
+    Message,
+    MessageStats,
+    WordCount,
+    WordCountRequest,
+    after_response_log,
+    utcnow,
+)
 from .tasks import fail_on_purpose, process_message
 
 logger = logging.getLogger(__name__)
@@ -33,32 +39,6 @@ REQUEST_LIMIT = 5
 REFRESH_WINDOW = datetime.timedelta(seconds=20)
 #: defer(count_words, ..., _countdown=...): long enough to click twice while the first task waits.
 COUNT_WORDS_DELAY = 3
-
-#: Registry key of the AfterResponseLog (one per application, made in main()).
-AFTER_RESPONSE_LOG = "websauna_tasks_example.after_response_log"
-
-
-class AfterResponseLog:
-    """What run_after_response callbacks did in this web process: a count and the last lines, in memory."""
-
-    def __init__(self, keep: int = 5) -> None:
-        self._lock = threading.Lock()  # callbacks run in the server's worker threads
-        self.count = 0
-        self.lines: collections.deque[str] = collections.deque(maxlen=keep)
-
-    def add(self, line: str) -> None:
-        with self._lock:
-            self.count += 1
-            self.lines.append(f"{utcnow():%H:%M:%S} UTC {line}")
-
-    def snapshot(self) -> tuple[int, list[str]]:
-        with self._lock:
-            return self.count, list(self.lines)
-
-
-def after_response_log(registry: Registry) -> AfterResponseLog:
-    return registry[AFTER_RESPONSE_LOG]
-
 
 def backend_url(request: Request) -> str | None:
     """The result backend's URL without its password; None when Celery has none."""

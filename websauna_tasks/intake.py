@@ -43,12 +43,12 @@ import kombu.compression
 from celery import bootsteps
 from celery.backends.base import DisabledBackend
 from celery.utils.time import maybe_iso8601
-from pyramid.exceptions import ConfigurationError
 
 from .deadletter import DeadLetters, dead_letter, get_dead_letters
 from .defer import DEFERRED_TASK_NAME, DeferNotAllowed, allowed_prefixes, resolve_deferred
-from .payload import MAX_NESTING_DEPTH, nesting_exceeds, payload_limit
+from .payload import MAX_NESTING_DEPTH, nesting_exceeds
 from .redis_transport import QUARANTINE_HEADER
+from .settings import MAX_MESSAGE_KEY, get_task_settings
 
 if t.TYPE_CHECKING:
     from celery import Celery
@@ -56,10 +56,6 @@ if t.TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-#: Setting: largest task message body a worker takes in (decoded and inflated), in bytes; 0: no limit.
-MAX_MESSAGE_KEY = "websauna_tasks.max_message_bytes"
-#: The floor of the default: a chain or a group carries more than its arguments.
-MIN_DEFAULT_MESSAGE_BYTES = 4 * 1024 * 1024
 #: Deepest body accepted: the arguments' bound, plus the triple, the argument
 #: list and the signatures a chain or a group embeds around them.
 MAX_BODY_DEPTH = MAX_NESTING_DEPTH + 8
@@ -357,29 +353,11 @@ def _id_of(message: t.Any) -> t.Any:
 def configure_intake(registry: Registry, app: Celery, max_bytes: int | None = None) -> Intake:
     """Build the app's gate and add :class:`IntakeStep` to its worker's consumer.
 
-    ``max_bytes`` defaults to twice ``websauna_tasks.max_payload_bytes``, at
-    least :data:`MIN_DEFAULT_MESSAGE_BYTES`.
+    ``max_bytes`` defaults to ``websauna_tasks.max_message_bytes`` (settings.py).
     """
     if max_bytes is None:
-        max_bytes = _setting(registry, app)
+        max_bytes = get_task_settings(registry).max_message_bytes
     intake = Intake(app, registry, max_bytes)
     setattr(app, _APP_ATTRIBUTE, intake)
     app.steps["consumer"].add(IntakeStep)
     return intake
-
-
-def default_max_message_bytes(max_payload_bytes: int) -> int:
-    if not max_payload_bytes:
-        return 16 * MIN_DEFAULT_MESSAGE_BYTES
-    return max(MIN_DEFAULT_MESSAGE_BYTES, 2 * max_payload_bytes)
-
-
-
-def _setting(registry: Registry, app: Celery) -> int:
-    raw = (getattr(registry, "settings", None) or {}).get(MAX_MESSAGE_KEY)
-    if raw is None or str(raw).strip() == "":
-        return default_max_message_bytes(payload_limit(app))
-    text = str(raw).strip()
-    if not text.isdigit():
-        raise ConfigurationError(f"{MAX_MESSAGE_KEY}: expected a whole number of bytes (0: no limit), got {raw!r}")
-    return int(text)

@@ -113,9 +113,9 @@ def test_list_json_prints_whole_entries(celery, ini, run_cli, queue_name):
     assert [json.loads(line) for line in result.stdout.splitlines()] == list_dead_letters(celery)
 
 
-def test_list_of_an_empty_list_prints_nothing(celery, ini, run_cli):
+def test_list_of_an_empty_list_says_so(celery, ini, run_cli, dead_key):
     result = run_cli(ini, "dead-letters", "list")
-    assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
+    assert (result.returncode, result.stdout, result.stderr) == (0, f"no dead letters in {dead_key}\n", "")
 
 
 def test_requeue_puts_the_message_back_on_another_queue_and_removes_it(celery, ini, run_cli, queue_name,
@@ -252,11 +252,15 @@ def test_prune_keeps_entries_workers_append_meanwhile(celery, queue_name, redis_
     assert ids(celery) == pushed
 
 
-def test_an_entry_that_is_not_json_is_reported_by_list_and_skipped_by_drop_and_prune(
+def test_an_entry_that_is_not_json_is_listed_as_unreadable_and_skipped_by_drop_and_prune(
         celery, ini, run_cli, queue_name, redis_client, dead_key):
+    # More hostile entries, and every command on them: tests/test_dead_letter_entries.py.
     kept = make_dead_letter(celery, queue_name)
     redis_client.rpush(dead_key, b"not json")
-    one_line_error(run_cli(ini, "dead-letters", "list"), 1, f"the dead-letter list {dead_key} holds an entry")
+    result = run_cli(ini, "dead-letters", "list")
+    assert (result.returncode, result.stderr) == (0, "")
+    assert result.stdout.splitlines()[1].startswith("-  unreadable-")
+    assert "  unreadable entry of 8 bytes (not JSON" in result.stdout.splitlines()[1]
     assert prune_dead_letters(celery, 0) == 1
     assert drop_dead_letter(celery, kept) is False
     assert redis_client.lrange(dead_key, 0, -1) == [b"not json"]

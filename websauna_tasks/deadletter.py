@@ -23,6 +23,7 @@ only in the ERROR log line.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import logging
 import math
@@ -197,27 +198,41 @@ def dead_letter(letters: DeadLetters, message: t.Any, kind: str, exc: BaseExcept
 
 # -- for operators --------------------------------------------------------------------------------------------------
 
+#: ``kind`` of the dict that stands for a list entry that is not a dead letter as workers write them.
+UNREADABLE_ENTRY = "unreadable_entry"
+_RAW_PREVIEW_CHARS = 200
+
+
 def list_dead_letters(registry_or_app: t.Any, start: int = 0, stop: int = -1) -> list[dict[str, t.Any]]:
-    """Dead letters, oldest first (``start``/``stop`` as in Redis LRANGE); [] when there is no Redis."""
+    """Dead letters, oldest first (``start``/``stop`` as in Redis LRANGE); [] when there is no Redis.
+
+    An entry that cannot be read (not JSON, not an object, a field of the wrong
+    type) is listed as ``{"kind": "unreadable_entry", "id": "unreadable-<16 hex>",
+    "reason": ..., "raw": <its first 200 characters>, "size": <its bytes>}``
+    with the other keys of a dead letter null (docs/bad_input.md); that id, a
+    hash of the entry, works with :func:`drop_dead_letter`.
+    """
     letters = get_dead_letters(_app_of(registry_or_app))
     client = letters.client
     if client is None:
         return []
-    return [json.loads(raw) for raw in client.lrange(letters.key, start, stop)]
+    return [_read_entry(raw) for raw in client.lrange(letters.key, start, stop)]
 
 
 def requeue_dead_letter(registry_or_app: t.Any, task_id: str, queue: str | None = None) -> bool:
     """Put the dead letter of ``task_id`` back on its queue (or ``queue``) and remove it; False if not found.
 
-    Only for the Redis transport, whose queues are lists of the envelopes kept here.
+    Only for the Redis transport, whose queues are lists of the envelopes kept
+    here. Unreadable entries, and letters that keep no whole message, are never
+    requeued.
     """
     letters = get_dead_letters(_app_of(registry_or_app))
     client = letters.client
     if client is None:
         return False
-    for raw in client.lrange(letters.key, 0, -1):
-        entry = json.loads(raw)
-        if entry.get("id") != task_id or not isinstance(entry.get("message"), dict):
+    for raw, entry in _entries(client, letters.key):
+        if (entry["kind"] == UNREADABLE_ENTRY or entry.get("id") != task_id
+                or not isinstance(entry.get("message"), dict)):
             continue
         target = queue or entry.get("queue")
         if not target:
@@ -247,18 +262,105 @@ return 0
 
 def _entries(client: t.Any, key: str) -> t.Iterator[tuple[bytes, dict[str, t.Any]]]:
     # Something other than a worker may have written to the list: such an
-    # entry is left alone rather than stopping the walk.
+    # entry comes as its unreadable-entry dict rather than stopping the walk.
     for raw in client.lrange(key, 0, -1):
-        try:
-            entry = json.loads(raw)
-        except ValueError:
+        yield raw, _read_entry(raw)
+
+
+_NULL = type(None)
+#: The fields the operator functions rely on: their JSON types, and whether they must be there. The
+#: others (task, time, timestamp...) are only shown, or read with a fallback, whatever they hold.
+_ENTRY_FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {
+    "kind": ((str,), True), "reason": ((str,), True), "id": ((str, _NULL), False), "queue": ((str, _NULL), False),
+    "message": ((dict, _NULL), False),
+}
+_JSON_TYPES = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "a number",
+               float: "a number", _NULL: "null"}
+
+
+def _json_type(value: t.Any) -> str:
+    return _JSON_TYPES.get(type(value), type(value).__name__)
+
+
+#: Deeper than any entry a worker writes, far enough below the recursion limit to print what is read.
+_MAX_DEPTH = 200
+
+
+def _deeper_than(value: t.Any, limit: int) -> bool:
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth > limit:
+                return True
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return False
+
+
+def _entry_problem(entry: t.Any) -> str | None:
+    """Why ``entry`` (parsed JSON) is not a dead letter the operator functions can use; None if it is."""
+    if _deeper_than(entry, _MAX_DEPTH):
+        # json.loads() takes a few hundred levels more than str() or json.dumps() can then print.
+        return f"JSON nested more than {_MAX_DEPTH} levels deep"
+    if not isinstance(entry, dict):
+        return f"{_json_type(entry)}, not an object"
+    for field, (types, required) in _ENTRY_FIELDS.items():
+        if field not in entry:
+            if required:
+                return f"no {field!r} field"
             continue
-        if isinstance(entry, dict):
-            yield raw, entry
+        value = entry[field]
+        # bool is an int to Python, not a number to JSON.
+        if isinstance(value, bool) or not isinstance(value, types):
+            wanted = " or ".join(dict.fromkeys(_JSON_TYPES[kind] for kind in types))
+            return f"{field!r} is {_json_type(value)}, not {wanted}"
+    message = entry.get("message")
+    if message is not None:
+        # What requeue_dead_letter() builds the new envelope from.
+        properties = message.get("properties")
+        if properties is not None and not isinstance(properties, dict):
+            return f"'message.properties' is {_json_type(properties)}, not an object"
+        info = (properties or {}).get("delivery_info")
+        if info is not None and not isinstance(info, dict):
+            return f"'message.properties.delivery_info' is {_json_type(info)}, not an object"
+    stamp = entry.get("timestamp")
+    if isinstance(stamp, int) and not isinstance(stamp, bool) and abs(stamp) > 1e300:
+        # prune_dead_letters() compares it as a float: a bigger int has none.
+        return "'timestamp' is a number too large to be a time"
+    if entry["kind"] == UNREADABLE_ENTRY:
+        # The kind marks what list_dead_letters() could not read: a stored entry may not claim it.
+        return f"its kind is {UNREADABLE_ENTRY!r}, which marks entries that cannot be read"
+    return None
+
+
+def _read_entry(raw: bytes) -> dict[str, t.Any]:
+    """The dead letter stored as ``raw``, or the unreadable-entry dict that stands for it; never raises."""
+    try:
+        entry = json.loads(raw)
+    except RecursionError:
+        problem = "JSON nested too deeply to read"
+    except ValueError as exc:  # UnicodeDecodeError and json's own errors
+        problem = f"not JSON ({exc})"
+    else:
+        problem = _entry_problem(entry)
+        if problem is None:
+            return entry
+    # Bytes enough for the preview only: an entry may be megabytes long.
+    head = raw[:4 * _RAW_PREVIEW_CHARS]
+    preview = head.decode("utf-8", "replace") if isinstance(head, bytes) else str(head)
+    # Every key a worker's entry has, null where nothing is known: code that
+    # reads letter["time"] or letter["task"] goes on working.
+    return {"kind": UNREADABLE_ENTRY, "reason": problem[:_RAW_PREVIEW_CHARS],
+            "id": f"unreadable-{hashlib.sha256(raw).hexdigest()[:16]}", "task": None, "queue": None,
+            "exchange": None, "time": None, "timestamp": None, "message": None,
+            "raw": preview[:_RAW_PREVIEW_CHARS], "size": len(raw)}
 
 
 def drop_dead_letter(registry_or_app: t.Any, task_id: str) -> bool:
-    """Remove the (oldest) dead letter of ``task_id``; False if there is none, or no Redis."""
+    """Remove the (oldest) dead letter of ``task_id``; False if there is none, or no Redis.
+
+    ``task_id`` may be the ``unreadable-...`` id list_dead_letters() gives an unreadable entry.
+    """
     letters = get_dead_letters(_app_of(registry_or_app))
     client = letters.client
     if client is None:
@@ -287,7 +389,7 @@ def _recorded_at(entry: dict[str, t.Any]) -> float | None:
 def prune_dead_letters(registry_or_app: t.Any, older_than_seconds: float) -> int:
     """Remove dead letters recorded more than ``older_than_seconds`` ago; the number removed.
 
-    Entries with no readable time are kept. Safe while workers append: each
+    Entries with no readable time, unreadable entries among them, are kept. Safe while workers append: each
     old entry is removed by its exact value (LREM), the list is never rewritten.
     """
     if not math.isfinite(older_than_seconds) or older_than_seconds < 0:

@@ -4,10 +4,12 @@ Ours, not Celery's subcommands (like ``outbox-relay``): they look after what
 this package keeps aside, the dead-letter list (deadletter.py) and the outbox
 table (outbox.py), with the app loaded from the same INI as the workers.
 
-Exit status: 0 done; 1 the entry asked for is not there, or Redis or the
-database could not be read; 2 a mistake in the command line or in the
-configuration (the outbox is off, the broker keeps no dead-letter list).
-Every message is one line on stderr, as ws-celery's own, for service logs.
+Exit status: 0 done; 1 the entry asked for is not there or cannot be used,
+Redis or the database could not be read, or anything else went wrong; 2 a
+mistake in the command line or in the configuration (the outbox is off, the
+broker keeps no dead-letter list). Every message is one line on stderr, as
+ws-celery's own, for service logs: never a traceback, whatever the
+dead-letter list holds (an entry that cannot be read is listed as such).
 """
 from __future__ import annotations
 
@@ -54,6 +56,11 @@ def _run(parser: argparse.ArgumentParser, args: list[str], action: t.Callable[[a
     except Failed as exc:
         print(f"ws-celery: {_one_line(str(exc))}", file=sys.stderr)
         return exc.code
+    except Exception as exc:
+        # An operator at a console gets one line, not a traceback, whatever went wrong.
+        command = parser.prog.removeprefix("ws-celery INI -- ")
+        print(f"ws-celery: {command} failed: {type(exc).__name__}: {_one_line(str(exc))[:500]}", file=sys.stderr)
+        return 1
 
 
 # -- dead letters -------------------------------------------------------------------------------------------------
@@ -107,28 +114,56 @@ def _dead_letters(app: t.Any, options: argparse.Namespace) -> int:
     except redis.RedisError as exc:
         raise Failed(f"cannot read the dead-letter list {letters.key} at "
                      f"{maybe_sanitize_url(letters.redis_url)}: {exc}") from None
-    except ValueError as exc:
-        # A list entry that is not JSON: written by something other than a worker.
-        raise Failed(f"the dead-letter list {letters.key} holds an entry that cannot be read: {exc}") from None
+
+
+def _cell(value: t.Any, limit: int = 200) -> str:
+    # One entry, one line, whatever its fields hold: whitespace runs (newlines
+    # included) become one space, so two spaces still separate the columns,
+    # other control characters are escaped, and long text is cut.
+    text = " ".join(str(value).split()) if value is not None else ""
+    text = "".join(char if char.isprintable() else char.encode("unicode_escape").decode("ascii") for char in text)
+    if len(text) > limit:
+        text = text[:limit - 3] + "..."
+    return text or "-"
+
+
+def _line(entry: dict[str, t.Any]) -> str:
+    from .deadletter import UNREADABLE_ENTRY
+
+    if entry["kind"] == UNREADABLE_ENTRY:
+        what = f"unreadable entry of {entry['size']} bytes ({entry['reason']}): {json.dumps(entry['raw'][:80])}"
+        return "  ".join(["-", entry["id"], "-", "-", _cell(what, 400)])
+    return "  ".join(_cell(entry.get(field)) for field in ("time", "id", "task", "queue", "reason"))
 
 
 def _list(app: t.Any, key: str, options: argparse.Namespace) -> int:
     from .deadletter import list_dead_letters
 
-    for entry in list_dead_letters(app):
-        if options.json:
+    entries = list_dead_letters(app)
+    if options.json:
+        for entry in entries:
             print(json.dumps(entry))
-        else:
-            print("  ".join(str(entry.get(field) or "-") for field in ("time", "id", "task", "queue", "reason")))
+        return 0
+    if not entries:
+        print(f"no dead letters in {key}")
+    for entry in entries:
+        print(_line(entry))
     return 0
 
 
 def _requeue(app: t.Any, key: str, options: argparse.Namespace) -> int:
-    from .deadletter import list_dead_letters, requeue_dead_letter
+    from .deadletter import UNREADABLE_ENTRY, list_dead_letters, requeue_dead_letter
 
     # Looked up first to name the queue it goes to, and to refuse a letter
-    # without one before anything is touched.
-    entry = next((entry for entry in list_dead_letters(app) if entry.get("id") == options.id), None)
+    # that cannot go back before anything is touched.
+    found = [entry for entry in list_dead_letters(app) if entry.get("id") == options.id]
+    entry = next((entry for entry in found if entry["kind"] != UNREADABLE_ENTRY), None)
+    if entry is None and found:
+        raise Failed(f"dead letter {options.id} in {key} is an unreadable entry ({found[0]['reason']}): it cannot be "
+                     f"requeued, only dropped")
+    if entry is not None and not isinstance(entry.get("message"), dict):
+        raise Failed(f"dead letter {options.id} in {key} keeps no whole message (one over the size limit keeps "
+                     f"only its head): it cannot be requeued, only dropped")
     target = options.queue or (entry or {}).get("queue")
     if entry is not None and not target:
         raise Failed(f"dead letter {options.id} has no queue recorded: give one with --queue", code=2)

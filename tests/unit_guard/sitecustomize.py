@@ -16,6 +16,7 @@ import importlib.abc
 import importlib.util
 import json
 import os
+import runpy
 import sys
 import typing as t
 
@@ -132,4 +133,20 @@ def _install_in_child() -> None:
         print(f"tests/unit_guard: not installed ({exc!r})", file=sys.stderr)
 
 
+def _run_the_shadowed_sitecustomize() -> None:
+    # On PYTHONPATH this file hides any other sitecustomize (a Linux
+    # distribution's, say): that one still runs, after the guard.
+    here = os.path.dirname(os.path.abspath(__file__))
+    for entry in sys.path:
+        candidate = os.path.join(entry or ".", "sitecustomize.py")
+        if os.path.abspath(entry or ".") != here and os.path.isfile(candidate):
+            try:
+                runpy.run_path(candidate, run_name="sitecustomize")
+            except Exception as exc:
+                print(f"tests/unit_guard: {candidate} failed ({exc!r})", file=sys.stderr)
+            return
+
+
 _install_in_child()
+if __name__ == "sitecustomize":
+    _run_the_shadowed_sitecustomize()

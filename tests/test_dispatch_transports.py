@@ -1,6 +1,6 @@
 """Publishing after commit on real brokers: batched on Redis, message by message on RabbitMQ.
 
-The Redis fast path builds messages itself (websauna_tasks/dispatch.py
+The Redis fast path builds messages itself (websauna_tasks/broker.py
 ``_PlainSender``); these tests hold it to what Celery would have written,
 byte for byte apart from kombu's random delivery tag, and make sure a real
 worker runs what it wrote.
@@ -22,7 +22,7 @@ from sqlalchemy import text
 
 from tests import sample_tasks
 from tests.conftest import queued_messages, service_missing
-from websauna_tasks import dispatch, get_celery
+from websauna_tasks import broker, dispatch, get_celery
 
 AMQP_URL = os.environ.get("WS_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
 PRIORITY_SEP = "\x06\x16"  # kombu's Redis transport: queue + sep + step holds priorities 3, 6, 9
@@ -149,7 +149,7 @@ def test_one_pipeline_per_commit_of_many_tasks(celery_app, tm, redis_client, que
 
 
 def test_huge_commit_goes_in_chunks(celery_app, tm, redis_client, queue_name, pipelines, monkeypatch):
-    monkeypatch.setattr(dispatch, "CHUNK_SIZE", 100)
+    monkeypatch.setattr(broker, "CHUNK_SIZE", 100)
     with tm:
         ids = [sample_tasks.add.apply_async(args=(i, i), tm=tm).id for i in range(250)]
     assert pipelines == [100, 100, 50]

@@ -31,11 +31,8 @@ from pyramid.exceptions import ConfigurationError
 from pyramid.registry import Registry
 from pyramid.threadlocal import get_current_registry
 
-from .dispatch import PendingMessage, check_payload, schedule, transaction_to_wait_for
-from .names import NAME_HEADER, claim_name, release_name
-from .queues import check_queue
+from .dispatch import send, transaction_to_wait_for
 from .registry import ICeleryApp
-from .reliability import check_delay
 from .request import current_task_request
 from .tasks import TaskProxy, TransactionalTask, task
 
@@ -213,48 +210,29 @@ def defer(fn: t.Callable[..., t.Any], *args: t.Any, _queue: str | None = "defaul
     path = function_path(fn)
     app, registry = _app_of(_registry)
     check_allowed(path, allowed_prefixes(registry))
-    check_payload(app, f"defer({path})", args, kwargs)  # JSON and size (payload.py)
     manager = transaction_to_wait_for(_transactional, _tm)
     runner = app.tasks[DEFERRED_TASK_NAME]
 
     options: dict[str, t.Any] = {"serializer": "json"}
     queue = _queue_option(app, _queue)
-    check_queue(app, queue)
-    check_delay(app, f"defer({path})", {"countdown": _countdown, "eta": _eta})  # docs/RELIABILITY.md
     if queue is not None:
         options["queue"] = queue
-    delay = 0.0
     if _countdown is not None:
         options["countdown"] = _countdown
-        delay = float(_countdown)
     elif _eta is not None:
         options["eta"] = _eta
-        delay = max(0.0, (_eta - datetime.now(_eta.tzinfo)).total_seconds())
-
+    if manager is None and app.conf.task_always_eager:
+        # As if the function had been called: its error reaches the caller.
+        options["throw"] = True
     task_id = uuid()
-    on_dropped = None
-    if _name is not None:
-        holder = claim_name(app, _name, task_id, delay, _raise_if_enqueued)
-        if holder is not None:
-            logger.info("defer(%s): a task named %r is already enqueued as %s", path, _name, holder)
-            return holder
-        options["headers"] = {NAME_HEADER: _name}
-        on_dropped = functools.partial(release_name, app, _name, task_id)
-
-    message_args = (path, list(args), dict(kwargs))
-    if manager is None:
-        if app.conf.task_always_eager:
-            # As if the function had been called: its error reaches the caller.
-            options["throw"] = True
-        try:
-            runner.send_now(message_args, task_id=task_id, **options)
-        except BaseException:
-            if on_dropped is not None:
-                on_dropped()
-            raise
-    else:
-        schedule(manager, PendingMessage(runner, message_args, {}, options, task_id, on_dropped))
-    return task_id
+    # The checks (the function's own arguments), the name claim and the way
+    # out are the send pipeline's, as for apply_async (dispatch.py).
+    sent = send(runner, (path, list(args), dict(kwargs)), {}, options, tm=manager, task_id=task_id,
+                unique_name=_name, raise_if_enqueued=_raise_if_enqueued, what=f"defer({path})",
+                arguments=(args, kwargs))
+    if sent.id != task_id:
+        logger.info("defer(%s): a task named %r is already enqueued as %s", path, _name, sent.id)
+    return sent.id
 
 
 # dont_autoretry_for: a refused path stays refused, whatever a declared queue's max_attempts says.

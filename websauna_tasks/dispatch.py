@@ -1,43 +1,71 @@
-"""Holding task messages until the transaction commits, then sending them.
+"""The send pipeline: every task message leaves through this module.
 
-A :class:`DispatchQueue` is joined to the transaction as a data manager, not
-just an after-commit hook, for one reason: savepoints. ``transaction`` does
-not undo hooks when a savepoint is rolled back, but it does roll back every
-joined data manager, so the queue truncates itself to its length at the
-savepoint. Being a data manager that supports savepoints also keeps
-``transaction.savepoint()`` working for the rest of the application.
+Every way of sending comes here: ``apply_async`` (with ``tm``, without it,
+``tm=None``), ``delay``, ``task.defer``, ``defer()``, the shards of an
+iteration and beat (all through ``apply_async``), Celery's own retries, the
+outbox relay and its redelivery (:func:`publish` with ``strict=True``), and
+the test client's capture. :func:`send` runs the checks once, in this order,
+and stops at the first that fails, before anything is claimed or written:
 
-Sending happens in the after-commit hook, which ``transaction`` calls with the
-commit status; a failed commit (IntegrityError at flush, a failed vote) gives
-False and nothing is sent. Exceptions raised in that hook would be logged by
-``transaction`` and swallowed, so we log every failed message ourselves, at
+1. the arguments: JSON, size and nesting depth (``payload.py``);
+2. the queue: declared, when queues are declared (``queues.py``; not for
+   Celery's retries, which go back where they came from);
+3. the delay: the countdown or ETA, read once (:func:`reliability.delay_of`,
+   a naive ETA as Celery's worker reads it), shorter than the Redis
+   visibility timeout (``reliability.py``);
+4. the call: a transaction manager given where the task needs one, and the
+   arguments fitting the task's signature (``typing``);
+5. the unique name, claimed for the delay plus the pending window (``names.py``).
+
+The message then waits for the commit of ``tm`` (:func:`schedule`, a data
+manager joined to the transaction) or is sent now (the task's
+``send_now``). Either way it reaches the broker through the app's
+*publisher* (:func:`publisher_of`): by default a :class:`BrokerPublisher`,
+which writes an outbox row inside the transaction when the outbox is on and
+otherwise publishes after the commit (``broker.py``); a test client puts a
+:class:`CapturingPublisher` in its place (:func:`set_publisher`), so
+production code never asks whether it is under test.
+
+Why a data manager, not just an after-commit hook: savepoints.
+``transaction`` does not undo hooks when a savepoint is rolled back, but it
+rolls back every joined data manager, so the queue truncates itself to its
+length at the savepoint. A failed commit gives the after-commit hook False
+and nothing is sent. Exceptions raised in that hook would be logged by
+``transaction`` and swallowed, so every failed message is logged here, at
 ERROR, with enough detail to resend it by hand.
 """
 from __future__ import annotations
 
-import contextlib
 import contextvars
+import functools
 import logging
 import typing as t
 import weakref
 from dataclasses import dataclass, field
 
 import celery
-import celery.app.base
-import celery.app.task
 import transaction
-from celery import signals
-from kombu import Queue
-from kombu.common import Broadcast
+from celery.utils import uuid
 from transaction._transaction import Status
 from transaction.interfaces import ISavepointDataManager
 from zope.interface import implementer
 
-from .payload import check_payload, check_task_payload  # noqa: F401  (re-exported for tasks.py, defer.py)
+from . import broker
+from .names import NAME_HEADER, claim_name, release_name
+from .payload import check_payload, check_task_payload
+from .queues import check_queue
+from .reliability import check_delay, delay_of
 from .request import get_current_request
 
 if t.TYPE_CHECKING:
     from celery import Celery, Task
+    from celery.result import AsyncResult
+
+__all__ = [
+    "PendingMessage", "Publisher", "BrokerPublisher", "CapturingPublisher", "MessageSink", "send", "schedule",
+    "publish", "publisher_of", "set_publisher", "transaction_to_wait_for", "set_message_sink", "has_sink",
+    "captured", "check_payload", "check_task_payload", "EagerTaskError", "OUTBOX_ATTRIBUTE",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -46,13 +74,15 @@ _QUEUE_KEY = "websauna_tasks.dispatch_queue"
 #: outbox (websauna_tasks.outbox sets it when ``websauna_tasks.outbox`` is on).
 OUTBOX_ATTRIBUTE = "websauna_tasks_outbox"
 
+#: ``tm`` left out of ``apply_async``: an error for tasks that must wait for a commit.
+MISSING: t.Any = object()
+
 # Set by the eager-error tween for the duration of a web request: eager task
 # failures are appended here so the tween can raise them after pyramid_tm has
 # committed (raising inside the after-commit hook would be swallowed).
 eager_errors: contextvars.ContextVar[list[BaseException] | None] = contextvars.ContextVar(
     "websauna_tasks_eager_errors", default=None
 )
-
 
 @dataclass
 class PendingMessage:
@@ -78,6 +108,245 @@ class PendingMessage:
     def describe(self) -> str:
         return f"task {self.task.name} id {self.task_id} args {self.args!r} kwargs {self.kwargs!r}"
 
+
+# -- the checks and the way out --------------------------------------------------------------
+
+def send(task: Task, args: t.Any, kwargs: t.Any, options: dict[str, t.Any], *, tm: t.Any,
+         task_id: str | None = None, producer: t.Any = None, unique_name: t.Any = None,
+         raise_if_enqueued: bool = False, what: str | None = None,
+         arguments: tuple[t.Any, t.Any] | None = None,
+         check_call: t.Callable[[tuple, dict], None] | None = None) -> AsyncResult:
+    """Check one message (the module's numbered order) and send it now or after ``tm`` commits.
+
+    ``tm``: a transaction manager to wait for, None to send now, or
+    :data:`MISSING` (``apply_async`` without ``tm`` on a task that needs
+    one: a TypeError). ``what`` names the call in errors (default the task's
+    name); ``arguments`` are the ``(args, kwargs)`` the caller passed when
+    the message wraps them (``defer()``'s function arguments), checked
+    instead of the message's. ``check_call(args, kwargs)`` checks the
+    arguments against the task's signature when the message waits for a
+    commit (sent now, Celery's own ``apply_async`` does it). Returns the
+    message's result, or the pending holder's when ``unique_name`` is taken.
+    """
+    app = task.app
+    what = what or task.name
+    # 1. arguments
+    if arguments is None:
+        check_task_payload(task, args, kwargs, options)
+    else:
+        check_payload(app, what, arguments[0], arguments[1])
+    # 2. queue
+    if "retries" not in options:
+        check_queue(app, options.get("queue") or getattr(task, "queue", None))
+    # 3. delay
+    delay = 0.0
+    if options.get("countdown") is not None or options.get("eta") is not None:
+        delay = delay_of(options, app=app)
+        if publisher_of(app).waits_in_broker:
+            check_delay(app, what, options, delay=delay)
+    # 4. the call
+    if tm is MISSING:
+        raise TypeError(
+            f"{task.name}.apply_async() needs the transaction manager to send after commit: "
+            f"pass tm=request.tm (or tm=None to send immediately)"
+        )
+    if tm is not None and check_call is not None:
+        check_call(tuple(args or ()), dict(kwargs or {}))
+    # 5. the name
+    on_dropped = None
+    if unique_name is not None:
+        task_id = task_id or uuid()
+        holder = claim_name(app, unique_name, task_id, delay, raise_if_enqueued)
+        if holder is not None:
+            return task.AsyncResult(holder)
+        options["headers"] = {**(options.get("headers") or {}), NAME_HEADER: unique_name}
+        on_dropped = functools.partial(release_name, app, unique_name, task_id)
+    if tm is None:
+        try:
+            return task.send_now(args, kwargs, task_id=task_id, producer=producer, **options)
+        except BaseException:
+            if on_dropped is not None:
+                on_dropped()
+            raise
+    task_id = task_id or uuid()
+    # A producer given with tm (Celery's group passes one to each member)
+    # is not kept: the message is published after the commit, through
+    # the producer of that publishing round.
+    schedule(tm, PendingMessage(task, tuple(args or ()), dict(kwargs or {}), options, task_id, on_dropped))
+    return task.AsyncResult(task_id)
+
+
+def send_now(task: Task, args: t.Any, kwargs: t.Any, options: dict[str, t.Any]) -> AsyncResult:
+    """``WebsaunaTask.send_now``: hand one message to the app's publisher at once, unchecked."""
+    return publisher_of(task.app).send_now(task, args, kwargs, options)
+
+
+def publish(messages: list[PendingMessage], strict: bool = False) -> None:
+    """Hand messages whose transaction has committed (or outbox rows) to their apps' publishers.
+
+    One transaction may hold tasks of several Celery apps (two Pyramid apps
+    in one process): each app's messages go to its own publisher, and so to
+    its own broker. ``strict``: raise on the first failure instead of
+    logging it (the outbox relay, which must not mark the rows sent).
+    """
+    if not messages:
+        return
+    first = messages[0].task.app
+    if all(message.task.app is first for message in messages):
+        publisher_of(first).publish(messages, strict)
+        return
+    by_app: dict[int, list[PendingMessage]] = {}
+    for message in messages:
+        by_app.setdefault(id(message.task.app), []).append(message)
+    for app_messages in by_app.values():
+        publisher_of(app_messages[0].task.app).publish(app_messages, strict)
+
+
+# -- publishers: where an app's messages go ---------------------------------------------------
+
+class Publisher(t.Protocol):
+    """Where the send pipeline hands an app's messages."""
+
+    #: True when a delayed message waits in the broker, so its delay is
+    #: checked against the Redis visibility timeout.
+    waits_in_broker: bool
+
+    def hold(self, tm: transaction.TransactionManager, message: PendingMessage) -> None:
+        """``message`` joins the open transaction of ``tm``; it is published after the commit."""
+
+    def publish(self, messages: list[PendingMessage], strict: bool = False) -> None:
+        """Publish messages of one app whose transaction committed (or outbox rows, ``strict``)."""
+
+    def send_now(self, task: Task, args: t.Any, kwargs: t.Any, options: dict[str, t.Any]) -> AsyncResult:
+        """Publish one message now; its errors reach the caller."""
+
+
+class BrokerPublisher:
+    """The default: the outbox when it is on, else the broker after the commit; eager apps run the task."""
+
+    waits_in_broker = True
+
+    def hold(self, tm: transaction.TransactionManager, message: PendingMessage) -> None:
+        app = message.task.app
+        outbox = getattr(app, OUTBOX_ATTRIBUTE, None)
+        if outbox is None or app.conf.task_always_eager:
+            return
+        # The row is written in this transaction, through its database
+        # session: it commits, or is rolled back, with the request's writes.
+        outbox.write(tm, message)
+        message.outboxed = True
+
+    def publish(self, messages: list[PendingMessage], strict: bool = False) -> None:
+        app = messages[0].task.app
+        outboxed = [message for message in messages if message.outboxed]
+        if outboxed:
+            _publish_outboxed(app, outboxed)
+            messages = [message for message in messages if not message.outboxed]
+            if not messages:
+                return
+        if app.conf.task_always_eager and not strict:
+            _run_eagerly(messages)
+            return
+        broker.write(app, messages, strict)
+
+    def send_now(self, task: Task, args: t.Any, kwargs: t.Any, options: dict[str, t.Any]) -> AsyncResult:
+        return celery.Task.apply_async(task, args, kwargs, **options)
+
+
+class MessageSink(t.Protocol):
+    def capture(self, message: PendingMessage) -> None:
+        """Keep ``message`` instead of sending it."""
+
+
+class CapturingPublisher:
+    """Hands every message to ``sink`` (a test client) at the moment it would have reached the broker."""
+
+    waits_in_broker = False
+
+    def __init__(self, sink: MessageSink):
+        self.sink = sink
+
+    def hold(self, tm: transaction.TransactionManager, message: PendingMessage) -> None:
+        pass
+
+    def publish(self, messages: list[PendingMessage], strict: bool = False) -> None:
+        for message in messages:
+            self.sink.capture(message)
+
+    def send_now(self, task: Task, args: t.Any, kwargs: t.Any, options: dict[str, t.Any]) -> AsyncResult:
+        options = dict(options)
+        task_id = options.pop("task_id", None) or uuid()
+        options.pop("producer", None)
+        self.sink.capture(PendingMessage(task, tuple(args or ()), dict(kwargs or {}), options, task_id))
+        return task.AsyncResult(task_id)
+
+
+_BROKER = BrokerPublisher()
+
+
+class _Publishers:
+    """Which publisher each app's messages go to: the app's own, else the default one."""
+
+    def __init__(self) -> None:
+        self.default: Publisher = _BROKER
+        self.by_app: weakref.WeakKeyDictionary[Celery, Publisher] = weakref.WeakKeyDictionary()
+
+
+_publishers = _Publishers()
+
+
+def publisher_of(app: Celery) -> Publisher:
+    """The publisher ``app``'s messages go to."""
+    if _publishers.by_app:
+        own = _publishers.by_app.get(app)
+        if own is not None:
+            return own
+    return _publishers.default
+
+
+def set_publisher(publisher: Publisher | None, app: Celery | None = None) -> Publisher | None:
+    """Send ``app``'s messages (every app's without one of its own, when None) to ``publisher``.
+
+    ``None`` as the publisher removes ``app``'s own one, or puts the broker
+    back as the default. Returns what was in place (for an app, None when it
+    had none of its own), to be put back the same way.
+    """
+    if app is None:
+        previous = _publishers.default
+        _publishers.default = publisher if publisher is not None else _BROKER
+        return previous
+    previous = _publishers.by_app.get(app)
+    if publisher is None:
+        _publishers.by_app.pop(app, None)
+    else:
+        _publishers.by_app[app] = publisher
+    return previous
+
+
+def set_message_sink(sink: MessageSink | None) -> MessageSink | None:
+    """Divert every app's outgoing messages to ``sink`` (None: send them again); returns the previous sink.
+
+    The default publisher becomes a :class:`CapturingPublisher` of ``sink``.
+    """
+    previous = set_publisher(CapturingPublisher(sink) if sink is not None else None)
+    return previous.sink if isinstance(previous, CapturingPublisher) else None
+
+
+def has_sink() -> bool:
+    """True while every app's messages are diverted to a sink (:func:`set_message_sink`)."""
+    return isinstance(_publishers.default, CapturingPublisher)
+
+
+def captured(message: PendingMessage) -> bool:
+    """Hand ``message`` to its app's sink if it has one; False when it must really be sent."""
+    publisher = publisher_of(message.task.app)
+    if not isinstance(publisher, CapturingPublisher):
+        return False
+    publisher.sink.capture(message)
+    return True
+
+
+# -- waiting for the commit -----------------------------------------------------------------
 
 @implementer(ISavepointDataManager)
 class DispatchQueue:
@@ -134,27 +403,16 @@ class DispatchQueue:
             return
         if not messages:
             return
-        outboxed = [message for message in messages if message.outboxed]
-        if outboxed:
-            _publish_outboxed(outboxed)
-            messages = [message for message in messages if not message.outboxed]
-        if messages:
-            publish(messages)
+        publish(messages)
 
-
-def _publish_outboxed(messages: list[PendingMessage]) -> None:
+def _publish_outboxed(app: Celery, messages: list[PendingMessage]) -> None:
     """The rows just committed: the outbox publishes them now, or leaves them to its relay."""
-    by_app: dict[int, list[PendingMessage]] = {}
-    for message in messages:
-        by_app.setdefault(id(message.task.app), []).append(message)
-    for app_messages in by_app.values():
-        outbox = getattr(app_messages[0].task.app, OUTBOX_ATTRIBUTE, None)
-        try:
-            outbox.after_commit([message.task_id for message in app_messages])
-        except Exception:
-            # The rows are committed: the relay will publish them.
-            logger.exception("websauna_tasks: outbox fast path failed; %d message(s) left to the relay",
-                             len(app_messages))
+    outbox = getattr(app, OUTBOX_ATTRIBUTE, None)
+    try:
+        outbox.after_commit([message.task_id for message in messages])
+    except Exception:
+        # The rows are committed: the relay will publish them.
+        logger.exception("websauna_tasks: outbox fast path failed; %d message(s) left to the relay", len(messages))
 
 
 class _QueueSavepoint:
@@ -167,7 +425,7 @@ class _QueueSavepoint:
 
 
 def schedule(tm: transaction.TransactionManager, message: PendingMessage) -> None:
-    """Hold ``message`` until the current transaction of ``tm`` commits.
+    """Hold ``message`` until the current transaction of ``tm`` commits (unchecked: :func:`send` checks).
 
     Called from another after-commit hook of a transaction that has already
     committed, the condition is met: the message is sent at once rather than
@@ -194,16 +452,11 @@ def schedule(tm: transaction.TransactionManager, message: PendingMessage) -> Non
         queue = DispatchQueue(tm)
         txn.addAfterCommitHook(queue.after_commit)
         txn.set_data(_QUEUE_KEY, queue)
-    outbox = getattr(message.task.app, OUTBOX_ATTRIBUTE, None)
-    if outbox is not None and _sink is None and not message.task.app.conf.task_always_eager:
-        # The row is written in this transaction, through its database
-        # session: it commits, or is rolled back, with the request's writes.
-        try:
-            outbox.write(tm, message)
-        except BaseException:
-            message.dropped()
-            raise
-        message.outboxed = True
+    try:
+        publisher_of(message.task.app).hold(tm, message)
+    except BaseException:
+        message.dropped()
+        raise
     if not queue.joined:
         txn.join(queue)
         queue.joined = True
@@ -241,300 +494,6 @@ def transaction_to_wait_for(transactional: bool | None, tm: t.Any = None) -> t.A
             "_transactional=True: no transaction is active to wait for "
             "(pass the transaction manager, e.g. request.tm, call it inside `with tm:`, or leave it out)")
     return None
-
-
-class MessageSink(t.Protocol):
-    def capture(self, message: PendingMessage) -> None:
-        """Keep ``message`` instead of sending it."""
-
-
-# Set by websauna_tasks.testing's task client for the length of a test:
-# every message that would reach the broker (after a commit, or sent now)
-# goes there instead. One per process: tests run one at a time.
-_sink: MessageSink | None = None
-
-
-def set_message_sink(sink: MessageSink | None) -> MessageSink | None:
-    """Divert all outgoing task messages to ``sink`` (None: send them again); returns the previous sink."""
-    global _sink
-    previous, _sink = _sink, sink
-    return previous
-
-
-def has_sink() -> bool:
-    return _sink is not None
-
-
-def captured(message: PendingMessage) -> bool:
-    """Hand ``message`` to the sink if one is set; False when it must really be sent."""
-    sink = _sink
-    if sink is None:
-        return False
-    sink.capture(message)
-    return True
-
-
-def publish(messages: list[PendingMessage]) -> None:
-    """Send the messages of one committed transaction.
-
-    One producer for all of them. Where kombu can batch (Redis), each chunk of
-    :data:`CHUNK_SIZE` messages goes out in one pipeline, one round trip,
-    written by kombu's own transport code; elsewhere (RabbitMQ) kombu
-    publishes message by message as usual. Messages whose options are plain
-    are built by :class:`_PlainSender` (Celery's send_task with the per-app
-    work done once per commit instead of once per message); the others go
-    through Celery's full ``apply_async``. A message that fails is logged
-    with its details and the rest are still sent.
-
-    One transaction may hold tasks of several Celery apps (two Pyramid apps
-    in one process): each app's messages go to its own broker.
-    """
-    if _sink is not None:
-        for message in messages:
-            captured(message)
-        return
-    by_app: dict[int, list[PendingMessage]] = {}
-    for message in messages:
-        by_app.setdefault(id(message.task.app), []).append(message)
-    for app_messages in by_app.values():
-        _publish_for_app(app_messages[0].task.app, app_messages)
-
-
-def _publish_for_app(app: Celery, messages: list[PendingMessage]) -> None:
-    if app.conf.task_always_eager:
-        _run_eagerly(messages)
-        return
-    try:
-        with app.producer_or_acquire() as producer:
-            sender = _PlainSender.for_producer(app, producer)
-            for start in range(0, len(messages), CHUNK_SIZE):
-                _publish_chunk(producer, sender, messages[start:start + CHUNK_SIZE])
-    except Exception:
-        # Acquiring the producer or reading the app's settings failed
-        # (_publish_chunk logs its own errors): none of these were sent.
-        for message in messages:
-            logger.exception("websauna_tasks: could not publish after commit: %s", message.describe())
-            message.dropped()
-
-
-#: Messages sent in one broker round trip when the transport can batch;
-#: bounds the memory a huge transaction holds in one Redis pipeline.
-CHUNK_SIZE = 1000
-
-
-def _publish_chunk(producer: t.Any, sender: _PlainSender | None, chunk: list[PendingMessage]) -> None:
-    buffered: list[PendingMessage] = []
-    try:
-        with _batch(producer, len(chunk)):
-            for message in chunk:
-                try:
-                    if sender is None or not sender.send(producer, message, batched=len(chunk) > 1):
-                        message.task.send_now(message.args, message.kwargs, task_id=message.task_id,
-                                              producer=producer, **message.options)
-                    buffered.append(message)
-                except Exception:
-                    logger.exception("websauna_tasks: could not publish after commit: %s", message.describe())
-                    message.dropped()
-    except Exception:
-        # The pipeline failed as a whole: Redis may have run part of it, so
-        # each message is reported as possibly lost, not certainly lost.
-        for message in buffered:
-            logger.exception("websauna_tasks: broker round trip failed after commit, "
-                             "this message may not have been published: %s", message.describe())
-
-
-def _batch(producer: t.Any, size: int) -> t.ContextManager[t.Any]:
-    # Producer.batch() is new in kombu 5.7; it publishes immediately on
-    # transports that cannot batch, so it is safe to use everywhere. A lone
-    # message skips it: setting up a pipeline costs more than it saves.
-    batch = getattr(producer, "batch", None)
-    if batch is None or size < 2:
-        return contextlib.nullcontext()
-    # kombu flushes on its own past max_size commands; we want one flush per
-    # chunk, and a message may add a PEXPIRE per priority step to its LPUSH.
-    return batch(max_size=size * 8)
-
-
-# Options _PlainSender knows how to honour, when not None; any other option
-# (countdown, eta, expires, link, exchange, routing_key, stamped_headers...)
-# sends the message through Celery's full apply_async instead.
-_PLAIN_OPTIONS = frozenset({
-    "queue", "priority", "serializer", "compression", "delivery_mode", "time_limit", "soft_time_limit",
-    "ignore_result", "shadow", "headers", "retry", "retry_policy", "add_to_parent",
-})
-
-
-class _PlainSender:
-    """What ``Task.apply_async`` -> ``Celery.send_task`` -> ``send_task_message`` do for a plain message.
-
-    Celery reads a dozen settings, the router and the current worker task for
-    every message and declares the queue each time; sending a thousand
-    messages after one commit spends most of its time there. This reads them
-    once, builds each message with ``app.amqp.create_task_message`` and hands
-    it to ``producer.publish``, so the bytes on the broker are the ones
-    Celery would have written (tests/test_dispatch_transports.py compares
-    them). It is only used when nothing can observe the difference: batching
-    transport, task protocol 2, no task-sent events, no publish signal
-    receivers, nothing wrapping or replacing ``apply_async``/``send_task``,
-    and the task does not override ``send_now``.
-    """
-
-    def __init__(self, app: Celery, defaults: _AppDefaults):
-        self.defaults = defaults
-        self.amqp = app.amqp
-        self.router = app.amqp.router
-        self.backend = app.backend
-        self.reply_to = app.thread_oid
-        self.parent = app.current_worker_task
-        self.inherit_priority = bool(self.parent) and app.conf.task_inherit_parent_priority
-        self.declared: set[str] = set()
-
-    @classmethod
-    def for_producer(cls, app: Celery, producer: t.Any) -> _PlainSender | None:
-        if not getattr(producer, "supports_batch_publish", False):
-            return None
-        defaults = _AppDefaults.of(app)
-        if defaults.protocol != 2 or app.conf.task_send_sent_event:
-            return None
-        if any(signal.receivers for signal in
-               (signals.before_task_publish, signals.after_task_publish, signals.task_sent)):
-            return None
-        if (not _celerys_own(celery.Task.apply_async, celery.app.task)
-                or not _celerys_own(type(app).send_task, celery.app.base) or "send_task" in vars(app)):
-            return None
-        return cls(app, defaults)
-
-    def send(self, producer: t.Any, message: PendingMessage, batched: bool) -> bool:
-        """Publish ``message`` and return True, or return False having done nothing."""
-        task = message.task
-        if not self._plain_task(task):
-            return False
-        options = dict(task._get_exec_options())
-        options.update(message.options)
-        options.setdefault("ignore_result", task.ignore_result)
-        if not _plain(options):
-            return False
-        args, kwargs = message.args, message.kwargs
-        shadow = options.pop("shadow", None) or task.shadow_name(args, kwargs, message.options)
-        add_to_parent = options.pop("add_to_parent", True)
-        ignore_result = options.pop("ignore_result")
-        retry = options.pop("retry", None)
-        retry_policy = options.pop("retry_policy", None)
-        options = self.router.route(options, task.name, args, kwargs, task)
-        queue = options.get("queue")
-        if not self._direct(queue, options) or not _plain(options, routed=True):
-            return False
-
-        root_id = parent_id = None
-        parent = self.parent
-        if parent:
-            root_id = parent.request.root_id or parent.request.id
-            parent_id = parent.request.id
-            if self.inherit_priority:
-                options.setdefault("priority", parent.request.delivery_info.get("priority"))
-
-        headers, properties, body, _sent_event = self.amqp.create_task_message(
-            message.task_id, task.name, args, kwargs,
-            reply_to=self.reply_to, time_limit=options.get("time_limit"),
-            soft_time_limit=options.get("soft_time_limit"),
-            root_id=root_id, parent_id=parent_id, shadow=shadow, ignore_result=ignore_result,
-        )
-        extra_headers = options.get("headers")
-        if extra_headers:
-            headers.update(extra_headers)
-
-        defaults = self.defaults
-        retry = defaults.retry if retry is None else retry
-        policy = dict(defaults.retry_policy, **retry_policy) if retry_policy else defaults.retry_policy
-        if queue.name not in self.declared:
-            # Celery declares the queue with every message; kombu remembers
-            # declared entities per connection, so once per commit suffices.
-            producer.maybe_declare(queue, retry=retry, **policy)
-            self.declared.add(queue.name)
-        if not ignore_result:
-            self.backend.on_task_call(producer, message.task_id)
-        # In a batch, publish only buffers and cannot meet a broker error
-        # (the round trip is the flush): wrapping it in kombu's retry would
-        # only cost time.
-        producer.publish(
-            body, exchange="", routing_key=queue.name,
-            serializer=options.get("serializer") or defaults.serializer,
-            compression=options.get("compression") or defaults.compression,
-            delivery_mode=options.get("delivery_mode") or queue.exchange.delivery_mode or defaults.delivery_mode,
-            priority=options.get("priority"), headers=headers,
-            retry=retry and not batched, retry_policy=policy, **properties,
-        )
-        if parent and add_to_parent:
-            result = task.AsyncResult(message.task_id)
-            result.ignored = ignore_result
-            parent.add_trail(result)
-        return True
-
-    @staticmethod
-    def _plain_task(task: Task) -> bool:
-        send_now = getattr(type(task), "send_now", None)
-        return (
-            getattr(send_now, "__qualname__", None) == "WebsaunaTask.send_now"
-            and getattr(send_now, "__module__", None) == "websauna_tasks.tasks"
-            and not task.__v2_compat__
-            and getattr(task, "_dump_pydantic_arguments", None) is None
-            and not (task.soft_time_limit and task.time_limit and task.soft_time_limit > task.time_limit)
-        )
-
-    @staticmethod
-    def _direct(queue: t.Any, options: dict) -> bool:
-        # send_task_message turns a direct exchange without both an exchange
-        # and a routing key into the anonymous exchange: the routing key is
-        # the queue name, which is all the Redis transport needs.
-        if not isinstance(queue, Queue) or isinstance(queue, Broadcast) or options.get("exchange_type"):
-            return False
-        if queue.exchange is None or queue.exchange.type != "direct":
-            return False
-        return not (options.get("exchange") and options.get("routing_key"))
-
-
-@dataclass(frozen=True)
-class _AppDefaults:
-    """Publishing settings of an app, read on its first publish and kept.
-
-    Celery's own ``send_task_message`` reads these once per app too (it is a
-    cached closure), so a change of settings after the first publish has the
-    same (lack of) effect on both paths; reading them per commit would cost
-    more than a single message's publish is allowed to.
-    """
-
-    protocol: int
-    serializer: str
-    compression: str | None
-    delivery_mode: t.Any
-    retry: bool
-    retry_policy: dict
-
-    @classmethod
-    def of(cls, app: Celery) -> _AppDefaults:
-        defaults = _app_defaults.get(app)
-        if defaults is None:
-            conf = app.conf
-            defaults = _app_defaults[app] = cls(
-                conf.task_protocol, conf.task_serializer, conf.task_compression,
-                conf.task_default_delivery_mode, conf.task_publish_retry, conf.task_publish_retry_policy,
-            )
-        return defaults
-
-
-_app_defaults: weakref.WeakKeyDictionary[Celery, _AppDefaults] = weakref.WeakKeyDictionary()
-
-
-def _plain(options: dict, routed: bool = False) -> bool:
-    allowed = _PLAIN_OPTIONS | {"exchange", "routing_key", "immediate", "mandatory"} if routed else _PLAIN_OPTIONS
-    return all(value is None or key in allowed for key, value in options.items())
-
-
-def _celerys_own(func: t.Any, module: t.Any) -> bool:
-    # Tracing integrations (Sentry, ddtrace) and test doubles wrap or
-    # replace these to see or change every message: then they must run.
-    code = getattr(func, "__code__", None)
-    return code is not None and not hasattr(func, "__wrapped__") and code.co_filename == module.__file__
 
 
 class EagerTaskError(Exception):

@@ -46,7 +46,7 @@ from celery import bootsteps
 from pyramid.exceptions import ConfigurationError
 
 from .db import get_engine
-from .dispatch import OUTBOX_ATTRIBUTE, PendingMessage, _batch, _PlainSender
+from .dispatch import OUTBOX_ATTRIBUTE, PendingMessage, publish
 from .fast_path import FastPath
 from .redelivery import Redeliverer
 from .request import get_current_request
@@ -367,28 +367,31 @@ class Outbox:
         return len(rows)
 
     def publish_rows(self, rows: t.Sequence[t.Any]) -> None:
-        """Publish rows (id, task_name, args, kwargs, options) under their ids, in one batch."""
+        """Publish rows (id, task_name, args, kwargs, options) under their ids; raise if any fails.
+
+        Through the send pipeline's publishing path (``dispatch.publish``),
+        one round on Redis, so that if it fails none of these is marked sent.
+        The rows were checked when they were written: nothing is checked again.
+        """
         app = self.app
-        with app.producer_or_acquire() as producer:
-            sender = _PlainSender.for_producer(app, producer)
-            # One round trip on Redis; if it fails, none of these is marked sent.
-            with _batch(producer, len(rows)):
-                for row in rows:
-                    args = json.loads(row.args, object_hook=_decode)
-                    kwargs = json.loads(row.kwargs, object_hook=_decode)
-                    options = _rebuild_options(app, row.options)
-                    task = app.tasks.get(row.task_name)
-                    if task is None:
-                        app.send_task(row.task_name, args, kwargs, task_id=row.id, producer=producer, **options)
-                        continue
-                    message = PendingMessage(task, tuple(args), kwargs, options, row.id)
-                    if sender is not None and sender.send(producer, message, batched=len(rows) > 1):
-                        continue
-                    send_now = getattr(task, "send_now", None)
-                    if send_now is not None:
-                        send_now(args, kwargs, task_id=row.id, producer=producer, **options)
-                    else:
-                        task.apply_async(args, kwargs, task_id=row.id, producer=producer, **options)
+        messages: list[PendingMessage] = []
+        unknown = []
+        for row in rows:
+            args = json.loads(row.args, object_hook=_decode)
+            kwargs = json.loads(row.kwargs, object_hook=_decode)
+            options = _rebuild_options(app, row.options)
+            task = app.tasks.get(row.task_name)
+            if task is None:
+                unknown.append((row, args, kwargs, options))
+            else:
+                messages.append(PendingMessage(task, tuple(args), kwargs, options, row.id))
+        publish(messages, strict=True)
+        if unknown:
+            # A task this process does not know (not scanned here): only its
+            # name can travel, through Celery's send_task.
+            with app.producer_or_acquire() as producer:
+                for row, args, kwargs, options in unknown:
+                    app.send_task(row.task_name, args, kwargs, task_id=row.id, producer=producer, **options)
 
     def drain(self) -> int:
         """Publish every unsent row, batch after batch; the number published."""

@@ -24,7 +24,6 @@ sent again at most ``websauna_tasks.outbox_redeliver_max`` times (default 3).
 """
 from __future__ import annotations
 
-import datetime
 import json
 import logging
 import time
@@ -34,13 +33,14 @@ import sqlalchemy as sa
 
 from .idempotency import done_table
 from .idempotency import ensure_table as ensure_done_table
+from .reliability import read_eta
 from .settings import DEFAULT_REDELIVER_AFTER_SECONDS as DEFAULT_AFTER_SECONDS  # noqa: F401
 from .settings import DEFAULT_REDELIVER_MAX as DEFAULT_MAX  # noqa: F401
 from .settings import REDELIVER_AFTER_KEY as AFTER_KEY  # noqa: F401
 from .settings import REDELIVER_MAX_KEY as MAX_KEY  # noqa: F401
 
 if t.TYPE_CHECKING:
-    from celery import Task
+    from celery import Celery, Task
 
     from .outbox import Outbox
     from .settings import TaskSettings
@@ -98,7 +98,8 @@ class Redeliverer:
         if engine.dialect.name == "postgresql":
             query = query.with_for_update(skip_locked=True, of=table)
         with engine.connect() as conn, conn.begin():
-            rows = [row for row in conn.execute(query).all() if _due_at(row) < now - self.after_seconds]
+            rows = [row for row in conn.execute(query).all()
+                    if _due_at(row, outbox.app) < now - self.after_seconds]
             if not rows:
                 return 0
             outbox.publish_rows(rows)
@@ -118,9 +119,9 @@ def _outbox_table() -> sa.Table:
     return table
 
 
-def _due_at(row: t.Any) -> float:
+def _due_at(row: t.Any, app: Celery | None = None) -> float:
     """When the row's message may first run: its publication, or later with a countdown (which counts from
-    the publication) or an ETA."""
+    the publication) or an ETA (read as ``app``'s worker reads it)."""
     try:
         options = json.loads(row.options)
     except ValueError:
@@ -132,15 +133,10 @@ def _due_at(row: t.Any) -> float:
     if isinstance(eta, dict) and len(eta) == 1:
         # outbox.py stores a datetime as {tag: ISO text}.
         eta = next(iter(eta.values()))
-    if isinstance(eta, str):
-        try:
-            parsed = datetime.datetime.fromisoformat(eta)
-        except ValueError:
-            return row.sent_at
-        if parsed.tzinfo is None:
-            parsed = parsed.replace(tzinfo=datetime.timezone.utc)
-        return max(row.sent_at, parsed.timestamp())
-    return row.sent_at
+    parsed = read_eta(app, eta)
+    if parsed is None:
+        return row.sent_at
+    return max(row.sent_at, parsed.timestamp())
 
 
 def note_failed_run(task: Task, task_id: str) -> None:

@@ -20,6 +20,8 @@ import datetime
 import logging
 import typing as t
 
+from celery.utils.time import maybe_iso8601, maybe_make_aware
+
 from .queues import _REDIS_SCHEMES, REDIS_VISIBILITY_TIMEOUT
 
 if t.TYPE_CHECKING:
@@ -53,37 +55,54 @@ def visibility_timeout(app: Celery) -> float | None:
     return float(options.get("visibility_timeout", REDIS_VISIBILITY_TIMEOUT))
 
 
-def delay_of(options: t.Mapping[str, t.Any], now: datetime.datetime | None = None) -> float:
-    """Seconds until a message sent with these ``apply_async`` options is due (``countdown`` wins)."""
+def read_eta(app: Celery | None, eta: t.Any) -> datetime.datetime | None:
+    """An ``eta`` option as Celery's worker reads it: an aware datetime, or None when it is not one.
+
+    The worker's request does ``maybe_make_aware(maybe_iso8601(eta),
+    app.conf.timezone)`` (celery/worker/request.py); the same call here keeps
+    the caller's idea of "when" the worker's, whatever Celery's rule for a
+    naive value is (in Celery 5.x: read as UTC, then shown in the app's
+    time zone). Every reading of an ETA (the delay checks, a name's claim,
+    the test client's ``scheduled_at``, outbox redelivery) goes through this.
+    """
+    if isinstance(eta, str):
+        try:
+            eta = maybe_iso8601(eta)
+        except ValueError:
+            return None
+    if not isinstance(eta, datetime.datetime):
+        return None
+    return maybe_make_aware(eta, app.conf.timezone if app is not None else None)
+
+
+def delay_of(options: t.Mapping[str, t.Any], now: datetime.datetime | None = None,
+             app: Celery | None = None) -> float:
+    """Seconds until a message sent with these ``apply_async`` options is due (``countdown`` wins).
+
+    A naive ``eta`` is read as ``app``'s worker reads it (:func:`read_eta`).
+    """
     countdown = options.get("countdown")
     if countdown is not None:
         return float(countdown)
-    eta = options.get("eta")
+    eta = read_eta(app, options.get("eta"))
     if eta is None:
         return 0.0
-    if isinstance(eta, str):
-        eta = datetime.datetime.fromisoformat(eta)
-    if not isinstance(eta, datetime.datetime):
-        return 0.0
-    if eta.tzinfo is None:  # Celery reads a naive ETA as UTC
-        eta = eta.replace(tzinfo=datetime.timezone.utc)
     now = now or datetime.datetime.now(datetime.timezone.utc)
     return max(0.0, (eta - now).total_seconds())
 
 
-def check_delay(app: Celery, what: str, options: t.Mapping[str, t.Any]) -> None:
-    """Raise :class:`VisibilityTimeoutExceeded` when ``options`` delay a Redis message past its visibility timeout."""
+def check_delay(app: Celery, what: str, options: t.Mapping[str, t.Any], delay: float | None = None) -> None:
+    """Raise :class:`VisibilityTimeoutExceeded` when ``options`` delay a Redis message past its visibility timeout.
+
+    ``delay``: the seconds already worked out by the caller (the send pipeline reads them once).
+    """
     if options.get("countdown") is None and options.get("eta") is None:
         return
     timeout = visibility_timeout(app)
     if timeout is None:
         return
-    from .dispatch import has_sink
-
-    if has_sink():
-        # The test task client captures the message: it never waits in Redis.
-        return
-    delay = delay_of(options)
+    if delay is None:
+        delay = delay_of(options, app=app)
     if delay >= timeout:
         raise VisibilityTimeoutExceeded(what, delay, timeout)
 

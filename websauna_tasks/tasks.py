@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import datetime
 import functools
 import importlib
 import inspect
@@ -18,7 +17,6 @@ import transaction
 import venusian
 from celery._state import _task_stack
 from celery.exceptions import Reject, Retry
-from celery.utils import uuid
 from pyramid.exceptions import ConfigurationError
 from pyramid.request import Request
 from pyramid.threadlocal import get_current_registry
@@ -26,14 +24,12 @@ from pyramid.threadlocal import manager as threadlocal_manager
 from transaction.interfaces import TransientError
 
 from . import dispatch
-from .dispatch import PendingMessage, schedule, transaction_to_wait_for
+from .dispatch import transaction_to_wait_for
 from .idempotency import check_idempotent_class, claim_run
-from .names import NAME_HEADER, claim_name, release_name
 from .outages import retry_after_outage
-from .queues import APP_ATTRIBUTE, check_queue, mark_gave_up, run_in_queue
+from .queues import APP_ATTRIBUTE, mark_gave_up, run_in_queue
 from .redelivery import note_failed_run
 from .registry import ICeleryApp, get_celery
-from .reliability import check_delay
 from .request import current_task_request, task_request
 from .schedule import periodic_entry
 from .settings import DEFAULT_RETRY_ATTEMPTS as DEFAULT_RETRY_ATTEMPTS
@@ -229,13 +225,16 @@ class WebsaunaTask(celery.Task):
             raise
 
     def send_now(self, args: t.Any = None, kwargs: t.Any = None, **options: t.Any) -> celery.result.AsyncResult:
-        """Publish immediately, bypassing any transaction."""
-        if dispatch.has_sink():
-            task_id = options.pop("task_id", None) or uuid()
-            options.pop("producer", None)
-            dispatch.captured(PendingMessage(self, tuple(args or ()), dict(kwargs or {}), options, task_id))
-            return self.AsyncResult(task_id)
-        return celery.Task.apply_async(self, args, kwargs, **options)
+        """Publish immediately, bypassing any transaction and the checks of :meth:`apply_async`.
+
+        The message goes to the app's publisher (``dispatch.publisher_of``):
+        Celery's ``apply_async`` by default, a test client's capture under test.
+        """
+        return dispatch.send_now(self, args, kwargs, options)
+
+    #: The send_now above: a subclass that replaces it has every message pass
+    #: through its own (the pipeline's fast sender compares the two).
+    plain_send_now = send_now
 
     #: When True, apply_async() without ``tm`` is an error (ScheduleOnCommitTask).
     require_tm = False
@@ -259,53 +258,23 @@ class WebsaunaTask(celery.Task):
         nothing and return the pending task's result (``raise_if_enqueued=True``
         raises :class:`~websauna_tasks.names.AlreadyEnqueued` instead).
         """
-        dispatch.check_task_payload(self, args, kwargs, options)  # JSON and size, before any claim (payload.py)
         for name, value in (("link", link), ("link_error", link_error), ("shadow", shadow)):
             if value is not None:
                 options[name] = value
-        if "retries" not in options:
-            # In the caller, before anything is claimed or scheduled. Celery's
-            # own retries (which pass ``retries``) go back to their queue.
-            check_queue(self.app, options.get("queue") or getattr(self, "queue", None))
-        check_delay(self.app, self.name, options)  # a Redis countdown/eta past the visibility timeout runs twice
         unique_name = options.pop("unique_name", None)
         raise_if_enqueued = options.pop("raise_if_enqueued", False)
-        if tm is _MISSING and (producer is not None or "parent_id" in options or not self.require_tm):
+        if tm is _MISSING:
             # producer=: Celery beat. parent_id: the worker sending the next
             # step of a chain or a link callback once the previous task has
             # finished (and, for transactional tasks, committed).
-            tm = None
-        if tm is _MISSING:
-            raise TypeError(
-                f"{self.name}.apply_async() needs the transaction manager to send after commit: "
-                f"pass tm=request.tm (or tm=None to send immediately)"
-            )
-        if tm is not None and self.typing:
-            # Fail in the caller, before a name is claimed, not silently after the commit.
-            self._check_arguments(tuple(args or ()), dict(kwargs or {}))
-        on_dropped = None
-        if unique_name is not None:
-            task_id = task_id or uuid()
-            holder = claim_name(self.app, unique_name, task_id, _delay_of(options), raise_if_enqueued)
-            if holder is not None:
-                return self.AsyncResult(holder)
-            options["headers"] = {**(options.get("headers") or {}), NAME_HEADER: unique_name}
-            on_dropped = functools.partial(release_name, self.app, unique_name, task_id)
-        if tm is None:
-            try:
-                return self.send_now(args, kwargs, task_id=task_id, producer=producer, **options)
-            except BaseException:
-                if on_dropped is not None:
-                    on_dropped()
-                raise
-        args = tuple(args or ())
-        kwargs = dict(kwargs or {})
-        task_id = task_id or uuid()
-        # A producer given with tm (Celery's group passes one to each member)
-        # is not kept: the message is published after the commit, through
-        # the producer of that publishing round.
-        schedule(tm, PendingMessage(self, args, kwargs, options, task_id, on_dropped))
-        return self.AsyncResult(task_id)
+            if producer is not None or "parent_id" in options or not self.require_tm:
+                tm = None
+            else:
+                tm = dispatch.MISSING
+        # The checks, the name claim and the way out: websauna_tasks.dispatch.
+        return dispatch.send(self, args, kwargs, options, tm=tm, task_id=task_id, producer=producer,
+                             unique_name=unique_name, raise_if_enqueued=raise_if_enqueued,
+                             check_call=self._check_arguments if self.typing else None)
 
     def defer(self, *args: t.Any, **kwargs: t.Any) -> str:
         """Procrastinate's call shape: ``task.defer(*args, **kwargs)`` returns the task id.
@@ -334,17 +303,6 @@ class WebsaunaTask(celery.Task):
         return signature
 
     subtask_from_request = signature_from_request
-
-
-def _delay_of(options: dict[str, t.Any]) -> float:
-    """Seconds until a message with these options may run (a name's claim must outlive it)."""
-    countdown = options.get("countdown")
-    if countdown is not None:
-        return float(countdown)
-    eta = options.get("eta")
-    if isinstance(eta, datetime.datetime):
-        return max(0.0, (eta - datetime.datetime.now(eta.tzinfo)).total_seconds())
-    return 0.0
 
 
 class ScheduleOnCommitTask(WebsaunaTask):

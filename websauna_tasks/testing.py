@@ -39,7 +39,7 @@ import pytest
 if t.TYPE_CHECKING:
     from celery import Celery, Task
 
-    from .dispatch import MessageSink, PendingMessage
+    from .dispatch import PendingMessage, Publisher
 
 logger = logging.getLogger(__name__)
 
@@ -167,12 +167,13 @@ class TaskClient:
     """Captures the task messages the code under test would send, and runs them on demand.
 
     While active (``with TaskClient() as client``, or the ``task_client``
-    fixture) it is the process-wide message sink of ``dispatch``: a message
-    reaches it exactly when it would have reached the broker, so an
-    on-commit message appears only once its transaction commits and never
-    after an abort. Eager apps (``task_always_eager``) are captured too
-    instead of running. ``app.send_task()`` and tasks that are not
-    websauna_tasks tasks bypass it.
+    fixture) it is the publisher of the send pipeline (``dispatch``) for
+    ``apps`` (default: every app without a publisher of its own, including
+    apps built while it is active): a message reaches it exactly when it
+    would have reached the broker, so an on-commit message appears only once
+    its transaction commits and never after an abort. Eager apps
+    (``task_always_eager``) are captured too instead of running.
+    ``app.send_task()`` and tasks that are not websauna_tasks tasks bypass it.
 
     ``drain_pending_jobs()`` runs jobs with Celery's ``task.apply()``: the
     task's own ``__call__``, a fresh task request and transaction, and the
@@ -181,7 +182,7 @@ class TaskClient:
     """
 
     def __init__(self, failure_behaviour: TaskFailedBehaviour | str = TaskFailedBehaviour.RAISE_ERROR,
-                 max_attempts: int = 5, max_runs: int = 1000):
+                 max_attempts: int = 5, max_runs: int = 1000, apps: t.Iterable[Celery] | None = None):
         #: What a drain does with a job that raises; a drain's own argument wins.
         self.failure_behaviour = TaskFailedBehaviour(failure_behaviour)
         #: Runs of one job in all under ``RETRY_TASK``.
@@ -193,30 +194,35 @@ class TaskClient:
         # in a helper thread when a loop is already running).
         self._lock = threading.Lock()
         self._counter = itertools.count(1)
-        self._previous: MessageSink | None = None
+        #: The Celery apps whose messages it captures; None: every app without a publisher of its own.
+        self.apps: tuple[Celery, ...] | None = None if apps is None else tuple(apps)
+        # What each covered app (None: the default) sent to before activate().
+        self._previous: list[tuple[Celery | None, Publisher | None]] = []
         self._active = False
         self._draining = False
 
     # -- being the sink -------------------------------------------------------------------
 
     def activate(self) -> TaskClient:
-        """Become the message sink, remembering the one in place for :meth:`deactivate`."""
-        from .dispatch import set_message_sink
+        """Become the publisher of the apps it covers, remembering theirs for :meth:`deactivate`."""
+        from .dispatch import CapturingPublisher, set_publisher
 
         if self._active:
             raise RuntimeError("this TaskClient is already active")
-        self._previous = set_message_sink(self)
+        publisher = CapturingPublisher(self)
+        self._previous = [(app, set_publisher(publisher, app)) for app in (self.apps or (None,))]
         self._active = True
         return self
 
     def deactivate(self) -> None:
-        """Put the previous sink back, and free the names claimed by jobs that never ran."""
-        from .dispatch import set_message_sink
+        """Put the previous publishers back, and free the names claimed by jobs that never ran."""
+        from .dispatch import set_publisher
 
         if not self._active:
             return
-        set_message_sink(self._previous)
-        self._previous = None
+        for app, previous in reversed(self._previous):
+            set_publisher(previous, app)
+        self._previous = []
         self._active = False
         self._release_names(self.pending_jobs)
 
@@ -231,7 +237,7 @@ class TaskClient:
         return self._active
 
     def capture(self, message: PendingMessage) -> None:
-        """Keep ``message`` as a pending job (called by ``dispatch`` instead of publishing)."""
+        """Keep ``message`` as a pending job (called by its ``CapturingPublisher`` instead of publishing)."""
         job = _job_of(message)
         with self._lock:
             earlier = self._jobs.pop(job.id, None)
@@ -481,16 +487,14 @@ def _queue_of(message: PendingMessage) -> tuple[str, bool]:
 
 
 def _scheduled_at(app: Celery, options: dict[str, t.Any], captured_at: dt.datetime) -> dt.datetime:
+    from .reliability import read_eta
+
     countdown = options.get("countdown")
     if countdown is not None:
         return captured_at + dt.timedelta(seconds=float(countdown))
-    eta = options.get("eta")
-    if isinstance(eta, str):
-        eta = dt.datetime.fromisoformat(eta)
-    if isinstance(eta, dt.datetime):
-        if eta.tzinfo is None:
-            # Celery reads a naive eta in the app's time zone.
-            eta = eta.replace(tzinfo=app.timezone)
+    # The worker's reading of the eta (a naive one included), as the send pipeline's.
+    eta = read_eta(app, options.get("eta"))
+    if eta is not None:
         return eta.astimezone(dt.timezone.utc)
     return captured_at
 
@@ -499,7 +503,7 @@ def _scheduled_at(app: Celery, options: dict[str, t.Any], captured_at: dt.dateti
 def task_client() -> t.Iterator[TaskClient]:
     """A :class:`TaskClient` capturing every task message of the test.
 
-    The previous message sink is put back at teardown, whether the test
+    The previous publisher is put back at teardown, whether the test
     passed or failed, and names claimed by jobs that never ran are freed.
     """
     with TaskClient() as client:

@@ -1,0 +1,290 @@
+"""Writing task messages to the broker: the plain publish of the send pipeline.
+
+:mod:`websauna_tasks.dispatch` decides what is sent and when; this module
+only writes. One producer for a round of messages. Where kombu can batch
+(Redis), each chunk of :data:`CHUNK_SIZE` messages goes out in one
+pipeline, one round trip, written by kombu's own transport code; elsewhere
+(RabbitMQ) kombu publishes message by message as usual. Messages whose
+options are plain are built by :class:`_PlainSender` (Celery's send_task
+with the per-app work done once per round instead of once per message); the
+others go through the task's ``send_now`` (Celery's full ``apply_async``).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import typing as t
+import weakref
+from dataclasses import dataclass
+
+import celery
+import celery.app.base
+import celery.app.task
+from celery import signals
+from kombu import Queue
+from kombu.common import Broadcast
+
+if t.TYPE_CHECKING:
+    from celery import Celery, Task
+
+    from .dispatch import PendingMessage
+
+logger = logging.getLogger(__name__)
+
+
+def write(app: Celery, messages: list[PendingMessage], strict: bool = False) -> None:
+    """Publish ``messages`` of ``app``, in order.
+
+    After a commit (``strict`` False) nobody can be told of a failure: a
+    message that fails is logged with its details and dropped, and the rest
+    are still sent. The outbox relay (``strict`` True) needs the opposite:
+    all of them go in one round and any failure raises, so that none of its
+    rows is marked sent.
+    """
+    if strict:
+        with app.producer_or_acquire() as producer:
+            sender = _PlainSender.for_producer(app, producer)
+            with batch(producer, len(messages)):
+                for message in messages:
+                    _send(producer, sender, message, batched=len(messages) > 1)
+        return
+    try:
+        with app.producer_or_acquire() as producer:
+            sender = _PlainSender.for_producer(app, producer)
+            for start in range(0, len(messages), CHUNK_SIZE):
+                _publish_chunk(producer, sender, messages[start:start + CHUNK_SIZE])
+    except Exception:
+        # Acquiring the producer or reading the app's settings failed
+        # (_publish_chunk logs its own errors): none of these were sent.
+        for message in messages:
+            logger.exception("websauna_tasks: could not publish after commit: %s", message.describe())
+            message.dropped()
+
+
+def _send(producer: t.Any, sender: _PlainSender | None, message: PendingMessage, batched: bool) -> None:
+    if sender is not None and sender.send(producer, message, batched=batched):
+        return
+    task = message.task
+    # A task of another base (an outbox row of a plain Celery task) has no send_now.
+    send_now = getattr(task, "send_now", None) or task.apply_async
+    send_now(message.args, message.kwargs, task_id=message.task_id, producer=producer, **message.options)
+
+
+#: Messages sent in one broker round trip when the transport can batch;
+#: bounds the memory a huge transaction holds in one Redis pipeline.
+CHUNK_SIZE = 1000
+
+
+def _publish_chunk(producer: t.Any, sender: _PlainSender | None, chunk: list[PendingMessage]) -> None:
+    buffered: list[PendingMessage] = []
+    try:
+        with batch(producer, len(chunk)):
+            for message in chunk:
+                try:
+                    _send(producer, sender, message, batched=len(chunk) > 1)
+                    buffered.append(message)
+                except Exception:
+                    logger.exception("websauna_tasks: could not publish after commit: %s", message.describe())
+                    message.dropped()
+    except Exception:
+        # The pipeline failed as a whole: Redis may have run part of it, so
+        # each message is reported as possibly lost, not certainly lost.
+        for message in buffered:
+            logger.exception("websauna_tasks: broker round trip failed after commit, "
+                             "this message may not have been published: %s", message.describe())
+
+
+def batch(producer: t.Any, size: int) -> t.ContextManager[t.Any]:
+    # Producer.batch() is new in kombu 5.7; it publishes immediately on
+    # transports that cannot batch, so it is safe to use everywhere. A lone
+    # message skips it: setting up a pipeline costs more than it saves.
+    batch = getattr(producer, "batch", None)
+    if batch is None or size < 2:
+        return contextlib.nullcontext()
+    # kombu flushes on its own past max_size commands; we want one flush per
+    # chunk, and a message may add a PEXPIRE per priority step to its LPUSH.
+    return batch(max_size=size * 8)
+
+
+# Options _PlainSender knows how to honour, when not None; any other option
+# (countdown, eta, expires, link, exchange, routing_key, stamped_headers...)
+# sends the message through Celery's full apply_async instead.
+_PLAIN_OPTIONS = frozenset({
+    "queue", "priority", "serializer", "compression", "delivery_mode", "time_limit", "soft_time_limit",
+    "ignore_result", "shadow", "headers", "retry", "retry_policy", "add_to_parent",
+})
+
+
+class _PlainSender:
+    """What ``Task.apply_async`` -> ``Celery.send_task`` -> ``send_task_message`` do for a plain message.
+
+    Celery reads a dozen settings, the router and the current worker task for
+    every message and declares the queue each time; sending a thousand
+    messages after one commit spends most of its time there. This reads them
+    once, builds each message with ``app.amqp.create_task_message`` and hands
+    it to ``producer.publish``, so the bytes on the broker are the ones
+    Celery would have written (tests/test_dispatch_transports.py compares
+    them). It is only used when nothing can observe the difference: batching
+    transport, task protocol 2, no task-sent events, no publish signal
+    receivers, nothing wrapping or replacing ``apply_async``/``send_task``,
+    and the task does not override ``send_now``.
+    """
+
+    def __init__(self, app: Celery, defaults: _AppDefaults):
+        self.defaults = defaults
+        self.amqp = app.amqp
+        self.router = app.amqp.router
+        self.backend = app.backend
+        self.reply_to = app.thread_oid
+        self.parent = app.current_worker_task
+        self.inherit_priority = bool(self.parent) and app.conf.task_inherit_parent_priority
+        self.declared: set[str] = set()
+
+    @classmethod
+    def for_producer(cls, app: Celery, producer: t.Any) -> _PlainSender | None:
+        if not getattr(producer, "supports_batch_publish", False):
+            return None
+        defaults = _AppDefaults.of(app)
+        if defaults.protocol != 2 or app.conf.task_send_sent_event:
+            return None
+        if any(signal.receivers for signal in
+               (signals.before_task_publish, signals.after_task_publish, signals.task_sent)):
+            return None
+        if (not _celerys_own(celery.Task.apply_async, celery.app.task)
+                or not _celerys_own(type(app).send_task, celery.app.base) or "send_task" in vars(app)):
+            return None
+        return cls(app, defaults)
+
+    def send(self, producer: t.Any, message: PendingMessage, batched: bool) -> bool:
+        """Publish ``message`` and return True, or return False having done nothing."""
+        task = message.task
+        if not self._plain_task(task):
+            return False
+        options = dict(task._get_exec_options())
+        options.update(message.options)
+        options.setdefault("ignore_result", task.ignore_result)
+        if not _plain(options):
+            return False
+        args, kwargs = message.args, message.kwargs
+        shadow = options.pop("shadow", None) or task.shadow_name(args, kwargs, message.options)
+        add_to_parent = options.pop("add_to_parent", True)
+        ignore_result = options.pop("ignore_result")
+        retry = options.pop("retry", None)
+        retry_policy = options.pop("retry_policy", None)
+        options = self.router.route(options, task.name, args, kwargs, task)
+        queue = options.get("queue")
+        if not self._direct(queue, options) or not _plain(options, routed=True):
+            return False
+
+        root_id = parent_id = None
+        parent = self.parent
+        if parent:
+            root_id = parent.request.root_id or parent.request.id
+            parent_id = parent.request.id
+            if self.inherit_priority:
+                options.setdefault("priority", parent.request.delivery_info.get("priority"))
+
+        headers, properties, body, _sent_event = self.amqp.create_task_message(
+            message.task_id, task.name, args, kwargs,
+            reply_to=self.reply_to, time_limit=options.get("time_limit"),
+            soft_time_limit=options.get("soft_time_limit"),
+            root_id=root_id, parent_id=parent_id, shadow=shadow, ignore_result=ignore_result,
+        )
+        extra_headers = options.get("headers")
+        if extra_headers:
+            headers.update(extra_headers)
+
+        defaults = self.defaults
+        retry = defaults.retry if retry is None else retry
+        policy = dict(defaults.retry_policy, **retry_policy) if retry_policy else defaults.retry_policy
+        if queue.name not in self.declared:
+            # Celery declares the queue with every message; kombu remembers
+            # declared entities per connection, so once per commit suffices.
+            producer.maybe_declare(queue, retry=retry, **policy)
+            self.declared.add(queue.name)
+        if not ignore_result:
+            self.backend.on_task_call(producer, message.task_id)
+        # In a batch, publish only buffers and cannot meet a broker error
+        # (the round trip is the flush): wrapping it in kombu's retry would
+        # only cost time.
+        producer.publish(
+            body, exchange="", routing_key=queue.name,
+            serializer=options.get("serializer") or defaults.serializer,
+            compression=options.get("compression") or defaults.compression,
+            delivery_mode=options.get("delivery_mode") or queue.exchange.delivery_mode or defaults.delivery_mode,
+            priority=options.get("priority"), headers=headers,
+            retry=retry and not batched, retry_policy=policy, **properties,
+        )
+        if parent and add_to_parent:
+            result = task.AsyncResult(message.task_id)
+            result.ignored = ignore_result
+            parent.add_trail(result)
+        return True
+
+    @staticmethod
+    def _plain_task(task: Task) -> bool:
+        cls = type(task)
+        # WebsaunaTask keeps its own send_now as plain_send_now: a class (or
+        # a test double) that replaces send_now wants every message to pass
+        # through it, and so does a task of any other base.
+        return (
+            getattr(cls, "send_now", None) is getattr(cls, "plain_send_now", False)
+            and not task.__v2_compat__
+            and getattr(task, "_dump_pydantic_arguments", None) is None
+            and not (task.soft_time_limit and task.time_limit and task.soft_time_limit > task.time_limit)
+        )
+
+    @staticmethod
+    def _direct(queue: t.Any, options: dict) -> bool:
+        # send_task_message turns a direct exchange without both an exchange
+        # and a routing key into the anonymous exchange: the routing key is
+        # the queue name, which is all the Redis transport needs.
+        if not isinstance(queue, Queue) or isinstance(queue, Broadcast) or options.get("exchange_type"):
+            return False
+        if queue.exchange is None or queue.exchange.type != "direct":
+            return False
+        return not (options.get("exchange") and options.get("routing_key"))
+
+
+@dataclass(frozen=True)
+class _AppDefaults:
+    """Publishing settings of an app, read on its first publish and kept.
+
+    Celery's own ``send_task_message`` reads these once per app too (it is a
+    cached closure), so a change of settings after the first publish has the
+    same (lack of) effect on both paths; reading them per commit would cost
+    more than a single message's publish is allowed to.
+    """
+
+    protocol: int
+    serializer: str
+    compression: str | None
+    delivery_mode: t.Any
+    retry: bool
+    retry_policy: dict
+
+    @classmethod
+    def of(cls, app: Celery) -> _AppDefaults:
+        defaults = _app_defaults.get(app)
+        if defaults is None:
+            conf = app.conf
+            defaults = _app_defaults[app] = cls(
+                conf.task_protocol, conf.task_serializer, conf.task_compression,
+                conf.task_default_delivery_mode, conf.task_publish_retry, conf.task_publish_retry_policy,
+            )
+        return defaults
+
+
+_app_defaults: weakref.WeakKeyDictionary[Celery, _AppDefaults] = weakref.WeakKeyDictionary()
+
+
+def _plain(options: dict, routed: bool = False) -> bool:
+    allowed = _PLAIN_OPTIONS | {"exchange", "routing_key", "immediate", "mandatory"} if routed else _PLAIN_OPTIONS
+    return all(value is None or key in allowed for key, value in options.items())
+
+
+def _celerys_own(func: t.Any, module: t.Any) -> bool:
+    # Tracing integrations (Sentry, ddtrace) and test doubles wrap or
+    # replace these to see or change every message: then they must run.
+    code = getattr(func, "__code__", None)
+    return code is not None and not hasattr(func, "__wrapped__") and code.co_filename == module.__file__

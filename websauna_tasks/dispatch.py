@@ -290,6 +290,8 @@ class _Publishers:
     def __init__(self) -> None:
         self.default: Publisher = _BROKER
         self.by_app: weakref.WeakKeyDictionary[Celery, Publisher] = weakref.WeakKeyDictionary()
+        # Looked at for every message: a plain attribute is cheaper than the mapping's len().
+        self.any_own = False
 
 
 _publishers = _Publishers()
@@ -297,7 +299,7 @@ _publishers = _Publishers()
 
 def publisher_of(app: Celery) -> Publisher:
     """The publisher ``app``'s messages go to."""
-    if _publishers.by_app:
+    if _publishers.any_own:
         own = _publishers.by_app.get(app)
         if own is not None:
             return own
@@ -320,6 +322,7 @@ def set_publisher(publisher: Publisher | None, app: Celery | None = None) -> Pub
         _publishers.by_app.pop(app, None)
     else:
         _publishers.by_app[app] = publisher
+    _publishers.any_own = bool(_publishers.by_app)
     return previous
 
 

@@ -584,9 +584,7 @@ def test_the_outbox_takes_its_numbers_from_the_layer():
 # -- nothing but the layer reads a setting ------------------------------------------------------------
 
 # config.py parses websauna.celery_config (with the flat celery.* keys) for the layer.
-# intake.py: TEMPORARY, until its _setting() becomes get_task_settings(registry).max_message_bytes
-# (the intake's owner switches it); test_the_intake_limit_is_the_layers_value holds the two equal meanwhile.
-EXEMPT = {("config.py", CELERY_CONFIG_KEY), ("intake.py", MAX_MESSAGE_KEY)}
+EXEMPT = {("config.py", CELERY_CONFIG_KEY)}
 _READ_METHODS = {"get", "pop", "setdefault"}
 # Calls of the layer itself: a module handing it a mapping to parse does not parse anything.
 _LAYER_FUNCTIONS = {"parse_setting", "parse_settings"}

@@ -1,8 +1,8 @@
 """The send pipeline (websauna_tasks/dispatch.py): every way of sending goes through one publisher seam.
 
-No service is needed: the apps name a Redis broker (so that the visibility
-timeout applies) but every message stops at a publisher of the test's own,
-so nothing connects.
+No service is needed (but for the dead letter's requeue at the end): the
+apps name a Redis broker (so that the visibility timeout applies) but every
+message stops at a publisher of the test's own, so nothing connects.
 """
 from __future__ import annotations
 
@@ -18,7 +18,16 @@ from kombu.message import Message
 from kombu.serialization import dumps
 
 from tests import deferred_functions
-from websauna_tasks import VisibilityTimeoutExceeded, defer, dispatch, get_celery
+from tests.test_dead_letter_entries import make_dead_letter
+from websauna_tasks import (
+    UndeclaredQueue,
+    VisibilityTimeoutExceeded,
+    defer,
+    dispatch,
+    get_celery,
+    list_dead_letters,
+    requeue_dead_letter,
+)
 from websauna_tasks.broker import _PlainSender
 from websauna_tasks.iteration import SHARD_TASK_NAME, _send_shard
 from websauna_tasks.outbox import Outbox
@@ -217,3 +226,22 @@ def test_the_fast_sender_knows_our_send_now_by_identity(app):
     type(replaced).send_now = lambda self, *args, **kwargs: None  # a test double replaced it after the fact
     assert not _PlainSender._plain_task(replaced)
     assert json.loads(json.dumps(sorted(dispatch.__all__)))  # the public names are listed
+
+
+# -- a dead letter's way back ------------------------------------------------------------------------
+
+def test_a_dead_letter_goes_back_only_to_a_declared_queue(make_app, redis_url, redis_client, queue_name):
+    config = {"broker_url": redis_url, "task_default_queue": queue_name}
+    router = make_app(**{"websauna.celery_config": repr(config), "websauna_tasks.queues": repr([{"name": queue_name}]),
+                         "websauna_tasks.deadletter_queue": f"{queue_name}.dead"})
+    celery = get_celery(router.registry)
+    try:
+        task_id = make_dead_letter(celery, queue_name)
+        with pytest.raises(UndeclaredQueue):
+            requeue_dead_letter(celery, task_id, queue=f"{queue_name}.typo")
+        assert [entry["id"] for entry in list_dead_letters(celery)] == [task_id], "kept after the refusal"
+        assert redis_client.llen(f"{queue_name}.typo") == 0
+        assert requeue_dead_letter(celery, task_id) is True
+        assert [json.loads(raw)["headers"]["id"] for raw in redis_client.lrange(queue_name, 0, -1)] == [task_id]
+    finally:
+        redis_client.delete(f"{queue_name}.dead", f"{queue_name}.typo")

@@ -34,6 +34,8 @@ from datetime import datetime, timezone
 
 from pyramid.exceptions import ConfigurationError
 
+from .dispatch import check_requeue
+
 if t.TYPE_CHECKING:
     from celery import Celery
     from pyramid.registry import Registry
@@ -224,9 +226,11 @@ def requeue_dead_letter(registry_or_app: t.Any, task_id: str, queue: str | None 
 
     Only for the Redis transport, whose queues are lists of the envelopes kept
     here. Unreadable entries, and letters that keep no whole message, are never
-    requeued.
+    requeued. The target queue meets the send pipeline's queue check
+    (``dispatch.check_requeue``): an undeclared one raises ``UndeclaredQueue``.
     """
-    letters = get_dead_letters(_app_of(registry_or_app))
+    app = _app_of(registry_or_app)
+    letters = get_dead_letters(app)
     client = letters.client
     if client is None:
         return False
@@ -237,6 +241,7 @@ def requeue_dead_letter(registry_or_app: t.Any, task_id: str, queue: str | None 
         target = queue or entry.get("queue")
         if not target:
             raise ValueError(f"dead letter {task_id}: no queue recorded, pass queue=")
+        check_requeue(app, target)
         message = entry["message"]
         properties = dict(message.get("properties") or {})
         properties["delivery_tag"] = str(uuid.uuid4())

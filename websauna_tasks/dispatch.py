@@ -3,9 +3,10 @@
 Every way of sending comes here: ``apply_async`` (with ``tm``, without it,
 ``tm=None``), ``delay``, ``task.defer``, ``defer()``, the shards of an
 iteration and beat (all through ``apply_async``), Celery's own retries, the
-outbox relay and its redelivery (:func:`publish` with ``strict=True``), and
-the test client's capture. :func:`send` runs the checks once, in this order,
-and stops at the first that fails, before anything is claimed or written:
+outbox relay and its redelivery (:func:`publish` with ``strict=True``), a
+dead letter's requeue (:func:`check_requeue`), and the test client's
+capture. :func:`send` runs the checks once, in this order, and stops at the
+first that fails, before anything is claimed or written:
 
 1. the arguments: JSON, size and nesting depth (``payload.py``);
 2. the queue: declared, when queues are declared (``queues.py``; not for
@@ -64,7 +65,7 @@ if t.TYPE_CHECKING:
 __all__ = [
     "PendingMessage", "Publisher", "BrokerPublisher", "CapturingPublisher", "MessageSink", "send", "schedule",
     "publish", "publisher_of", "set_publisher", "transaction_to_wait_for", "set_message_sink", "has_sink",
-    "captured", "check_payload", "check_task_payload", "EagerTaskError", "OUTBOX_ATTRIBUTE",
+    "captured", "check_payload", "check_task_payload", "check_requeue", "EagerTaskError", "OUTBOX_ATTRIBUTE",
 ]
 
 logger = logging.getLogger(__name__)
@@ -174,6 +175,16 @@ def send(task: Task, args: t.Any, kwargs: t.Any, options: dict[str, t.Any], *, t
     # the producer of that publishing round.
     schedule(tm, PendingMessage(task, tuple(args or ()), dict(kwargs or {}), options, task_id, on_dropped))
     return task.AsyncResult(task_id)
+
+
+def check_requeue(app: Celery, queue: str) -> None:
+    """The checks a dead letter meets on its way back to ``queue`` (``deadletter.requeue_dead_letter``).
+
+    It goes back as the bytes it came with, moved in one Redis step, so of
+    the numbered checks only the queue (2) applies here; its body meets the
+    worker's intake (intake.py) again when it is taken.
+    """
+    check_queue(app, queue)
 
 
 def send_now(task: Task, args: t.Any, kwargs: t.Any, options: dict[str, t.Any]) -> AsyncResult:

@@ -18,7 +18,7 @@ from pyramid.exceptions import ConfigurationError
 from sqlalchemy import text
 
 from tests import deferred_functions, queue_tasks
-from websauna_tasks import UndeclaredQueue, backoff_seconds, defer, get_celery, get_queues
+from websauna_tasks import UndeclaredQueue, backoff_seconds, defer, get_celery, get_queues, list_dead_letters
 from websauna_tasks.defer import DEFERRED_TASK_NAME
 from websauna_tasks.queues import QueueConfig, RedisLimits, hold_slot, parse_queues
 
@@ -481,9 +481,11 @@ def test_the_tasks_own_retry_rules_come_first(redis_url, database_url, names, ru
     # Conflict retries are inside a run: 3 per attempt, 2 attempts.
     assert type(conflict_error).__name__ == "TransientError"
     assert [row["retries"] for row in runs(runs_db, "conflict")] == [0, 0, 0, 1, 1, 1]
-    # A refused deferred path is never attempted again.
+    # A refused deferred path never runs: the intake moves it aside once, whatever the queue allows.
     assert type(refused_error).__name__ == "DeferNotAllowed"
-    assert worker.output().count(f"refused deferred call (task id {refused.id})") == 1
+    assert worker.output().count(f"message id {refused.id} task {DEFERRED_TASK_NAME}") == 1
+    assert any(letter["id"] == refused.id and letter["kind"] == "refused_deferred"
+               for letter in list_dead_letters(app.registry))
 
 
 def test_worker_with_q_consumes_only_that_queue(redis_url, database_url, names, runs_db, tmp_path, redis_client,

@@ -261,7 +261,10 @@ def resolve_deferred(path: t.Any, args: t.Any, kwargs: t.Any, prefixes: t.Iterab
     check_allowed(path, prefixes)
     if not isinstance(args, list) or not isinstance(kwargs, dict):
         raise DeferNotAllowed(f"malformed arguments for {path}")
-    func = _resolve(path)
+    try:
+        func = resolve_path(path)
+    except (ImportError, AttributeError) as exc:
+        raise DeferNotAllowed(f"refused deferred call {path}: cannot be found ({type(exc).__name__}: {exc})") from None
     module, _, qualname = path.partition(":")
     problem = target_problem(module, qualname, func)
     if problem is not None:
@@ -269,16 +272,18 @@ def resolve_deferred(path: t.Any, args: t.Any, kwargs: t.Any, prefixes: t.Iterab
     return func
 
 
-def _resolve(path: str) -> t.Callable[..., t.Any]:
+def resolve_path(path: str) -> t.Callable[..., t.Any]:
+    """Import ``module:qualname`` and return what it names; ImportError/AttributeError when it is not there.
+
+    :class:`DeferNotAllowed` for a path that is not a plain qualified name or
+    names an object defined in another module. Check the allow-list first.
+    """
     module, _, qualname = path.partition(":")
     if not all(part.isidentifier() for part in module.split(".")):
         raise DeferNotAllowed(f"refused deferred call {path}: not a module name")
     if any(not part.isidentifier() or part.startswith("__") for part in qualname.split(".")):
         raise DeferNotAllowed(f"refused deferred call {path}: not a plain qualified name")
-    try:
-        func = _lookup(module, qualname)
-    except (ImportError, AttributeError) as exc:
-        raise DeferNotAllowed(f"refused deferred call {path}: cannot be found ({type(exc).__name__}: {exc})") from None
+    func = _lookup(module, qualname)
     # The allow-list is about where a function is defined: a module of the
     # app that imports os must not make "myapp.views:os.system" callable.
     if getattr(func, "__module__", None) != module or getattr(func, "__qualname__", None) != qualname:

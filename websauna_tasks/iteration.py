@@ -53,12 +53,12 @@ from .db import get_engine
 from .defer import (
     DeferNotAllowed,
     _queue_option,
-    _resolve,
     allowed_prefixes,
     check_allowed,
     defer,
     deferrable,
     function_path,
+    resolve_path,
 )
 from .registry import ICeleryApp
 from .request import get_current_request
@@ -202,7 +202,7 @@ def _load_allowed(path: t.Any, prefixes: t.Iterable[str], what: str) -> t.Any:
     except DeferNotAllowed as exc:
         raise DeferNotAllowed(f"{what}: {exc}") from None
     try:
-        return _resolve(path)
+        return resolve_path(path)
     except DeferNotAllowed:
         raise
     except (ImportError, AttributeError) as exc:

@@ -85,6 +85,7 @@ eager_errors: contextvars.ContextVar[list[BaseException] | None] = contextvars.C
     "websauna_tasks_eager_errors", default=None
 )
 
+
 @dataclass
 class PendingMessage:
     task: "Task"

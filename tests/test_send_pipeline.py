@@ -202,6 +202,18 @@ def test_a_client_for_every_app_covers_apps_built_while_it_is_active(make_app):
     assert isinstance(dispatch.publisher_of(app), dispatch.BrokerPublisher)
 
 
+def test_no_production_module_asks_whether_a_sink_is_set():
+    import pathlib
+
+    import websauna_tasks
+
+    package = pathlib.Path(websauna_tasks.__file__).parent
+    asking = sorted(path.name for path in package.glob("*.py") if path.name != "dispatch.py" and any(
+        name in path.read_text() for name in ("has_sink(", "captured(", "set_message_sink(", "_sink")))
+    assert asking == []
+    assert not hasattr(dispatch, "_sink")
+
+
 def test_link_callbacks_of_a_captured_message_are_kept(app, recording):
     callback = signature("tests.add", args=(1,), app=app)
     app.tasks["tests.add"].apply_async((1, 2), tm=None, link=callback)

@@ -121,8 +121,8 @@ def measure_in_process(database_url: str, runs: int = 10_000, block: int = 1_000
 
     The database must have the ``ws_test_effects`` table.
     """
-    from tests import sample_tasks
-    from tests.testapp import main
+    from tests.apps import sample_tasks
+    from tests.apps.testapp import main
     from websauna_tasks.db import get_engine
 
     application_name = f"ws-leak-{uuid.uuid4().hex[:8]}"

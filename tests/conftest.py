@@ -212,7 +212,7 @@ def built_apps():
 @pytest.fixture
 def make_app(built_apps):
     """Build the test application from a settings dict; returns the WSGI router."""
-    from tests.testapp import main
+    from tests.apps.testapp import main
 
     def factory(**settings):
         router = main({}, **settings)
@@ -224,10 +224,10 @@ def make_app(built_apps):
 
 @pytest.fixture
 def write_ini(tmp_path):
-    """Write an INI for tests.testapp with the given [app:main] settings."""
+    """Write an INI for tests.apps.testapp with the given [app:main] settings."""
 
     def factory(settings: dict[str, str], name: str = "test.ini") -> str:
-        lines = ["[app:main]", "use = call:tests.testapp:main"]
+        lines = ["[app:main]", "use = call:tests.apps.testapp:main"]
         for key, value in settings.items():
             value = textwrap.indent(str(value), "    ").lstrip() if "\n" in str(value) else value
             lines.append(f"{key} = {value}")
@@ -254,7 +254,7 @@ def fault_servers(tmp_path):
     """
     import sqlalchemy as sa
 
-    from tests import fault_tasks
+    from tests.apps import fault_tasks
 
     redis_dir = tmp_path / "redis"
     redis_dir.mkdir()

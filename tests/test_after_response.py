@@ -12,7 +12,7 @@ from pyramid.interfaces import ITweens
 from pyramid.request import Request
 from pyramid.testing import DummyRequest
 
-from tests.after_response_app import BARRIER, EVENTS, RECORD, make_app
+from tests.apps.after_response_app import BARRIER, EVENTS, RECORD, make_app
 from websauna_tasks import run_after_response
 from websauna_tasks.after_response import after_response_tween_factory
 

@@ -9,8 +9,8 @@ import transaction
 from celery.result import AsyncResult
 from sqlalchemy import text
 
-from tests import async_tasks
-from tests.extra_apps import async_main, write_ini
+from tests.apps import async_tasks
+from tests.apps.extra_apps import async_main, write_ini
 from tests.test_worker_request import effect_rows
 from websauna_tasks import TransactionalTask, get_celery
 from websauna_tasks.testing import wait_for

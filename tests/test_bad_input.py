@@ -20,7 +20,7 @@ import transaction
 from pyramid.exceptions import ConfigurationError
 from sqlalchemy import text
 
-from tests import deferred_functions, sample_tasks
+from tests.apps import deferred_functions, sample_tasks
 from tests.conftest import queued_messages
 from websauna_tasks import PayloadTooLarge, defer, get_celery, list_dead_letters, requeue_dead_letter
 from websauna_tasks.payload import DEFAULT_MAX_PAYLOAD_BYTES, MAX_PAYLOAD_KEY, check_payload
@@ -94,7 +94,7 @@ def test_task_defer_and_defer_refuse_non_json_arguments(app, tm, redis_client, q
     with tm:
         with pytest.raises(TypeError, match=r"tests\.add: argument 1 \(Opaque\)"):
             sample_tasks.add.defer(Opaque(), 2)
-    with pytest.raises(TypeError, match=r"defer\(tests\.deferred_functions:record\): keyword argument 'note' "
+    with pytest.raises(TypeError, match=r"defer\(tests\.apps\.deferred_functions:record\): keyword argument 'note' "
                                         r"\(Opaque\) cannot travel as JSON"):
         defer(deferred_functions.record, "x", note=Opaque(), _registry=app.registry, _transactional=False)
     assert queued(redis_client, queue_name) == []
@@ -138,7 +138,7 @@ def test_oversize_payload_refused_with_task_size_and_setting_nothing_sent_or_cla
 
 
 def test_defer_oversize_refused_before_claiming_its_name(app, redis_client, queue_name):
-    with pytest.raises(PayloadTooLarge, match=r"^defer\(tests\.deferred_functions:record\): "):
+    with pytest.raises(PayloadTooLarge, match=r"^defer\(tests\.apps\.deferred_functions:record\): "):
         defer(deferred_functions.record, "y" * (DEFAULT_MAX_PAYLOAD_BYTES + 1), _name=f"{queue_name}-defer",
               _registry=app.registry, _transactional=False)
     task_id = defer(deferred_functions.record, "small", _name=f"{queue_name}-defer", _registry=app.registry,

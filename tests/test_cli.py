@@ -162,7 +162,7 @@ def test_pipeline_ini_points_to_the_app_section(run_cli, tmp_path, settings, que
     ini = tmp_path / "pipeline.ini"
     ini.write_text(
         "[pipeline:main]\npipeline = myapp\n\n"
-        "[app:myapp]\nuse = call:tests.testapp:main\n"
+        "[app:myapp]\nuse = call:tests.apps.testapp:main\n"
         f"websauna.celery_config = {settings['websauna.celery_config']}\n"
     )
     line = assert_one_line_error(run_cli(str(ini), "--", "report"), "[pipeline:main]", f"{ini}#myapp")

@@ -16,7 +16,7 @@ import pytest
 import transaction
 from sqlalchemy import text
 
-from tests import reliability_tasks
+from tests.apps import reliability_tasks
 from websauna_tasks import ScheduleOnCommitTask, TransactionalTask, VisibilityTimeoutExceeded, defer
 from websauna_tasks.reliability import check_transport_options, delay_of
 from websauna_tasks.testing import wait_for
@@ -30,7 +30,7 @@ def reliability_settings(redis_url: str, database_url: str, queue_name: str, **c
 
 
 def make_reliability_app(settings: dict[str, str]):
-    from tests.reliability_app import main
+    from tests.apps.reliability_app import main
 
     return main({}, **settings)
 
@@ -46,7 +46,7 @@ def build(built_apps, redis_url, database_url, queue_name, db):
 
 
 def write_reliability_ini(tmp_path, settings: dict[str, str], name: str = "reliability.ini") -> str:
-    lines = ["[app:main]", "use = call:tests.reliability_app:main"]
+    lines = ["[app:main]", "use = call:tests.apps.reliability_app:main"]
     lines += [f"{key} = {value}" for key, value in settings.items()]
     path = tmp_path / name
     path.write_text("\n".join(lines) + "\n")
@@ -124,10 +124,10 @@ def test_countdown_past_the_visibility_timeout_is_refused(build, redis_client, q
 
 
 def test_defer_countdown_is_checked_too(build):
-    from tests import deferred_functions
+    from tests.apps import deferred_functions
 
     app = build()
-    with pytest.raises(VisibilityTimeoutExceeded, match=r"defer\(tests.deferred_functions"):
+    with pytest.raises(VisibilityTimeoutExceeded, match=r"defer\(tests.apps.deferred_functions"):
         defer(deferred_functions.record, "x", _countdown=7200, _registry=app.registry)
     far = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(days=3)
     with pytest.raises(VisibilityTimeoutExceeded):

@@ -14,7 +14,7 @@ import transaction
 from celery.result import AsyncResult
 from sqlalchemy import text
 
-from tests import deferred_elsewhere, deferred_functions
+from tests.apps import deferred_elsewhere, deferred_functions
 from tests.conftest import queued_messages
 from websauna_tasks import DeferNotAllowed, defer, drop_dead_letter, get_celery, list_dead_letters
 from websauna_tasks.defer import DEFERRED_TASK_NAME
@@ -66,7 +66,7 @@ def test_message_carries_the_path_and_json_arguments(app, redis_client, queue_na
     assert message["headers"]["id"] == task_id
     assert message["content-type"] == "application/json"
     args, kwargs, _embed = body_of(message)
-    assert args == ["tests.deferred_functions:record", ["v1"], {"note": "n"}]
+    assert args == ["tests.apps.deferred_functions:record", ["v1"], {"note": "n"}]
     assert kwargs == {}
 
 
@@ -74,7 +74,8 @@ def test_static_and_class_methods_travel_by_qualified_name(app, redis_client, qu
     defer(deferred_functions.Jobs.static_record, "s", _registry=app.registry)
     defer(deferred_functions.Jobs.class_record, "c", _registry=app.registry)
     paths = [body_of(m)[0][0] for m in sent(redis_client, queue_name)]
-    assert paths == ["tests.deferred_functions:Jobs.static_record", "tests.deferred_functions:Jobs.class_record"]
+    assert paths == ["tests.apps.deferred_functions:Jobs.static_record",
+                     "tests.apps.deferred_functions:Jobs.class_record"]
 
 
 @pytest.mark.parametrize("args, kwargs, named", [
@@ -107,7 +108,7 @@ def test_nested_function_is_refused(app):
 
 
 def test_task_proxy_points_to_apply_async(app):
-    from tests import sample_tasks
+    from tests.apps import sample_tasks
 
     with pytest.raises(TypeError, match="apply_async"):
         defer(sample_tasks.add, 1, 2, _registry=app.registry)
@@ -200,21 +201,21 @@ def test_in_a_view_it_waits_for_pyramid_tm(app, redis_client, queue_name):
 def test_functions_outside_the_allowed_modules_are_refused_at_defer_time(make_app, redis_url, database_url,
                                                                         queue_name, redis_client, db):
     router = make_app(**redis_settings(redis_url, database_url, queue_name,
-                                       **{"websauna_tasks.defer_allowed_modules": "tests.deferred_functions"}))
-    with pytest.raises(DeferNotAllowed, match="tests.deferred_elsewhere:unmarked"):
+                                       **{"websauna_tasks.defer_allowed_modules": "tests.apps.deferred_functions"}))
+    with pytest.raises(DeferNotAllowed, match="tests.apps.deferred_elsewhere:unmarked"):
         defer(deferred_elsewhere.unmarked, "x", _registry=router.registry)
     with pytest.raises(DeferNotAllowed, match="os:getcwd|posix:getcwd"):
         defer(os.getcwd, _registry=router.registry)
     defer(deferred_elsewhere.marked, "m", _registry=router.registry)
     defer(deferred_functions.record, "r", _registry=router.registry)
     assert [body_of(m)[0][0] for m in sent(redis_client, queue_name)] == [
-        "tests.deferred_elsewhere:marked", "tests.deferred_functions:record"]
+        "tests.apps.deferred_elsewhere:marked", "tests.apps.deferred_functions:record"]
 
 
 def test_default_allow_list_is_the_applications_package(app):
     from websauna_tasks.defer import allowed_prefixes
 
-    assert allowed_prefixes(app.registry) == ("tests",)  # tests.testapp builds the app
+    assert allowed_prefixes(app.registry) == ("tests",)  # tests.apps.testapp builds the app
 
 
 def test_bad_allow_list_setting_is_a_configuration_error(make_app):
@@ -251,7 +252,7 @@ def test_worker_runs_deferred_functions_and_refuses_forged_messages(
         make_app, redis_url, database_url, queue_name, db, write_ini, ws_celery_worker_factory,
         subprocess_env, tmp_path):
     settings = redis_settings(redis_url, database_url, queue_name,
-                              **{"websauna_tasks.defer_allowed_modules": "tests.deferred_functions"})
+                              **{"websauna_tasks.defer_allowed_modules": "tests.apps.deferred_functions"})
     marker = tmp_path / "imported"
     system_marker = tmp_path / "system-ran"
     env = dict(subprocess_env, WS_TEST_IMPORT_MARKER=str(marker))
@@ -272,9 +273,9 @@ def test_worker_runs_deferred_functions_and_refuses_forged_messages(
     app = get_celery(registry)
     forged = {
         "os:system": ["os:system", [f"touch {system_marker}"], {}],
-        "attribute of an allowed module": ["tests.deferred_functions:os.system", [f"touch {system_marker}"], {}],
-        "dunder walk": ["tests.deferred_functions:record.__globals__", [], {}],
-        "import side effect": ["tests.deferred_import_side_effect:harmless", [], {}],
+        "attribute of an allowed module": ["tests.apps.deferred_functions:os.system", [f"touch {system_marker}"], {}],
+        "dunder walk": ["tests.apps.deferred_functions:record.__globals__", [], {}],
+        "import side effect": ["tests.apps.deferred_import_side_effect:harmless", [], {}],
         "malformed": [42, "not a list", None],
     }
     results = {what: app.send_task(DEFERRED_TASK_NAME, args=args) for what, args in forged.items()}
@@ -301,7 +302,7 @@ def test_worker_runs_deferred_functions_and_refuses_forged_messages(
 
 def test_import_side_effect_module_really_has_one(tmp_path):
     marker = tmp_path / "marker"
-    code = "import tests.deferred_import_side_effect"
+    code = "import tests.apps.deferred_import_side_effect"
     root = pathlib.Path(__file__).resolve().parent.parent
     subprocess.run([sys.executable, "-c", code], cwd=root, check=True,
                    env={**os.environ, "WS_TEST_IMPORT_MARKER": str(marker), "PYTHONPATH": str(root)})

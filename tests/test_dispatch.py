@@ -9,7 +9,7 @@ import webtest
 from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
 
-from tests import sample_tasks
+from tests.apps import sample_tasks
 from tests.conftest import queued_messages
 
 

@@ -20,7 +20,7 @@ from celery import signals
 from celery.utils import uuid as celery_uuid
 from sqlalchemy import text
 
-from tests import sample_tasks
+from tests.apps import sample_tasks
 from tests.conftest import queued_messages, service_missing
 from websauna_tasks import broker, dispatch, get_celery
 

@@ -15,7 +15,7 @@ import time
 import pytest
 import sqlalchemy as sa
 
-from tests import fault_tasks
+from tests.apps import fault_tasks
 from tests.servers import PrivatePostgres, PrivateRedis
 from websauna_tasks.db import get_engine
 from websauna_tasks.request import task_request
@@ -39,7 +39,8 @@ def fault_settings(broker: PrivateRedis, database: PrivatePostgres, **extra: str
 
 
 def write_fault_ini(tmp_path, settings: dict[str, str]) -> str:
-    lines = ["[app:main]", "use = call:tests.fault_app:main"] + [f"{key} = {value}" for key, value in settings.items()]
+    lines = ["[app:main]", "use = call:tests.apps.fault_app:main"]
+    lines += [f"{key} = {value}" for key, value in settings.items()]
     path = tmp_path / "fault.ini"
     path.write_text("\n".join(lines) + "\n")
     return str(path)
@@ -58,7 +59,7 @@ def effect_counts(engine) -> dict[str, int]:
 
 def test_postgres_restart_under_a_running_worker(servers, tmp_path, built_apps, ws_celery_worker_factory,
                                                  subprocess_env):
-    from tests.fault_app import main
+    from tests.apps.fault_app import main
 
     broker, database, engine = servers
     settings = fault_settings(broker, database)

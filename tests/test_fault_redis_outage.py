@@ -2,7 +2,7 @@
 
 A private Redis (append-only, fsync always: what it acknowledged survives
 the stop) and a private PostgreSQL (tests/servers.py); the machine's
-services are not touched. Four ``tests.fault_producer`` processes each
+services are not touched. Four ``tests.apps.fault_producer`` processes each
 commit 500 transactions of 5 producer rows and 5 ``tests.fault.effect``
 tasks; one ws-celery worker (``-c 2``) runs them. When about 30% are
 committed, Redis gets SIGTERM, stays down a few seconds and is started
@@ -36,7 +36,7 @@ import time
 import pytest
 import sqlalchemy as sa
 
-from tests.fault_producer import COMMITS_DDL
+from tests.apps.fault_producer import COMMITS_DDL
 from tests.servers import PrivatePostgres, PrivateRedis
 from websauna_tasks.testing import wait_for
 
@@ -73,7 +73,7 @@ def producers(tmp_path, subprocess_env):
         out = tmp_path / f"producer-{index}.out"
         with open(out, "wb") as log:
             process = subprocess.Popen(
-                [sys.executable, "-m", "tests.fault_producer", ini, str(index), str(count), str(PER_COMMIT)],
+                [sys.executable, "-m", "tests.apps.fault_producer", ini, str(index), str(count), str(PER_COMMIT)],
                 stdout=log, stderr=subprocess.STDOUT, cwd=str(ROOT), env={**os.environ, **subprocess_env})
         started.append((process, out))
         return process, out
@@ -98,7 +98,8 @@ def write_fault_ini(tmp_path, broker: PrivateRedis, database: PrivatePostgres, o
                 # Above the longest wait in the queue here (the backlog drains in under a
                 # minute), so that only a message Redis lost is sent again (redelivery.py).
                 "websauna_tasks.outbox_redeliver_after_seconds": str(REDELIVER_AFTER)}
-    lines = ["[app:main]", "use = call:tests.fault_app:main"] + [f"{key} = {value}" for key, value in settings.items()]
+    lines = ["[app:main]", "use = call:tests.apps.fault_app:main"]
+    lines += [f"{key} = {value}" for key, value in settings.items()]
     path = tmp_path / "fault-redis.ini"
     path.write_text("\n".join(lines) + "\n")
     return str(path)

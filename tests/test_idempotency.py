@@ -16,7 +16,7 @@ import pytest
 from pyramid.exceptions import ConfigurationError
 from sqlalchemy import text
 
-from tests import reliability_tasks
+from tests.apps import reliability_tasks
 from tests.test_crash_safety import (
     make_reliability_app,
     reliability_settings,
@@ -31,7 +31,7 @@ from websauna_tasks.testing import wait_for
 
 @pytest.fixture
 def build(redis_url, database_url, queue_name, db):
-    """Build tests.reliability_app with extra Celery settings; engines disposed afterwards."""
+    """Build tests.apps.reliability_app with extra Celery settings; engines disposed afterwards."""
     from websauna_tasks.db import get_engine
 
     apps = []
@@ -172,7 +172,7 @@ def _fault_run(task_name, key_prefix, tmp_path, redis_url, database_url, queue_n
     settings = reliability_settings(redis_url, database_url, queue_name, broker_transport_options=transport)
     ini = write_reliability_ini(tmp_path, settings, name=f"{key_prefix}.ini")
     worker = worker_factory(ini, "worker", "-c", "4", env=env)
-    from tests.reliability_app import main
+    from tests.apps.reliability_app import main
 
     router = main({}, **settings)
     app = get_celery(router.registry)

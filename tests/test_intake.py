@@ -14,7 +14,7 @@ import kombu.compression
 import pytest
 from kombu.transport import virtual
 
-from tests import deferred_functions, sample_tasks
+from tests.apps import deferred_functions, sample_tasks
 from websauna_tasks import intake
 from websauna_tasks.defer import DeferNotAllowed, resolve_deferred, target_problem
 from websauna_tasks.intake import MAX_BODY_DEPTH, MessageTooLarge, body_problem, headers_problem
@@ -202,23 +202,24 @@ def test_quarantine_keeps_bytes_that_are_not_text():
 PREFIXES = ("tests",)
 
 
-@pytest.mark.parametrize("path", ["tests.deferred_functions:record", "tests.deferred_functions:Jobs.static_record",
-                                  "tests.deferred_functions:Jobs.class_record"])
+@pytest.mark.parametrize("path", ["tests.apps.deferred_functions:record",
+                                  "tests.apps.deferred_functions:Jobs.static_record",
+                                  "tests.apps.deferred_functions:Jobs.class_record"])
 def test_functions_static_and_class_methods_resolve(path):
     assert callable(resolve_deferred(path, ["x"], {}, PREFIXES))
 
 
 @pytest.mark.parametrize("path, words", [
-    ("tests.sample_tasks:record", "is a @task"),
-    ("tests.deferred_functions:Jobs", "is a class"),
-    ("tests.deferred_functions:Jobs.bound_record", "needs an instance"),
+    ("tests.apps.sample_tasks:record", "is a @task"),
+    ("tests.apps.deferred_functions:Jobs", "is a class"),
+    ("tests.apps.deferred_functions:Jobs.bound_record", "needs an instance"),
     ("os:system", "is not allowed"),
-    ("tests.deferred_functions:json.dumps", "defined elsewhere"),
-    ("tests.deferred_functions:__builtins__", "not a plain qualified name"),
-    ("tests.deferred_functions:missing", "cannot be found"),
+    ("tests.apps.deferred_functions:json.dumps", "defined elsewhere"),
+    ("tests.apps.deferred_functions:__builtins__", "not a plain qualified name"),
+    ("tests.apps.deferred_functions:missing", "cannot be found"),
     ("tests.no_such_module:f", "cannot be found"),
-    ("tests.deferred_functions", "malformed function path"),
-    (["tests.deferred_functions:record"], "malformed function path"),
+    ("tests.apps.deferred_functions", "malformed function path"),
+    (["tests.apps.deferred_functions:record"], "malformed function path"),
 ])
 def test_a_forged_deferred_call_is_refused_with_a_reason(path, words):
     with pytest.raises(DeferNotAllowed, match=words.replace("@", "@")):
@@ -226,8 +227,9 @@ def test_a_forged_deferred_call_is_refused_with_a_reason(path, words):
 
 
 def test_the_call_refuses_what_the_worker_refuses():
-    assert "is a @task" in target_problem("tests.sample_tasks", "record", sample_tasks.record)
-    assert target_problem("tests.deferred_functions", "Jobs", deferred_functions.Jobs) == "is a class, not a function"
-    assert "needs an instance" in target_problem("tests.deferred_functions", "Jobs.bound_record",
+    assert "is a @task" in target_problem("tests.apps.sample_tasks", "record", sample_tasks.record)
+    assert target_problem("tests.apps.deferred_functions", "Jobs",
+                          deferred_functions.Jobs) == "is a class, not a function"
+    assert "needs an instance" in target_problem("tests.apps.deferred_functions", "Jobs.bound_record",
                                                  deferred_functions.Jobs.bound_record)
-    assert target_problem("tests.deferred_functions", "record", deferred_functions.record) is None
+    assert target_problem("tests.apps.deferred_functions", "record", deferred_functions.record) is None

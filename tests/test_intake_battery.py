@@ -21,7 +21,7 @@ import zlib
 import pytest
 from sqlalchemy import text
 
-from tests import sample_tasks
+from tests.apps import sample_tasks
 from websauna_tasks import get_celery, list_dead_letters
 from websauna_tasks.defer import DEFERRED_TASK_NAME
 from websauna_tasks.payload import MAX_NESTING_DEPTH
@@ -101,11 +101,12 @@ def poison(template):
         ("timelimit text", forge(template, triple(["v"]), timelimit="60"), "malformed"),
         ("pickle", forge(template, b"\x80\x04K\x01.", content_type="application/x-python-serialize"), "invalid_task"),
         ("unknown task", forge(template, triple([1]), task="tests.no_such_task"), "unknown_task"),
-        ("deferred @task", forge(template, triple(["tests.sample_tasks:record", ["forged"], {}]),
+        ("deferred @task", forge(template, triple(["tests.apps.sample_tasks:record", ["forged"], {}]),
                                  task=DEFERRED_TASK_NAME), "refused_deferred"),
-        ("deferred class", forge(template, triple(["tests.deferred_functions:Jobs", [], {}]),
+        ("deferred class", forge(template, triple(["tests.apps.deferred_functions:Jobs", [], {}]),
                                  task=DEFERRED_TASK_NAME), "refused_deferred"),
-        ("deferred unbound", forge(template, triple(["tests.deferred_functions:Jobs.bound_record", [None, "x"], {}]),
+        ("deferred unbound", forge(template,
+                                   triple(["tests.apps.deferred_functions:Jobs.bound_record", [None, "x"], {}]),
                                    task=DEFERRED_TASK_NAME), "refused_deferred"),
         ("deferred os.system", forge(template, triple(["os:system", ["true"], {}]), task=DEFERRED_TASK_NAME),
          "refused_deferred"),

@@ -9,7 +9,7 @@ import pytest
 import transaction
 from sqlalchemy import text
 
-from tests import iteration_jobs as jobs
+from tests.apps import iteration_jobs as jobs
 from websauna_tasks import (
     DeferNotAllowed,
     defer_iteration_with_finalize,
@@ -95,9 +95,9 @@ def test_start_message_carries_the_query_as_json(plain_app, captured):
                                           _registry=registry)
     defer_iteration_with_finalize({"factory": jobs.items_from, "args": [2]}, jobs.process, jobs.finalize, "b",
                                   _shards=3, _batch_size=7, _registry=registry)
-    defer_iteration_with_finalize("tests.iteration_jobs:items_from", jobs.process, jobs.finalize, "c",
+    defer_iteration_with_finalize("tests.apps.iteration_jobs:items_from", jobs.process, jobs.finalize, "c",
                                   _registry=registry)
-    defer_iteration_with_finalize({"model": "tests.iteration_jobs:Item", "filters": {"value": [1, 2]}},
+    defer_iteration_with_finalize({"model": "tests.apps.iteration_jobs:Item", "filters": {"value": [1, 2]}},
                                   jobs.process, jobs.finalize, "d", _registry=registry)
     plans = []
     for message in captured.messages:
@@ -106,23 +106,24 @@ def test_start_message_carries_the_query_as_json(plain_app, captured):
         json.dumps(plan)  # plain JSON
         plans.append((iteration_id, plan))
     assert plans[0][0] == first
-    assert plans[0][1] == {"callback": "tests.iteration_jobs:process", "finalize": "tests.iteration_jobs:finalize",
-                           "query": {"model": "tests.iteration_jobs:Item", "filters": {}}, "args": ["a"],
+    assert plans[0][1] == {"callback": "tests.apps.iteration_jobs:process",
+                           "finalize": "tests.apps.iteration_jobs:finalize",
+                           "query": {"model": "tests.apps.iteration_jobs:Item", "filters": {}}, "args": ["a"],
                            "kwargs": {"fail_on": [3]}, "shards": 5, "batch_size": None, "queue": "default"}
-    assert plans[1][1]["query"] == {"factory": "tests.iteration_jobs:items_from", "args": [2], "kwargs": {}}
+    assert plans[1][1]["query"] == {"factory": "tests.apps.iteration_jobs:items_from", "args": [2], "kwargs": {}}
     assert (plans[1][1]["shards"], plans[1][1]["batch_size"]) == (3, 7)
-    assert plans[2][1]["query"] == {"factory": "tests.iteration_jobs:items_from", "args": [], "kwargs": {}}
-    assert plans[3][1]["query"] == {"model": "tests.iteration_jobs:Item", "filters": {"value": [1, 2]}}
+    assert plans[2][1]["query"] == {"factory": "tests.apps.iteration_jobs:items_from", "args": [], "kwargs": {}}
+    assert plans[3][1]["query"] == {"model": "tests.apps.iteration_jobs:Item", "filters": {"value": [1, 2]}}
 
 
 @pytest.mark.parametrize("query, match", [
-    (jobs.Tag, r"tests.iteration_jobs:Tag has primary key \(name VARCHAR\(40\)\); sharded iteration needs a "
+    (jobs.Tag, r"tests.apps.iteration_jobs:Tag has primary key \(name VARCHAR\(40\)\); sharded iteration needs a "
                "single integer primary key"),
     (jobs.Pair, r"has primary key \(left INTEGER, right INTEGER\)"),
     (jobs.all_tags, "single integer primary key"),
-    ("tests.iteration_jobs:no_such_factory", "tests.iteration_jobs:no_such_factory cannot be found"),
+    ("tests.apps.iteration_jobs:no_such_factory", "tests.apps.iteration_jobs:no_such_factory cannot be found"),
     ("tests.no_such_module:factory", "tests.no_such_module:factory cannot be found"),
-    ("tests.iteration_jobs.items_from", "expected 'package.module:name'"),
+    ("tests.apps.iteration_jobs.items_from", "expected 'package.module:name'"),
     (jobs.not_a_select, "returned str, not a select"),
     (jobs.item_ids, "select\\(Model\\) of exactly one mapped class"),
     (jobs.first_ten_items, "limit\\(\\)/offset\\(\\) cannot be sharded"),
@@ -160,10 +161,11 @@ def test_callbacks_outside_the_allow_list_and_bad_arguments_are_refused(plain_ap
 
 def test_model_outside_the_allow_list_is_refused(make_app, captured):
     router = make_app(**{"websauna.celery_config": repr({"broker_url": "memory://"}),
-                         "websauna_tasks.defer_allowed_modules": "tests.deferred_functions tests.iteration_jobs"})
+                         "websauna_tasks.defer_allowed_modules":
+                             "tests.apps.deferred_functions tests.apps.iteration_jobs"})
     defer_iteration_with_finalize(jobs.Item, jobs.process, jobs.finalize, "ok", _registry=router.registry)
-    with pytest.raises(DeferNotAllowed, match="query model: defer\\(\\): tests.sample_tasks:Nope is not allowed"):
-        defer_iteration_with_finalize({"model": "tests.sample_tasks:Nope"}, jobs.process, jobs.finalize,
+    with pytest.raises(DeferNotAllowed, match="query model: defer\\(\\): tests.apps.sample_tasks:Nope is not allowed"):
+        defer_iteration_with_finalize({"model": "tests.apps.sample_tasks:Nope"}, jobs.process, jobs.finalize,
                                       _registry=router.registry)
     assert len(captured.messages) == 1
 

@@ -19,7 +19,7 @@ from bench.leak_check import (
     rss_bytes,
     tagged_url,
 )
-from tests import sample_tasks
+from tests.apps import sample_tasks
 from tests.test_worker_request import worker_settings
 from websauna_tasks.testing import wait_for
 

@@ -18,7 +18,7 @@ import kombu
 import pytest
 from sqlalchemy import text
 
-from tests import sample_tasks
+from tests.apps import sample_tasks
 from tests.conftest import queued_messages
 from websauna_tasks import (
     drop_dead_letter,

@@ -9,7 +9,7 @@ import sqlalchemy as sa
 from pyramid.exceptions import ConfigurationError
 from sqlalchemy import text
 
-from tests import sample_tasks
+from tests.apps import sample_tasks
 from tests.servers import free_port
 from websauna_tasks import get_celery
 from websauna_tasks.outages import (

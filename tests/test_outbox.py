@@ -10,7 +10,7 @@ import transaction
 import webtest
 from sqlalchemy import text
 
-from tests import sample_tasks
+from tests.apps import sample_tasks
 from tests.conftest import queued_messages
 from tests.outbox_helpers import outbox_rows
 from tests.servers import PrivateRedis
@@ -465,7 +465,7 @@ def test_a_script_that_commits_and_exits_at_once_has_its_message_published(outbo
         "import sys\n"
         "from pyramid.paster import get_app\n"
         "from sqlalchemy import text\n"
-        "from tests import sample_tasks\n"
+        "from tests.apps import sample_tasks\n"
         "from websauna_tasks.request import task_request\n"
         "router = get_app(sys.argv[1])\n"
         "with task_request(router.registry) as request, request.tm:\n"

@@ -15,11 +15,11 @@ from pyramid.config import Configurator
 from pyramid.exceptions import ConfigurationError
 from sqlalchemy import text
 
-from tests.extra_apps import write_ini
+from tests.apps.extra_apps import write_ini
 from websauna_tasks import get_celery, task
 from websauna_tasks.testing import wait_for
 
-CODE_ENTRIES = {"tests.periodic.tick", "tests.periodic.weekly_report", "tests.periodic_tasks.every_ninety_seconds"}
+CODE_ENTRIES = {"tests.periodic.tick", "tests.periodic.weekly_report", "tests.apps.periodic_tasks.every_ninety_seconds"}
 
 
 def configurator(beat_schedule: dict | None = None, **celery: object) -> Configurator:
@@ -63,7 +63,7 @@ def make_module(tmp_path):
 
 def test_scan_adds_periodic_tasks_next_to_the_ini_entries():
     config = configurator({"nightly": {"task": "myapp.backup", "schedule": "0 3 * * *"}})
-    config.scan("tests.periodic_tasks")
+    config.scan("tests.apps.periodic_tasks")
     entries = beat_schedule_of(config)
     assert set(entries) == {"nightly"} | CODE_ENTRIES
     assert entries["nightly"] == {"task": "myapp.backup", "schedule": crontab(minute=0, hour=3)}
@@ -77,14 +77,14 @@ def test_scan_adds_periodic_tasks_next_to_the_ini_entries():
         "options": {"expires": 3600, "priority": 3},
     }
     # The entry name is the task's name, here the one Celery derives from module and function.
-    assert entries["tests.periodic_tasks.every_ninety_seconds"] == {
-        "task": "tests.periodic_tasks.every_ninety_seconds", "schedule": timedelta(seconds=90),
+    assert entries["tests.apps.periodic_tasks.every_ninety_seconds"] == {
+        "task": "tests.apps.periodic_tasks.every_ninety_seconds", "schedule": timedelta(seconds=90),
     }
 
 
 def test_beat_scheduler_of_the_app_sees_the_code_entries():
     config = configurator({"nightly": {"task": "myapp.backup", "schedule": "0 3 * * *"}})
-    config.scan("tests.periodic_tasks")
+    config.scan("tests.apps.periodic_tasks")
     scheduled = Scheduler(app=get_celery(config.registry)).schedule
     assert {"nightly"} | CODE_ENTRIES <= set(scheduled)
     assert scheduled["tests.periodic.tick"].task == "tests.periodic.tick"
@@ -93,7 +93,7 @@ def test_beat_scheduler_of_the_app_sees_the_code_entries():
 
 def test_periodic_options_are_not_passed_to_celery():
     config = configurator()
-    config.scan("tests.periodic_tasks")
+    config.scan("tests.apps.periodic_tasks")
     celery_task = get_celery(config.registry).tasks["tests.periodic.tick"]
     # Celery turns every task() option into an attribute of the task class.
     for option in ("periodic", "periodic_args", "periodic_kwargs", "periodic_options"):
@@ -133,7 +133,7 @@ def test_schedule_objects_are_accepted_and_each_app_gets_its_own_copy(make_modul
 
 def test_cron_strings_follow_the_app_timezone():
     config = configurator(timezone="America/New_York")
-    config.scan("tests.periodic_tasks")
+    config.scan("tests.apps.periodic_tasks")
     entry = Scheduler(app=get_celery(config.registry)).schedule["tests.periodic.weekly_report"]
     assert entry.schedule.tz == ZoneInfo("America/New_York")
 
@@ -218,9 +218,9 @@ def test_periodic_none_is_an_ordinary_task(make_module):
 def test_clash_with_an_ini_entry_names_both():
     config = configurator({"tests.periodic.tick": {"task": "myapp.other", "schedule": 30}})
     with pytest.raises(ConfigurationError) as info:
-        config.scan("tests.periodic_tasks")
+        config.scan("tests.apps.periodic_tasks")
     message = str(info.value)
-    assert "@task tests.periodic_tasks.tick (task 'tests.periodic.tick')" in message
+    assert "@task tests.apps.periodic_tasks.tick (task 'tests.periodic.tick')" in message
     assert "websauna.celery_config" in message
     assert "already have an entry 'tests.periodic.tick' (task 'myapp.other')" in message
 
@@ -271,19 +271,19 @@ def test_a_plain_task_taking_a_periodic_tasks_name_is_a_clash(make_module, perio
 
 def test_scanning_the_same_module_again_is_not_a_clash():
     config = configurator({"nightly": {"task": "myapp.backup", "schedule": 60}})
-    config.scan("tests.periodic_tasks")
+    config.scan("tests.apps.periodic_tasks")
     before = dict(beat_schedule_of(config))
-    config.scan("tests.periodic_tasks")
+    config.scan("tests.apps.periodic_tasks")
     assert beat_schedule_of(config) == before
 
 
 def test_two_apps_in_one_process_keep_their_own_entries(make_app):
     with_ini = configurator({"only-here": {"task": "myapp.backup", "schedule": 60}})
-    with_ini.scan("tests.periodic_tasks")
+    with_ini.scan("tests.apps.periodic_tasks")
     without_scan = configurator()
     other = configurator({"only-there": {"task": "myapp.other", "schedule": 30}})
-    other.scan("tests.periodic_tasks")
-    # tests.testapp does not scan tests.periodic_tasks: none of its entries may leak into it.
+    other.scan("tests.apps.periodic_tasks")
+    # tests.apps.testapp does not scan tests.apps.periodic_tasks: none of its entries may leak into it.
     testapp_router = make_app(**{"websauna.celery_config": "{'broker_url': 'memory://'}"})
 
     assert set(beat_schedule_of(with_ini)) == {"only-here"} | CODE_ENTRIES
@@ -296,11 +296,11 @@ def test_two_apps_in_one_process_keep_their_own_entries(make_app):
 
 def test_periodic_task_still_behaves_as_a_task():
     config = configurator(task_always_eager=True)
-    config.scan("tests.periodic_tasks")
-    from tests import periodic_tasks
+    config.scan("tests.apps.periodic_tasks")
+    from tests.apps import periodic_tasks
 
     assert periodic_tasks.weekly_report.apply(kwargs={"kind": "monthly"}).get() == "monthly"
-    assert periodic_tasks.every_ninety_seconds.name == "tests.periodic_tasks.every_ninety_seconds"
+    assert periodic_tasks.every_ninety_seconds.name == "tests.apps.periodic_tasks.every_ninety_seconds"
 
 
 # -- a real beat and a real worker, nothing scheduled in the INI ---------------------------------------------------

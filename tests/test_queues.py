@@ -1,6 +1,6 @@
 """Declared queues: parsing, back-off, undeclared queues, and each limit proven with real ws-celery workers.
 
-Worker tests record every run in PostgreSQL (tests/queue_tasks.py) with
+Worker tests record every run in PostgreSQL (tests/apps/queue_tasks.py) with
 time.time() timestamps taken in the worker processes of this machine, and
 check the recorded figures. Timing checks favour lower bounds (a limit may
 make things slower, never faster); the few upper bounds are generous
@@ -17,7 +17,7 @@ from celery.result import AsyncResult
 from pyramid.exceptions import ConfigurationError
 from sqlalchemy import text
 
-from tests import deferred_functions, queue_tasks
+from tests.apps import deferred_functions, queue_tasks
 from websauna_tasks import UndeclaredQueue, backoff_seconds, defer, get_celery, get_queues, list_dead_letters
 from websauna_tasks.defer import DEFERRED_TASK_NAME
 from websauna_tasks.queues import QueueConfig, RedisLimits, hold_slot, parse_queues
@@ -26,7 +26,7 @@ from websauna_tasks.queues import QueueConfig, RedisLimits, hold_slot, parse_que
 
 
 def make_queue_app(settings: dict[str, str]):
-    from tests.queue_app import main
+    from tests.apps.queue_app import main
 
     return main({}, **settings)
 
@@ -43,7 +43,7 @@ def queue_settings(redis_url: str, database_url: str, default_queue: str, queues
 
 
 def write_queue_ini(tmp_path, settings: dict[str, str]) -> str:
-    lines = ["[app:main]", "use = call:tests.queue_app:main"]
+    lines = ["[app:main]", "use = call:tests.apps.queue_app:main"]
     lines += [f"{key} = {value}" for key, value in settings.items()]
     path = tmp_path / f"queues-{uuid.uuid4().hex[:6]}.ini"
     path.write_text("\n".join(lines) + "\n")

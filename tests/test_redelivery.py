@@ -13,7 +13,7 @@ import pytest
 from pyramid.exceptions import ConfigurationError
 from sqlalchemy import text
 
-from tests import reliability_tasks
+from tests.apps import reliability_tasks
 from tests.conftest import queued_messages
 from tests.test_crash_safety import make_reliability_app, reliability_settings
 from websauna_tasks import get_celery

@@ -6,7 +6,7 @@ import sqlalchemy
 import transaction
 from celery.result import AsyncResult
 
-from tests import deferred_functions, sample_tasks
+from tests.apps import deferred_functions, sample_tasks
 from websauna_tasks import defer, get_celery
 
 

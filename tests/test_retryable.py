@@ -13,7 +13,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
 from transaction.interfaces import TransientError
 
-from tests import sample_tasks
+from tests.apps import sample_tasks
 from tests.test_worker_request import effect_rows, worker_settings
 from websauna_tasks.testing import wait_for
 

@@ -17,7 +17,7 @@ from celery.worker.request import Request as WorkerRequest
 from kombu.message import Message
 from kombu.serialization import dumps
 
-from tests import deferred_functions
+from tests.apps import deferred_functions
 from tests.test_dead_letter_entries import make_dead_letter
 from websauna_tasks import (
     UndeclaredQueue,
@@ -132,7 +132,7 @@ def test_nothing_reaches_the_publisher_when_a_check_fails(router, app, recording
             app.tasks["tests.record"].apply_async((object(),), tm=tm)
         with pytest.raises(TypeError, match="needs the transaction manager"):
             app.tasks["tests.record"].apply_async(("x",))
-        with pytest.raises(TypeError, match=r"defer\(tests.deferred_functions:record\)"):
+        with pytest.raises(TypeError, match=r"defer\(tests.apps.deferred_functions:record\)"):
             defer(deferred_functions.record, object(), _tm=tm, _registry=router.registry)
     assert recording.held == recording.published == recording.now == []
 

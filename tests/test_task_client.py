@@ -16,7 +16,7 @@ from celery import chain
 from celery.signals import task_prerun
 from sqlalchemy import text
 
-from tests import task_client_app as tasks
+from tests.apps import task_client_app as tasks
 from tests.conftest import queued_messages
 from websauna_tasks import defer, dispatch
 from websauna_tasks.names import NAME_HEADER
@@ -32,7 +32,8 @@ pytest_plugins = ("pytester",)
 
 
 def client_settings(broker: str, database_url: str, default_queue: str | None = None, **celery: object) -> dict:
-    config = {"broker_url": broker, "task_routes": {"tests.task_client_app.routed": {"queue": "reports"}}, **celery}
+    routes = {"tests.apps.task_client_app.routed": {"queue": "reports"}}
+    config = {"broker_url": broker, "task_routes": routes, **celery}
     if default_queue is not None:
         config["task_default_queue"] = default_queue
     return {"websauna.celery_config": repr(config), "sqlalchemy.url": database_url,
@@ -41,7 +42,7 @@ def client_settings(broker: str, database_url: str, default_queue: str | None = 
 
 @pytest.fixture
 def build_app(built_apps):
-    """Build tests.task_client_app from settings (engines disposed at teardown by built_apps)."""
+    """Build tests.apps.task_client_app from settings (engines disposed at teardown by built_apps)."""
     def factory(**settings):
         router = tasks.main({}, **settings)
         built_apps.append(router)
@@ -101,7 +102,7 @@ def test_on_commit_dispatch_is_captured_when_the_transaction_commits(app, task_c
     assert task_client.pending_job_count() == 1
     (job,) = task_client.pending_jobs
     assert job.id == result.id
-    assert job.task_name == "tests.task_client_app.write_row"
+    assert job.task_name == "tests.apps.task_client_app.write_row"
     assert job.queue_name == queue_name
     assert job.status == "todo" and job.attempts == 0
 
@@ -211,7 +212,7 @@ def test_drain_takes_only_its_queue(app, registry, task_client, db):
     tasks.send_mail.apply_async(args=("ann@example.com",), tm=None)
     defer(tasks.record, "stays", _registry=registry)
     ran = task_client.drain_pending_jobs("mail")
-    assert [job.task_name for job in ran] == ["tests.task_client_app.send_mail"]
+    assert [job.task_name for job in ran] == ["tests.apps.task_client_app.send_mail"]
     assert list(effects(db)) == ["mail:ann@example.com"]
     assert task_client.pending_job_count() == 1
     task_client.run_pending_jobs()
@@ -230,7 +231,7 @@ def test_jobs_scheduled_by_jobs_run_in_the_same_drain(app, task_client, tm, db, 
     assert {key for key in keys if key.startswith("record:")} == {
         "record:deferred-by-step-3", "record:deferred-by-step-2", "record:deferred-by-step-1"}
     deferred = [job for job in ran if job.function]
-    assert {job.function for job in deferred} == {"tests.task_client_app:record"}
+    assert {job.function for job in deferred} == {"tests.apps.task_client_app:record"}
 
 
 def test_a_failed_jobs_transaction_schedules_nothing(app, task_client, db):
@@ -256,7 +257,7 @@ def test_endless_scheduling_stops_with_a_clear_error(app, task_client):
     with pytest.raises(DrainLimitExceeded) as caught:
         task_client.drain_pending_jobs()
     message = str(caught.value)
-    assert "ran 40 jobs" in message and "tests.task_client_app.forever x1" in message
+    assert "ran 40 jobs" in message and "tests.apps.task_client_app.forever x1" in message
     assert "max_runs=" in message
     assert len(task_client.succeeded_jobs) == 40 and task_client.pending_job_count() == 1
     # A drain's own bound wins over the client's.
@@ -334,7 +335,7 @@ def test_retry_puts_the_job_back_with_one_more_attempt(app, task_client, db):
     assert (job.status, job.attempts) == ("todo", 1)
     assert isinstance(job.error, ConnectionError)
     assert [pending.task_name for pending in task_client.pending_jobs] == [
-        "tests.task_client_app.write_row", "tests.task_client_app.flaky"], "a retried job goes to the back"
+        "tests.apps.task_client_app.write_row", "tests.apps.task_client_app.flaky"], "a retried job goes to the back"
     task_client.drain_pending_jobs(failure_behaviour=TaskFailedBehaviour.RETRY_TASK)
     assert (job.status, job.attempts, job.result) == ("succeeded", 3, 3)
     assert list(effects(db)) == ["between", f"flaky:{key}"]
@@ -357,7 +358,7 @@ def test_a_deferred_function_that_raises(app, task_client):
     webtest.TestApp(app).get("/defer/broken")
     task_client.drain_pending_jobs("emails")
     (job,) = task_client.failed_jobs
-    assert job.function == "tests.task_client_app:explode"
+    assert job.function == "tests.apps.task_client_app:explode"
     assert isinstance(job.error, LookupError)
 
 
@@ -379,7 +380,7 @@ def test_job_records(app, registry, task_client, queue_name):
     assert isinstance(job, Job) and job.id == deferred
     assert job.queue_name == "emails"
     assert job.task_name == "websauna_tasks.deferred"
-    assert job.function == "tests.task_client_app:record"
+    assert job.function == "tests.apps.task_client_app:record"
     assert (job.args, job.kwargs) == (("v",), {})
     assert job.unique_name.startswith("rec-") and job.options["headers"][NAME_HEADER] == job.unique_name
     assert job.status == "todo" and job.attempts == 0

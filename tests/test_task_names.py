@@ -13,7 +13,7 @@ import transaction
 from celery.result import AsyncResult
 from sqlalchemy import text
 
-from tests import deferred_functions
+from tests.apps import deferred_functions
 from tests.conftest import ROOT, queued_messages
 from websauna_tasks import AlreadyEnqueued, defer, get_celery
 from websauna_tasks.names import RETENTION_KEY, names_table
@@ -146,8 +146,8 @@ def test_worker_run_frees_the_name_or_keeps_it_for_the_retention(
 
 RACER = """
 import json, os, sys, time
-from tests.testapp import main
-from tests import deferred_functions
+from tests.apps.testapp import main
+from tests.apps import deferred_functions
 from websauna_tasks import defer
 settings = json.loads(os.environ["WS_RACE_SETTINGS"])
 router = main({}, **settings)
@@ -208,7 +208,7 @@ def test_processes_racing_on_the_embedded_default_send_once(tmp_path, name):
 
 
 def test_apply_async_unique_name(redis_app, redis_client, queue_name, name):
-    from tests import sample_tasks
+    from tests.apps import sample_tasks
 
     tm = transaction.TransactionManager(explicit=True)
     with tm:
@@ -231,7 +231,7 @@ def test_apply_async_unique_name(redis_app, redis_client, queue_name, name):
 
 
 def test_task_defer_is_transactional_when_a_transaction_is_active(redis_app, redis_client, queue_name):
-    from tests import sample_tasks
+    from tests.apps import sample_tasks
 
     with transaction.manager:
         inside = sample_tasks.add.defer(1, b=2)

@@ -17,7 +17,7 @@ import pytest
 from pyramid.config import Configurator
 from sqlalchemy import text
 
-from tests import task_request_app
+from tests.apps import task_request_app
 from tests.test_worker_request import worker_settings
 from websauna_tasks.request import task_request
 
@@ -98,7 +98,7 @@ def test_worker_runs_keep_app_extensions_and_transaction_behaviour(redis_url, da
                                                                     tmp_path, ws_celery_worker_factory,
                                                                     subprocess_env):
     settings = worker_settings(redis_url, database_url, queue_name, **{"websauna.site_url": SITE_URL})
-    lines = ["[app:main]", "use = call:tests.task_request_app:main"]
+    lines = ["[app:main]", "use = call:tests.apps.task_request_app:main"]
     # ConfigParser interpolation: percent signs in values must be doubled.
     lines += [f"{key} = {value.replace('%', '%%')}" for key, value in settings.items()]
     ini = tmp_path / "task_request.ini"

@@ -23,7 +23,7 @@ def configurator(**settings):
 
 
 def test_task_before_scan_gives_a_clear_error():
-    from tests import scan_target
+    from tests.apps import scan_target
 
     # A fresh proxy that no configurator has scanned.
     proxy = websauna_tasks.task(lambda: None)
@@ -37,13 +37,13 @@ def test_task_before_scan_gives_a_clear_error():
 
 def test_plain_scan_finds_tasks_with_all_options():
     config = configurator()
-    config.scan("tests.scan_target")  # default categories: only "pyramid"
+    config.scan("tests.apps.scan_target")  # default categories: only "pyramid"
     app = get_celery(config.registry)
-    from tests import scan_target
+    from tests.apps import scan_target
 
-    assert scan_target.bare.name == "tests.scan_target.bare"
+    assert scan_target.bare.name == "tests.apps.scan_target.bare"
     assert isinstance(scan_target.bare.celery_task, ScheduleOnCommitTask)
-    assert app.tasks["tests.scan_target.bare"] is scan_target.bare.celery_task
+    assert app.tasks["tests.apps.scan_target.bare"] is scan_target.bare.celery_task
 
     task = app.tasks["scan_target.options"]
     assert isinstance(task, RetryableTransactionTask)
@@ -58,7 +58,7 @@ def test_plain_scan_finds_tasks_with_all_options():
 def test_scan_without_include_is_a_configuration_error():
     config = Configurator(settings={})
     with pytest.raises(ConfigurationError, match="websauna_tasks"):
-        config.scan("tests.scan_target")
+        config.scan("tests.apps.scan_target")
 
 
 def test_registry_and_request_celery():
@@ -142,7 +142,7 @@ def test_eager_task_error_is_logged_with_traceback_and_raised(eager_app, caplog)
 
 
 def test_eager_error_outside_a_request_is_logged(eager_app, caplog):
-    from tests import sample_tasks
+    from tests.apps import sample_tasks
 
     tm = transaction.TransactionManager(explicit=True)
     with caplog.at_level(logging.ERROR, logger="websauna_tasks"):
@@ -154,7 +154,7 @@ def test_eager_error_outside_a_request_is_logged(eager_app, caplog):
 def test_route_url_and_site_url_inside_a_task(make_app, database_url, db):
     make_app(**{"websauna.celery_config": "{'broker_url': 'memory://', 'task_always_eager': True}",
                 "websauna.site_url": "https://example.com/shop"})
-    from tests import sample_tasks
+    from tests.apps import sample_tasks
 
     assert sample_tasks.route_url.apply().get() == "https://example.com/shop/"
 

@@ -49,7 +49,7 @@ def test_chain_and_link_callbacks_continue_in_the_worker(settings, make_app, wri
     import transaction
     from celery import chain
 
-    from tests import sample_tasks
+    from tests.apps import sample_tasks
 
     ws_celery_worker_factory(write_ini(settings), "worker", "-c", "1", "-l", "info", env=subprocess_env)
     make_app(**settings)

@@ -17,7 +17,7 @@ from celery.result import AsyncResult
 from pyramid.threadlocal import get_current_request
 from sqlalchemy import text
 
-from tests import sample_tasks
+from tests.apps import sample_tasks
 
 SITE_URL = "https://example.com/app"
 HOME_URL = "https://example.com/app/"
@@ -99,7 +99,7 @@ def test_apply_gives_each_run_a_fresh_request_closed_afterwards(settings, make_a
 
 def test_eager_run_after_web_commit_uses_its_own_request_and_tm(redis_url, database_url, queue_name, db, make_app):
     settings = worker_settings(redis_url, database_url, queue_name,
-                               **{"pyramid.includes": "tests.testapp.inspect_views"})
+                               **{"pyramid.includes": "tests.apps.testapp.inspect_views"})
     celery = {"broker_url": redis_url, "task_default_queue": queue_name, "task_always_eager": True}
     settings["websauna.celery_config"] = repr(celery)
     testapp = webtest.TestApp(make_app(**settings))
@@ -141,7 +141,7 @@ def test_worker_runs_get_fresh_requests_closed_afterwards(settings, make_app, wr
 @pytest.mark.slow
 def test_prefork_children_never_share_a_connection(settings, make_app, write_ini, ws_celery_worker_factory,
                                                    subprocess_env, db):
-    ini = write_ini(dict(settings, **{"pyramid.includes": "tests.testapp.warm_pool_at_startup"}))
+    ini = write_ini(dict(settings, **{"pyramid.includes": "tests.apps.testapp.warm_pool_at_startup"}))
     worker = ws_celery_worker_factory(ini, "worker", "-c", "2", "-l", "info", env=subprocess_env)
     # The parent opened a connection before forking; it sits idle in the pool the children inherit.
     ((_, startup),) = effect_rows(db, "startup")

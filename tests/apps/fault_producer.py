@@ -1,6 +1,6 @@
 """One producer process of tests/test_fault_redis_outage.py.
 
-``python -m tests.fault_producer INI INDEX COUNT BATCH`` builds the
+``python -m tests.apps.fault_producer INI INDEX COUNT BATCH`` builds the
 app of INI and commits COUNT / BATCH transactions, each writing BATCH rows
 of ``fault_commits`` (the producer's own record of what it committed) and
 dispatching one ``tests.fault.effect`` task per row, on commit. It keeps
@@ -20,7 +20,7 @@ import traceback
 from pyramid.paster import get_app
 from sqlalchemy import text
 
-from tests import fault_tasks
+from tests.apps import fault_tasks
 from websauna_tasks.dispatch import OUTBOX_ATTRIBUTE
 from websauna_tasks.registry import get_celery
 from websauna_tasks.request import task_request

@@ -1,7 +1,7 @@
 """Outside the allow-list of the defer tests: reachable only through @deferrable."""
 from __future__ import annotations
 
-from tests.deferred_functions import record
+from tests.apps.deferred_functions import record
 from websauna_tasks import deferrable
 
 

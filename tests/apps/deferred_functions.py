@@ -1,7 +1,7 @@
 """Functions the defer() tests send to workers (tests/test_defer.py).
 
 ``os`` is imported on purpose: a forged message naming
-``tests.deferred_functions:os.system`` must still be refused.
+``tests.apps.deferred_functions:os.system`` must still be refused.
 """
 from __future__ import annotations
 

@@ -72,7 +72,7 @@ def main(global_config: dict, **settings: str):
     factory = settings.get("task_request_app.request_factory")
     if factory:
         config.set_request_factory(FACTORIES[factory])
-    config.scan("tests.task_request_app")
+    config.scan("tests.apps.task_request_app")
     config.add_route("home", "/")
     config.add_view(lambda request: Response("home"), route_name="home")
     return config.make_wsgi_app()

@@ -1,4 +1,4 @@
-"""App factories scanning the periodic and async test tasks, so tests.testapp's apps stay without them."""
+"""App factories scanning the periodic and async test tasks, so tests.apps.testapp's apps stay without them."""
 from pyramid.config import Configurator
 from pyramid.response import Response
 
@@ -14,16 +14,16 @@ def _app(settings: dict, module: str):
 
 
 def periodic_main(global_config, **settings):
-    return _app(settings, "tests.periodic_tasks")
+    return _app(settings, "tests.apps.periodic_tasks")
 
 
 def async_main(global_config, **settings):
-    return _app(settings, "tests.async_tasks")
+    return _app(settings, "tests.apps.async_tasks")
 
 
 def write_ini(path, factory: str, settings: dict) -> str:
-    """An INI whose [app:main] is ``tests.extra_apps:<factory>`` with ``settings``."""
-    lines = ["[app:main]", f"use = call:tests.extra_apps:{factory}"]
+    """An INI whose [app:main] is ``tests.apps.extra_apps:<factory>`` with ``settings``."""
+    lines = ["[app:main]", f"use = call:tests.apps.extra_apps:{factory}"]
     lines += [f"{key} = {value}" for key, value in settings.items()]
     path.write_text("\n".join(lines) + "\n")
     return str(path)

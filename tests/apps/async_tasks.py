@@ -1,4 +1,4 @@
-"""``async def`` task bodies, scanned only by tests.extra_apps.async_main (tests/test_async_tasks.py)."""
+"""``async def`` task bodies, scanned only by tests.apps.extra_apps.async_main (tests/test_async_tasks.py)."""
 import asyncio
 import threading
 
@@ -6,7 +6,7 @@ from celery import current_task
 from pyramid.threadlocal import get_current_request
 from sqlalchemy import text
 
-from tests.sample_tasks import record_outside
+from tests.apps.sample_tasks import record_outside
 from websauna_tasks import RetryableTransactionTask, TransactionalTask, WebsaunaTask, task
 from websauna_tasks.db import get_engine
 

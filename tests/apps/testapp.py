@@ -4,7 +4,7 @@ from pyramid.response import Response
 from sqlalchemy import text
 from transaction.interfaces import TransientError
 
-from tests import sample_tasks
+from tests.apps import sample_tasks
 
 
 def main(global_config, **settings):
@@ -12,7 +12,7 @@ def main(global_config, **settings):
     config.include("pyramid_tm")
     config.include("pyramid_retry")
     config.include("websauna_tasks")
-    config.scan("tests.sample_tasks")
+    config.scan("tests.apps.sample_tasks")
     config.add_route("home", "/")
     config.add_route("write", "/write/{value}")
     config.add_route("write_fail", "/write-fail/{value}")

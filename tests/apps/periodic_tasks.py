@@ -1,4 +1,4 @@
-"""Tasks declared periodic in code, scanned only by tests.extra_apps.periodic_main (and tests/test_periodic.py)."""
+"""Tasks declared periodic in code, scanned only by tests.apps.extra_apps.periodic_main (and tests/test_periodic.py)."""
 from datetime import timedelta
 
 from sqlalchemy import text

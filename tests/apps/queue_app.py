@@ -6,5 +6,5 @@ def main(global_config, **settings):
     config = Configurator(settings=settings)
     config.include("pyramid_tm")
     config.include("websauna_tasks")
-    config.scan("tests.queue_tasks")
+    config.scan("tests.apps.queue_tasks")
     return config.make_wsgi_app()

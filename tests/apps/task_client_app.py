@@ -23,7 +23,7 @@ def main(global_config: t.Any, **settings: str) -> t.Any:
     config = Configurator(settings=settings)
     config.include("pyramid_tm")
     config.include("websauna_tasks")
-    config.scan("tests.task_client_app")
+    config.scan("tests.apps.task_client_app")
     config.add_route("home", "/")
     config.add_view(lambda request: Response("home"), route_name="home")
     config.add_route("order", "/order/{value}")

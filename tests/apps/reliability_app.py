@@ -1,4 +1,4 @@
-"""The Pyramid application of the fault tests (tests/test_fault_*.py), their producers and ws-celery workers."""
+"""The Pyramid application of the crash-safety and idempotency tests and their ws-celery workers."""
 from pyramid.config import Configurator
 
 
@@ -6,5 +6,5 @@ def main(global_config, **settings):
     config = Configurator(settings=settings)
     config.include("pyramid_tm")
     config.include("websauna_tasks")
-    config.scan("tests.fault_tasks")
+    config.scan("tests.apps.reliability_tasks")
     return config.make_wsgi_app()

@@ -13,12 +13,12 @@ from tests.apps import sample_tasks
 from tests.servers import free_port
 from websauna_tasks import get_celery
 from websauna_tasks.outages import (
-    APP_ATTRIBUTE,
     DEFAULT_BACKOFF_MAX_SECONDS,
     DEFAULT_RETRIES,
     OutagePolicy,
     database_unavailable,
 )
+from websauna_tasks.state import app_state
 from websauna_tasks.testing import wait_for
 
 
@@ -75,7 +75,7 @@ def test_an_outage_raised_from_inside_another_error_still_counts():
 
 def test_default_policy_and_its_countdowns(make_app, redis_url, queue_name):
     router = make_app(**{"websauna.celery_config": repr({"broker_url": redis_url, "task_default_queue": queue_name})})
-    policy = getattr(get_celery(router.registry), APP_ATTRIBUTE)
+    policy = app_state(get_celery(router.registry)).outage_policy
     assert policy == OutagePolicy(DEFAULT_RETRIES, DEFAULT_BACKOFF_MAX_SECONDS)
     for retries, (low, high) in {0: (0.5, 1), 1: (1, 2), 3: (4, 8), 9: (30, 60)}.items():
         samples = [policy.countdown(retries) for _ in range(200)]

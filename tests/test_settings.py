@@ -89,7 +89,7 @@ def test_every_websauna_tasks_key_constant_in_the_package_is_declared():
     # A setting added as a new *_KEY constant but not to the table would escape every check here.
     declared = set(SETTINGS_BY_KEY)
     registry_keys = set()
-    for path in PACKAGE_DIR.glob("*.py"):
+    for path in PACKAGE_DIR.rglob("*.py"):
         for name, value in module_constants(ast.parse(path.read_text())).items():
             if name.endswith("_KEY") and value.startswith(("websauna_tasks.", "websauna.")):
                 if value not in declared:
@@ -105,10 +105,10 @@ def test_every_websauna_tasks_key_constant_in_the_package_is_declared():
 
 def test_old_key_constants_still_import_from_their_modules():
     # Modules, not the functions of the same names that websauna_tasks exports.
-    app, db, deadletter, defer, idempotency, iteration, names, outages, outbox, payload, queues, redelivery, request, \
+    app, db, deadletter, defer, idempotency, iteration, names, outages, outbox, payload, queues, request, \
         tasks = (importlib.import_module(f"websauna_tasks.{name}") for name in (
             "app", "db", "deadletter", "defer", "idempotency", "iteration", "names", "outages", "outbox", "payload",
-            "queues", "redelivery", "request", "tasks"))
+            "queues", "request", "tasks"))
 
     pairs = [
         (app.APP_NAME_KEY, "websauna_tasks.app_name"), (db.DBSESSION_FACTORY_KEY, DBSESSION_FACTORY_KEY),
@@ -132,8 +132,7 @@ def test_old_key_constants_still_import_from_their_modules():
         (queues.ALLOW_UNDECLARED_KEY, "websauna_tasks.allow_undeclared_queues"),
         (queues.LIMITS_REDIS_URL_KEY, "websauna_tasks.limits_redis_url"),
         (queues.WAIT_SECONDS_KEY, "websauna_tasks.queue_wait_seconds"),
-        (redelivery.AFTER_KEY, "websauna_tasks.outbox_redeliver_after_seconds"),
-        (redelivery.MAX_KEY, "websauna_tasks.outbox_redeliver_max"), (request.SITE_URL_KEY, "websauna.site_url"),
+        (request.SITE_URL_KEY, "websauna.site_url"),
         (tasks.RETRY_ATTEMPTS_KEY, "websauna_tasks.retry_attempts"),
     ]
     for constant, key in pairs:
@@ -538,9 +537,9 @@ def test_cron_entries_are_not_intervals():
 def test_includeme_parses_once_and_every_module_takes_its_values_from_there():
     from websauna_tasks.deadletter import get_dead_letters
     from websauna_tasks.defer import allowed_prefixes
-    from websauna_tasks.outages import APP_ATTRIBUTE
     from websauna_tasks.payload import payload_limit
     from websauna_tasks.queues import get_queues
+    from websauna_tasks.state import app_state
 
     config = include(**{
         MAX_PAYLOAD_KEY: "1000", DEADLETTER_QUEUE_KEY: "graveyard", DEFER_ALLOWED_MODULES_KEY: "a b",
@@ -558,7 +557,7 @@ def test_includeme_parses_once_and_every_module_takes_its_values_from_there():
     assert allowed_prefixes(registry) == ("a", "b")
     queues = get_queues(registry)
     assert list(queues.queues) == ["emails"] and queues.allow_undeclared and queues.wait_seconds == 2.5
-    assert getattr(app, APP_ATTRIBUTE).retries == 4
+    assert app_state(app).outage_policy.retries == 4
 
 
 @pytest.mark.parametrize("settings", [
@@ -566,7 +565,9 @@ def test_includeme_parses_once_and_every_module_takes_its_values_from_there():
     {MAX_PAYLOAD_KEY: "100", MAX_MESSAGE_KEY: " 99 "},
 ], ids=repr)
 def test_the_intake_limit_is_the_layers_value(settings):
-    intake = getattr(get_celery(include(**settings).registry), "websauna_tasks_intake")
+    from websauna_tasks.state import app_state
+
+    intake = app_state(get_celery(include(**settings).registry)).intake
     assert intake.max_bytes == parse_settings(settings).max_message_bytes
 
 
@@ -600,16 +601,38 @@ def module_constants(tree: ast.Module) -> dict[str, str]:
     return constants
 
 
+def package_files() -> dict[str, Path]:
+    """Module name inside the package ("dispatch", "outbox._relay"; "outbox" for its __init__.py) -> its file."""
+    files = {}
+    for path in sorted(PACKAGE_DIR.rglob("*.py")):
+        parts = path.relative_to(PACKAGE_DIR).with_suffix("").parts
+        files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return files
+
+
+def imported_module(name: str, path: Path, node: ast.ImportFrom) -> str | None:
+    """The package's module a relative ``from ... import`` in module ``name`` (at ``path``) names."""
+    package = [part for part in name.split(".") if part]
+    if path.name != "__init__.py":
+        package = package[:-1]
+    if node.level == 0 or node.level - 1 > len(package):
+        return None
+    base = package[:len(package) - (node.level - 1)]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
 def package_constants() -> dict[str, dict[str, str]]:
-    """Module name -> its string constants, including those imported from sibling modules (under any alias)."""
-    trees = {path.stem: ast.parse(path.read_text()) for path in PACKAGE_DIR.glob("*.py")}
+    """Module name -> its string constants, including those imported from other modules (under any alias)."""
+    files = package_files()
+    trees = {name: ast.parse(path.read_text()) for name, path in files.items()}
     constants = {name: module_constants(tree) for name, tree in trees.items()}
     for _ in range(3):  # re-exports of re-exports
         for name, tree in trees.items():
             for node in ast.walk(tree):
-                if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module in constants:
+                source = imported_module(name, files[name], node) if isinstance(node, ast.ImportFrom) else None
+                if source in constants:
                     for alias in node.names:
-                        value = constants[node.module].get(alias.name)
+                        value = constants[source].get(alias.name)
                         if value is not None:
                             constants[name][alias.asname or alias.name] = value
     return constants
@@ -664,15 +687,23 @@ def setting_reads(source: str, constants: dict[str, str]) -> list[tuple[int, str
     return reads
 
 
+def test_the_scan_reads_subpackages_and_their_relative_imports():
+    # outbox/ is a subpackage: its modules take the keys from two levels up, its face re-exports them.
+    constants = package_constants()
+    assert constants["outbox._outbox"]["OUTBOX_KEY"] == OUTBOX_KEY
+    assert constants["outbox"]["RETENTION_KEY"] == "websauna_tasks.outbox_retention_seconds"
+
+
 def test_no_module_but_the_settings_layer_reads_a_setting():
     constants = package_constants()
     found = []
-    for path in sorted(PACKAGE_DIR.glob("*.py")):
-        if path.name == "settings.py":
+    for name, path in package_files().items():
+        relative = str(path.relative_to(PACKAGE_DIR))
+        if relative == "settings.py":
             continue
-        for line, key in setting_reads(path.read_text(), constants[path.stem]):
-            if (path.name, key) not in EXEMPT:
-                found.append(f"{path.name}:{line}: reads {key}")
+        for line, key in setting_reads(path.read_text(), constants[name]):
+            if (relative, key) not in EXEMPT:
+                found.append(f"{relative}:{line}: reads {key}")
     assert not found, "settings read outside websauna_tasks/settings.py (parse them there):\n" + "\n".join(found)
 
 

@@ -34,6 +34,7 @@ from .registry import get_celery, set_celery
 from .reliability import VisibilityTimeoutExceeded
 from .request import get_current_request
 from .settings import TaskSettings, configure_settings, get_task_settings
+from .state import AppState, attach_state
 from .tasks import (
     RetryableTransactionTask,
     ScheduleOnCommitTask,
@@ -93,7 +94,7 @@ def includeme(config: Configurator) -> None:
     # Every websauna_tasks.* setting is parsed and checked here, once (settings.py).
     task_settings = configure_settings(config)
     app = make_celery(dict(task_settings.celery_config), name=task_settings.app_name)
-    app.pyramid_registry = config.registry
+    attach_state(app, AppState(registry=config.registry, settings=task_settings))  # one per app (state.py)
     configure_queues(config.registry, app)
     configure_payload_limit(config.registry, app)  # websauna_tasks.max_payload_bytes (payload.py)
     configure_deadletter(config.registry, app)  # where refused messages are kept (deadletter.py)

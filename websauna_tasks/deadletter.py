@@ -35,6 +35,7 @@ from datetime import datetime, timezone
 from pyramid.exceptions import ConfigurationError
 
 from .dispatch import check_requeue
+from .state import app_state, find_state
 
 if t.TYPE_CHECKING:
     from celery import Celery
@@ -45,7 +46,6 @@ logger = logging.getLogger(__name__)
 #: Setting: name of the Redis list that holds dead letters.
 DEADLETTER_QUEUE_KEY = "websauna_tasks.deadletter_queue"
 DEFAULT_DEADLETTER_QUEUE = "websauna_tasks.deadletter"
-_APP_ATTRIBUTE = "websauna_tasks_deadletter"
 _REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 
 
@@ -89,15 +89,15 @@ def configure_deadletter(registry: Registry, app: Celery) -> DeadLetters:
     from .settings import get_task_settings  # parsed and checked there, with the queue names (settings.py)
 
     letters = DeadLetters(app, get_task_settings(registry).deadletter_queue)
-    setattr(app, _APP_ATTRIBUTE, letters)
+    app_state(app).dead_letters = letters
     return letters
 
 
 def get_dead_letters(app: Celery) -> DeadLetters:
-    letters = getattr(app, _APP_ATTRIBUTE, None)
-    if letters is None:
+    state = find_state(app)
+    if state is None or state.dead_letters is None:
         raise ConfigurationError("dead letters need config.include('websauna_tasks')")
-    return letters
+    return state.dead_letters
 
 
 def _app_of(registry_or_app: t.Any) -> Celery:

@@ -46,6 +46,7 @@ from .settings import IDEMPOTENCY_CREATE_TABLE_KEY as CREATE_TABLE_KEY  # noqa: 
 from .settings import IDEMPOTENCY_PRUNE_INTERVAL_KEY as PRUNE_INTERVAL_KEY  # noqa: F401
 from .settings import IDEMPOTENCY_RETENTION_KEY as RETENTION_KEY
 from .settings import TaskSettings, get_task_settings, parse_setting
+from .state import app_state, registry_of
 from .threads import BackgroundLoop
 
 if t.TYPE_CHECKING:
@@ -221,11 +222,11 @@ class DonePruneStep(bootsteps.StartStopStep):
         from .db import get_engine
 
         app = parent.app
-        registry = getattr(app, "pyramid_registry", None)
+        registry = registry_of(app)
         if registry is None or get_engine(registry) is None:
             return False
         return any(getattr(task, "idempotent", False) for task in app.tasks.values())
 
     def create(self, parent: t.Any) -> DonePruner:
-        registry = parent.app.pyramid_registry
+        registry = app_state(parent.app).registry
         return DonePruner(registry, get_task_settings(registry).idempotency_prune_interval_seconds)

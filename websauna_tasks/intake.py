@@ -49,6 +49,7 @@ from .defer import DEFERRED_TASK_NAME, DeferNotAllowed, allowed_prefixes, resolv
 from .payload import MAX_NESTING_DEPTH, nesting_exceeds
 from .redis_transport import QUARANTINE_HEADER
 from .settings import MAX_MESSAGE_KEY, get_task_settings
+from .state import app_state, find_state
 
 if t.TYPE_CHECKING:
     from celery import Celery
@@ -59,8 +60,6 @@ logger = logging.getLogger(__name__)
 #: Deepest body accepted: the arguments' bound, plus the triple, the argument
 #: list and the signatures a chain or a group embeds around them.
 MAX_BODY_DEPTH = MAX_NESTING_DEPTH + 8
-
-_APP_ATTRIBUTE = "websauna_tasks_intake"
 
 
 class MessageTooLarge(ValueError):
@@ -285,7 +284,8 @@ class IntakeStep(bootsteps.Step):
 
     def __init__(self, parent: t.Any, **kwargs: t.Any) -> None:
         super().__init__(parent, **kwargs)
-        intake = getattr(parent.app, _APP_ATTRIBUTE, None)
+        state = find_state(parent.app)
+        intake = state.intake if state is not None else None
         if intake is None or getattr(parent, "_websauna_intake", False):
             return
         parent._websauna_intake = True
@@ -358,6 +358,6 @@ def configure_intake(registry: Registry, app: Celery, max_bytes: int | None = No
     if max_bytes is None:
         max_bytes = get_task_settings(registry).max_message_bytes
     intake = Intake(app, registry, max_bytes)
-    setattr(app, _APP_ATTRIBUTE, intake)
+    app_state(app).intake = intake
     app.steps["consumer"].add(IntakeStep)
     return intake

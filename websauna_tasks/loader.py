@@ -11,11 +11,12 @@ from __future__ import annotations
 from celery.loaders.app import AppLoader
 
 from .db import get_engine
+from .state import registry_of
 
 
 class WebsaunaLoader(AppLoader):
     def on_worker_process_init(self) -> None:
-        registry = getattr(self.app, "pyramid_registry", None)
+        registry = registry_of(self.app)
         engine = get_engine(registry) if registry is not None else None
         if engine is not None:
             # close=False: the parent still owns those sockets.

@@ -30,6 +30,7 @@ from .settings import NAME_PENDING_KEY as PENDING_KEY  # noqa: F401
 from .settings import NAME_RETENTION_KEY as RETENTION_KEY  # noqa: F401
 from .settings import NAME_STORE_KEY as NAME_STORE_KEY
 from .settings import get_task_settings
+from .state import app_state, registry_of
 
 if t.TYPE_CHECKING:
     from celery import Celery
@@ -262,7 +263,7 @@ def claim_name(app: Celery, name: t.Any, task_id: str, delay_seconds: float = 0.
     """Claim ``name`` for ``task_id`` before it is scheduled; the holder's id when already taken."""
     if not isinstance(name, str) or not name or len(name) > 200:
         raise ValueError(f"a task name must be a non-empty string of at most 200 characters, got {name!r}")
-    registry = getattr(app, "pyramid_registry", None)
+    registry = registry_of(app)
     if registry is None:
         raise ConfigurationError("task names need an app built by config.include('websauna_tasks')")
     store = get_name_store(registry, app)
@@ -274,7 +275,7 @@ def claim_name(app: Celery, name: t.Any, task_id: str, delay_seconds: float = 0.
 
 def release_name(app: Celery, name: str, task_id: str) -> None:
     """The message of ``task_id`` will never be sent: free its name for the next caller."""
-    get_name_store(app.pyramid_registry, app).release(name, task_id)
+    get_name_store(app_state(app).registry, app).release(name, task_id)
 
 
 def name_of_run(task: t.Any) -> str | None:
@@ -290,7 +291,7 @@ def name_of_run(task: t.Any) -> str | None:
 def run_finished(task: t.Any, task_id: str, retrying: bool) -> None:
     """After a run: keep the name for the retention, or while a retry is still pending."""
     name = name_of_run(task)
-    registry = getattr(task.app, "pyramid_registry", None)
+    registry = registry_of(task.app)
     if not name or registry is None or retrying:
         return
     get_name_store(registry, task.app).keep(name, task_id, retention_seconds(registry))

@@ -31,6 +31,7 @@ from .settings import DB_OUTAGE_RETRIES_KEY as RETRIES_KEY  # noqa: F401
 from .settings import DEFAULT_DB_OUTAGE_BACKOFF_MAX_SECONDS as DEFAULT_BACKOFF_MAX_SECONDS  # noqa: F401
 from .settings import DEFAULT_DB_OUTAGE_RETRIES as DEFAULT_RETRIES  # noqa: F401
 from .settings import TaskSettings, parse_settings
+from .state import app_state, find_state
 
 if t.TYPE_CHECKING:
     from celery import Celery, Task
@@ -41,7 +42,6 @@ logger = logging.getLogger(__name__)
 # times a run is sent again after a database outage (10; 0 turns it off); BACKOFF_MAX_KEY, longest
 # countdown between two of those runs, in seconds (60).
 BACKOFF_BASE_SECONDS = 1.0
-APP_ATTRIBUTE = "websauna_tasks_outage_policy"
 
 # PostgreSQL SQLSTATEs that mean "this server cannot serve you now", not "your
 # query is wrong": connection exceptions (class 08), the server shutting
@@ -66,8 +66,14 @@ def configure_outages(settings: TaskSettings | t.Mapping[str, t.Any], app: Celer
     if not isinstance(settings, TaskSettings):
         settings = parse_settings(settings)
     policy = OutagePolicy(settings.db_outage_retries, settings.db_outage_backoff_max_seconds)
-    setattr(app, APP_ATTRIBUTE, policy)
+    app_state(app).outage_policy = policy
     return policy
+
+
+def outage_policy(app: Celery) -> OutagePolicy | None:
+    """``app``'s policy; None for a Celery app that ``includeme`` did not build."""
+    state = find_state(app)
+    return state.outage_policy if state is not None else None
 
 
 def database_unavailable(exc: BaseException) -> bool:
@@ -95,7 +101,7 @@ def retry_after_outage(task: Task, exc: Exception) -> None:
     Eager runs and direct calls are left alone: there is no broker to wait
     in, and their caller sees the error.
     """
-    policy: OutagePolicy | None = getattr(task.app, APP_ATTRIBUTE, None)
+    policy = outage_policy(task.app)
     request = task.request
     if policy is None or not policy.retries or request.called_directly or request.is_eager:
         return

@@ -31,15 +31,14 @@ import typing as t
 
 from kombu.utils.json import dumps as kombu_dumps
 
+from .state import find_state
+
 if t.TYPE_CHECKING:
     from celery import Celery
 
 #: Setting: largest JSON payload (args and kwargs) a task message may carry, in bytes.
 MAX_PAYLOAD_KEY = "websauna_tasks.max_payload_bytes"
 DEFAULT_MAX_PAYLOAD_BYTES = 512 * 1024
-#: Attribute of the Celery app holding its limit (set by includeme).
-_LIMIT_ATTRIBUTE = "websauna_tasks_max_payload_bytes"
-
 # The C encoder with default arguments: the common small message of plain
 # types costs about 1 us; kombu's encoder (about 2 us) only when it is needed.
 _plain_dumps = json.JSONEncoder(ensure_ascii=True, check_circular=True, allow_nan=True).encode
@@ -54,16 +53,14 @@ class PayloadTooLarge(ValueError):
 
 
 def configure_payload_limit(registry: t.Any, app: Celery) -> int:
-    """Take ``websauna_tasks.max_payload_bytes`` (0: no limit) from the settings layer and keep it on the app."""
-    from .settings import get_task_settings  # parsed and checked there (settings.py)
-
-    limit = get_task_settings(registry).max_payload_bytes
-    setattr(app, _LIMIT_ATTRIBUTE, limit)
-    return limit
+    """``websauna_tasks.max_payload_bytes`` (0: no limit) of ``app``, as the settings layer parsed it."""
+    return payload_limit(app)
 
 
 def payload_limit(app: t.Any) -> int:
-    return getattr(app, _LIMIT_ATTRIBUTE, DEFAULT_MAX_PAYLOAD_BYTES)
+    """The app's ``max_payload_bytes``; the default for a Celery app that ``includeme`` did not build."""
+    state = find_state(app)
+    return state.settings.max_payload_bytes if state is not None else DEFAULT_MAX_PAYLOAD_BYTES
 
 
 def check_task_payload(task: t.Any, args: t.Any, kwargs: t.Any, options: t.Mapping[str, t.Any]) -> None:

@@ -44,6 +44,8 @@ from .settings import LIMITS_REDIS_URL_KEY as LIMITS_REDIS_URL_KEY
 from .settings import QUEUE_WAIT_SECONDS_KEY as WAIT_SECONDS_KEY  # noqa: F401
 from .settings import QUEUES_KEY as QUEUES_KEY
 from .settings import get_task_settings
+from .state import app_state, find_state
+from .threads import BackgroundLoop
 
 if t.TYPE_CHECKING:
     from celery import Celery, Task
@@ -63,8 +65,6 @@ FIRST_RUN_HEADER = "websauna_tasks_first_run"
 LEASE_SECONDS = 60.0
 
 _REGISTRY_KEY = "websauna_tasks.queues_config"
-#: Attribute of the Celery app holding the QueuesConfig when queues are declared (else None).
-APP_ATTRIBUTE = "websauna_queues"
 # Set on an exception that Task.retry() raised because the task's own retries ran out.
 _GAVE_UP_MARK = "_websauna_tasks_retries_exhausted"
 
@@ -342,7 +342,7 @@ def configure_queues(registry: Registry, app: Celery) -> QueuesConfig:
         wait_seconds=wait_seconds, limits=limits,
     )
     registry[_REGISTRY_KEY] = config
-    setattr(app, APP_ATTRIBUTE, config if enforced else None)
+    app_state(app).queues = config if enforced else None
     return config
 
 
@@ -361,9 +361,15 @@ def queue_name(queue: t.Any) -> str | None:
     return getattr(queue, "name", None)
 
 
+def enforced_queues(app: Celery) -> QueuesConfig | None:
+    """The declared queues ``app`` enforces; None when none are declared, or for a plain Celery app."""
+    state = find_state(app)
+    return state.queues if state is not None else None
+
+
 def check_queue(app: Celery, queue: t.Any) -> None:
     """In the caller: refuse a queue that is not declared (nothing to check when none are)."""
-    config: QueuesConfig | None = getattr(app, APP_ATTRIBUTE, None)
+    config = enforced_queues(app)
     if config is not None:
         config.check(queue_name(queue))
 
@@ -471,45 +477,39 @@ class Lease:
         self.limits.release(self)
 
 
-class _LeaseKeeper:
-    """A daemon thread per process renewing the slots its runs hold.
+class _LeaseKeeper(BackgroundLoop):
+    """A thread per process renewing the slots its runs hold.
 
     Without renewal a run longer than the lease would lose its slot and let
     one more run start; with it, only a process that stops renewing (killed,
     frozen) loses its slots, once their lease has run out.
     """
 
+    thread_name = "websauna_tasks-leases"
+
     def __init__(self) -> None:
+        super().__init__()
         self.leases: set[Lease] = set()
         self.lock = threading.Lock()
-        self.wake = threading.Event()
-        self.thread: threading.Thread | None = None
-        self.pid = 0
 
     def hold(self, lease: Lease) -> None:
-        import os
-
         with self.lock:
             self.leases.add(lease)
-            # A thread does not survive fork: a pool child starts its own.
-            if self.thread is None or self.pid != os.getpid() or not self.thread.is_alive():
-                self.pid = os.getpid()
-                self.thread = threading.Thread(target=self._run, name="websauna_tasks-leases", daemon=True)
-                self.thread.start()
+        # A thread does not survive fork: a pool child starts its own.
+        self.ensure_running()
         # The thread may be sleeping for a longer lease than this one.
-        self.wake.set()
+        self.wake()
 
     def drop(self, lease: Lease) -> None:
         with self.lock:
             self.leases.discard(lease)
 
-    def _run(self) -> None:
-        while True:
+    def run(self) -> None:
+        while not self.stopping.is_set():
             with self.lock:
                 held = list(self.leases)
             interval = min((lease.seconds for lease in held), default=LEASE_SECONDS) / 3
-            if self.wake.wait(interval):
-                self.wake.clear()
+            if self.wait(interval):
                 continue
             for lease in held:
                 self._renew(lease)
@@ -541,7 +541,7 @@ def hold_slot(limits: RedisLimits, queue: str, limit: int, lease_seconds: float 
 
 def policy_of_run(task: Task) -> tuple[QueuesConfig, QueueConfig] | None:
     """The declared queue this worker run came from, when it has something to apply."""
-    config: QueuesConfig | None = getattr(task.app, APP_ATTRIBUTE, None)
+    config = enforced_queues(task.app)
     if config is None:
         return None
     request = task.request

@@ -27,7 +27,7 @@ from . import dispatch
 from .dispatch import transaction_to_wait_for
 from .idempotency import check_idempotent_class, claim_run
 from .outages import retry_after_outage
-from .queues import APP_ATTRIBUTE, mark_gave_up, run_in_queue
+from .queues import mark_gave_up, run_in_queue
 from .redelivery import note_failed_run
 from .registry import ICeleryApp, get_celery
 from .request import current_task_request, task_request
@@ -35,6 +35,7 @@ from .schedule import periodic_entry
 from .settings import DEFAULT_RETRY_ATTEMPTS as DEFAULT_RETRY_ATTEMPTS
 from .settings import RETRY_ATTEMPTS_KEY as RETRY_ATTEMPTS_KEY
 from .settings import get_task_settings
+from .state import find_state
 
 logger = logging.getLogger(__name__)
 
@@ -179,14 +180,14 @@ class WebsaunaTask(celery.Task):
             cls.async_body = True
 
     def __call__(self, *args: t.Any, **kwargs: t.Any) -> t.Any:
-        registry = getattr(self.app, "pyramid_registry", None)
-        if registry is None:
+        state = find_state(self.app)
+        if state is None:
             # A plain Celery app without includeme: behave like celery.Task.
             return _call_body(self, args, kwargs)
-        if getattr(self.app, APP_ATTRIBUTE, None) is not None:
+        if state.queues is not None:
             # Declared queues: rate, concurrency and attempts gate the run.
-            return run_in_queue(self, functools.partial(self._run_with_request, registry, args, kwargs))
-        return self._run_with_request(registry, args, kwargs)
+            return run_in_queue(self, functools.partial(self._run_with_request, state.registry, args, kwargs))
+        return self._run_with_request(state.registry, args, kwargs)
 
     def _run_with_request(self, registry: t.Any, args: tuple, kwargs: dict) -> t.Any:
         with task_request(registry) as request:
@@ -547,15 +548,14 @@ class TaskProxy:
 def _periodic_owners(app: celery.Celery) -> dict[str, str]:
     """Entry name -> ``module.qualname`` of the @task that put it in this app's beat_schedule.
 
-    Kept on the app itself, so two apps built in one process (tests do)
+    Kept in the app's state (state.py), so two apps built in one process (tests do)
     never see each other's entries, and a name already owned by the same
     function (its module scanned again into the same app) is no clash. An
     entry of the beat_schedule that is not in here came from the settings.
     """
-    owners = app.__dict__.get("_websauna_periodic_owners")
-    if owners is None:
-        owners = app.__dict__["_websauna_periodic_owners"] = {}
-    return owners
+    state = find_state(app)
+    # A plain Celery app (no includeme) has no settings entries to clash with.
+    return state.periodic_owners if state is not None else {}
 
 
 def _import_global(module: str, qualname: str) -> t.Any:

@@ -17,6 +17,7 @@ from websauna_tasks import (
 )
 from websauna_tasks.db import get_engine
 from websauna_tasks.registry import get_celery
+from websauna_tasks.state import registry_of
 
 
 @task(name="tests.record", base=ScheduleOnCommitTask, bind=True)
@@ -100,7 +101,7 @@ def inspect_request(self, label):
         "label": label,
         "pid": os.getpid(),
         "backend_pid": session.execute(text("SELECT pg_backend_pid()")).scalar_one(),
-        "registry_is_app": request.registry is self.app.pyramid_registry,
+        "registry_is_app": request.registry is registry_of(self.app),
         "celery_is_app": get_celery(request.registry) is self.app,
         "current_request": get_current_request() is request,
         "request_fresh": _first_use(request),

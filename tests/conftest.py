@@ -169,6 +169,39 @@ def redis_client(redis_url, queue_name):
     client.close()
 
 
+def include_in_memory(**settings: str):
+    """A Configurator that included pyramid_tm and websauna_tasks with an in-memory broker: no service."""
+    from pyramid.config import Configurator
+
+    config = Configurator(settings={"websauna.celery_config": "{'broker_url': 'memory://'}", **settings})
+    config.include("pyramid_tm")
+    config.include("websauna_tasks")
+    return config
+
+
+# Dead letters of a test go to "<queue_name>.dead"; tests that use these
+# fixtures define a ``settings`` fixture that says so.
+@pytest.fixture
+def dead_key(redis_client, queue_name):
+    key = f"{queue_name}.dead"
+    yield key
+    redis_client.delete(key, f"{queue_name}.other")
+
+
+@pytest.fixture
+def celery(make_app, settings, dead_key):
+    """The Celery app of an application built from the test module's ``settings`` fixture."""
+    from websauna_tasks import get_celery
+
+    return get_celery(make_app(**settings).registry)
+
+
+@pytest.fixture
+def ini(write_ini, settings):
+    """An INI file of the test module's ``settings`` fixture."""
+    return write_ini(settings)
+
+
 def queued_messages(client, queue: str) -> list[dict]:
     """Messages waiting in a Redis queue, oldest first, as kombu stored them."""
     return [json.loads(raw) for raw in reversed(client.lrange(queue, 0, -1))]

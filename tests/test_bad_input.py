@@ -57,13 +57,6 @@ def tm():
     return transaction.TransactionManager(explicit=True)
 
 
-@pytest.fixture
-def dead_key(redis_client, queue_name):
-    key = f"{queue_name}.dead"
-    yield key
-    redis_client.delete(key)
-
-
 def queued(redis_client, queue_name):
     return queued_messages(redis_client, queue_name)
 

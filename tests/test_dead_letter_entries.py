@@ -17,7 +17,7 @@ import kombu
 import pytest
 
 import websauna_tasks.deadletter
-from websauna_tasks import drop_dead_letter, get_celery, list_dead_letters, prune_dead_letters, requeue_dead_letter
+from websauna_tasks import drop_dead_letter, list_dead_letters, prune_dead_letters, requeue_dead_letter
 from websauna_tasks.deadletter import UNREADABLE_ENTRY, dead_letter, get_dead_letters
 from websauna_tasks.operator_commands import COMMANDS
 
@@ -79,23 +79,6 @@ def marker(raw: bytes, fragment: str, entry: dict) -> None:
 def settings(redis_url, queue_name):
     config = {"broker_url": redis_url, "task_default_queue": queue_name}
     return {"websauna.celery_config": repr(config), "websauna_tasks.deadletter_queue": f"{queue_name}.dead"}
-
-
-@pytest.fixture
-def dead_key(redis_client, queue_name):
-    key = f"{queue_name}.dead"
-    yield key
-    redis_client.delete(key, f"{queue_name}.other")
-
-
-@pytest.fixture
-def celery(make_app, settings, dead_key):
-    return get_celery(make_app(**settings).registry)
-
-
-@pytest.fixture
-def ini(write_ini, settings):
-    return write_ini(settings)
 
 
 @pytest.fixture

@@ -61,23 +61,6 @@ def settings(redis_url, database_url, queue_name):
             "websauna_tasks.deadletter_queue": f"{queue_name}.dead"}
 
 
-@pytest.fixture
-def dead_key(redis_client, queue_name):
-    key = f"{queue_name}.dead"
-    yield key
-    redis_client.delete(key, f"{queue_name}.other")
-
-
-@pytest.fixture
-def celery(make_app, settings, dead_key):
-    return get_celery(make_app(**settings).registry)
-
-
-@pytest.fixture
-def ini(write_ini, settings):
-    return write_ini(settings)
-
-
 def make_dead_letter(celery, queue_name: str, task_name: str = "tests.no_such_task", args: tuple = (1,)) -> str:
     """Send a task, take its message off the queue and dead-letter it as a worker that lacks the task would."""
     task_id = celery.send_task(task_name, args=args, queue=queue_name).id

@@ -25,6 +25,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.orm import Session, scoped_session, sessionmaker
 
 import websauna_tasks
+from tests.conftest import include_in_memory
 from websauna_tasks import get_celery
 from websauna_tasks.schedule import (
     MAX_INTERVAL_SECONDS,
@@ -71,10 +72,7 @@ def refused(settings: dict, *fragments: str) -> str:
 
 
 def include(**settings: str) -> Configurator:
-    config = Configurator(settings={**MEMORY, **settings})
-    config.include("pyramid_tm")
-    config.include("websauna_tasks")
-    return config
+    return include_in_memory(**settings)
 
 
 # -- the table and the parsed object ------------------------------------------------------------------

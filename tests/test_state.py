@@ -9,20 +9,16 @@ from celery import Celery
 from pyramid.config import Configurator
 from pyramid.exceptions import ConfigurationError
 
+from tests.conftest import include_in_memory
 from websauna_tasks import get_celery
 from websauna_tasks.deadletter import get_dead_letters
 from websauna_tasks.outages import outage_policy
 from websauna_tasks.payload import DEFAULT_MAX_PAYLOAD_BYTES, payload_limit
 from websauna_tasks.state import AppState, app_state, find_state, registry_of
 
-MEMORY = {"websauna.celery_config": "{'broker_url': 'memory://'}", "sqlalchemy.url": "sqlite://"}
-
 
 def build(**settings: str) -> Configurator:
-    config = Configurator(settings={**MEMORY, **settings})
-    config.include("pyramid_tm")
-    config.include("websauna_tasks")
-    return config
+    return include_in_memory(**{"sqlalchemy.url": "sqlite://", **settings})
 
 
 def test_includeme_gives_the_app_one_state_with_every_part_filled_in():

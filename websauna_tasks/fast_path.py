@@ -12,13 +12,13 @@ the relay instead of queueing behind a broker that is known to be down.
 """
 from __future__ import annotations
 
-import atexit
+import collections
 import logging
-import os
-import queue
 import threading
 import time
 import typing as t
+
+from .threads import BackgroundLoop
 
 if t.TYPE_CHECKING:
     import sqlalchemy as sa
@@ -31,40 +31,47 @@ PAUSE_SECONDS = 10.0
 EXIT_FLUSH_SECONDS = 5.0
 
 Publish = t.Callable[[list[str], "sa.Engine | None"], int]
+#: The ids of one transaction's rows, and the engine they were written through.
+Commit = tuple[list[str], "sa.Engine | None"]
 
 
-class FastPath:
+class FastPath(BackgroundLoop):
     """A per-process publishing thread fed with the ids of committed rows, in commit order."""
 
+    # A script that commits and exits should not leave its rows to wait for the relay's next poll.
+    stop_at_exit = EXIT_FLUSH_SECONDS
+
     def __init__(self, publish: Publish, batch_size: int, name: str, prepare: t.Callable[[], None] | None = None):
+        super().__init__(f"websauna_tasks-outbox-fast-path-{name}")
         self._publish = publish
         self._prepare = prepare
         self.batch_size = batch_size
         self.name = name
         self.paused_until = 0.0
-        self._lock = threading.Lock()
-        self._done = threading.Condition(self._lock)
-        self._pid: int | None = None
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
+        self._init_queue()
+
+    def _init_queue(self) -> None:
+        # Guards the commits waiting and the two counters flush() compares.
+        self._done = threading.Condition()
+        self._waiting: collections.deque[Commit] = collections.deque()
         self._submitted = 0
         self._finished = 0
-        self._atexit_registered = False
 
     def submit(self, task_ids: list[str], engine: sa.Engine | None) -> None:
         if not task_ids or time.monotonic() < self.paused_until:
             # The broker failed a moment ago: the relay has these rows.
             return
-        with self._lock:
-            self._start_if_needed()
+        self.ensure_running()
+        with self._done:
             self._submitted += 1
-            self._queue.put((list(task_ids), engine))
+            self._waiting.append((list(task_ids), engine))
+        self.wake()
 
     def flush(self, timeout: float = EXIT_FLUSH_SECONDS) -> bool:
         """Wait until everything submitted so far has been tried; False on timeout."""
         deadline = time.monotonic() + timeout
-        with self._lock:
-            if self._pid != os.getpid():
+        with self._done:
+            if not self.started_here:
                 return True
             target = self._submitted
             while self._finished < target:
@@ -73,54 +80,50 @@ class FastPath:
                     return self._finished >= target
             return True
 
-    def _start_if_needed(self) -> None:
-        pid = os.getpid()
-        if self._pid == pid and self._thread is not None and self._thread.is_alive():
-            return
-        if self._pid != pid:
-            # Forked: the parent's thread does not exist here, and what it
-            # had queued is the parent's to publish (or the relay's).
-            self._queue = queue.SimpleQueue()
-            self._submitted = self._finished = 0
-        self._pid = pid
+    def start(self) -> None:
         if self._prepare is not None:
             # Imports the first publish would make (kombu loads its transport,
             # and redis-py starts a thread pool module): a script that commits
             # and exits at once has its rows published during interpreter
             # shutdown, when Python no longer lets such modules load.
             self._prepare()
-        self._thread = threading.Thread(target=self._run, args=(self._queue,), daemon=True,
-                                        name=f"websauna_tasks-outbox-fast-path-{self.name}")
-        self._thread.start()
-        if not self._atexit_registered:
-            # A script that commits and exits should not leave its rows to
-            # wait for the relay's next poll.
-            atexit.register(self.flush)
-            self._atexit_registered = True
+        super().start()
 
-    def _run(self, work: queue.SimpleQueue) -> None:
+    def forked(self) -> None:
+        # What the parent had waiting is the parent's to publish (or the
+        # relay's); its lock may have been held by a thread that is not here.
+        self._init_queue()
+
+    def run(self) -> None:
         while True:
-            items = [work.get()]
-            count = len(items[0][0])
-            # Whatever else has been committed meanwhile goes in the same round.
-            while count < self.batch_size:
-                try:
-                    items.append(work.get_nowait())
-                except queue.Empty:
-                    break
-                count += len(items[-1][0])
+            commits = self._take()
+            if not commits:
+                if self.stopping.is_set():
+                    return
+                self.wait()
+                continue
             # In commit order; rows written through another engine go in a round of their own.
             ids: list[str] = []
-            engine = items[0][1]
-            for item_ids, item_engine in items:
-                if item_engine is not engine:
+            engine = commits[0][1]
+            for commit_ids, commit_engine in commits:
+                if commit_engine is not engine:
                     self._publish_ids(ids, engine)
-                    ids, engine = [], item_engine
-                ids.extend(item_ids)
+                    ids, engine = [], commit_engine
+                ids.extend(commit_ids)
             self._publish_ids(ids, engine)
-            with self._lock:
-                self._finished += len(items)
+            with self._done:
+                self._finished += len(commits)
                 self._done.notify_all()
+
+    def _take(self) -> list[Commit]:
+        """The oldest waiting commit, and whatever else waits behind it up to a batch of rows."""
+        commits: list[Commit] = []
+        count = 0
+        with self._done:
+            while self._waiting and (not commits or count < self.batch_size):
+                commits.append(self._waiting.popleft())
+                count += len(commits[-1][0])
+        return commits
 
     def _publish_ids(self, task_ids: list[str], engine: sa.Engine | None) -> None:
         if time.monotonic() < self.paused_until:

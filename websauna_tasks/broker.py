@@ -15,7 +15,7 @@ import contextlib
 import logging
 import typing as t
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import celery
 import celery.app.base
@@ -27,9 +27,35 @@ from kombu.common import Broadcast
 if t.TYPE_CHECKING:
     from celery import Celery, Task
 
-    from .dispatch import PendingMessage
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PendingMessage:
+    """One task message on its way out: built by the send pipeline (dispatch.py), written here."""
+
+    task: Task
+    args: tuple
+    kwargs: dict
+    options: dict = field(default_factory=dict)
+    task_id: str = ""
+    #: Called when the message will never be sent (abort, failed commit,
+    #: savepoint rollback): a claimed task name is released there.
+    on_dropped: t.Callable[[], None] | None = None
+    #: True once the message is a row of the outbox table, in the transaction:
+    #: after the commit it is published from there, not from memory.
+    outboxed: bool = False
+
+    def dropped(self) -> None:
+        if self.on_dropped is not None:
+            try:
+                self.on_dropped()
+            except Exception:
+                logger.exception("websauna_tasks: cleanup of a dropped message failed: %s", self.describe())
+
+    def describe(self) -> str:
+        return f"task {self.task.name} id {self.task_id} args {self.args!r} kwargs {self.kwargs!r}"
 
 
 def write(app: Celery, messages: list[PendingMessage], strict: bool = False) -> None:

@@ -35,6 +35,7 @@ from datetime import datetime, timezone
 from pyramid.exceptions import ConfigurationError
 
 from .dispatch import check_requeue
+from .settings import REDIS_SCHEMES
 from .state import app_state, find_state
 
 if t.TYPE_CHECKING:
@@ -46,7 +47,6 @@ logger = logging.getLogger(__name__)
 #: Setting: name of the Redis list that holds dead letters.
 DEADLETTER_QUEUE_KEY = "websauna_tasks.deadletter_queue"
 DEFAULT_DEADLETTER_QUEUE = "websauna_tasks.deadletter"
-_REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 
 
 class DeadLetters:
@@ -63,7 +63,7 @@ class DeadLetters:
         if isinstance(broker, (list, tuple)):
             broker = broker[0] if broker else None
         broker = str(broker or "").split(";")[0].strip()
-        return broker if broker.startswith(_REDIS_SCHEMES) else None
+        return broker if broker.startswith(REDIS_SCHEMES) else None
 
     @property
     def client(self) -> t.Any:

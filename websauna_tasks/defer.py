@@ -182,7 +182,8 @@ def _app_of(registry: Registry | None) -> tuple[Celery, Registry]:
     return app, registry
 
 
-def _queue_option(app: Celery, queue: str | None) -> str | None:
+def queue_option(app: Celery, queue: str | None) -> str | None:
+    """The ``queue`` option for a ``_queue`` of ``defer()``: None means the app's default queue."""
     # "default" is what defer()'s users call the queue everybody consumes;
     # Celery's is task_default_queue ("celery" unless configured).
     if queue is None or (queue == "default" and queue not in app.amqp.queues):
@@ -214,7 +215,7 @@ def defer(fn: t.Callable[..., t.Any], *args: t.Any, _queue: str | None = "defaul
     runner = app.tasks[DEFERRED_TASK_NAME]
 
     options: dict[str, t.Any] = {"serializer": "json"}
-    queue = _queue_option(app, _queue)
+    queue = queue_option(app, _queue)
     if queue is not None:
         options["queue"] = queue
     if _countdown is not None:

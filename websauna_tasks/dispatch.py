@@ -42,7 +42,6 @@ import functools
 import logging
 import typing as t
 import weakref
-from dataclasses import dataclass, field
 
 import celery
 import transaction
@@ -52,6 +51,7 @@ from transaction.interfaces import ISavepointDataManager
 from zope.interface import implementer
 
 from . import broker
+from .broker import PendingMessage
 from .names import NAME_HEADER, claim_name, release_name
 from .payload import check_payload, check_task_payload
 from .queues import check_queue
@@ -84,31 +84,6 @@ MISSING: t.Any = object()
 eager_errors: contextvars.ContextVar[list[BaseException] | None] = contextvars.ContextVar(
     "websauna_tasks_eager_errors", default=None
 )
-
-
-@dataclass
-class PendingMessage:
-    task: "Task"
-    args: tuple
-    kwargs: dict
-    options: dict = field(default_factory=dict)
-    task_id: str = ""
-    #: Called when the message will never be sent (abort, failed commit,
-    #: savepoint rollback): a claimed task name is released there.
-    on_dropped: t.Callable[[], None] | None = None
-    #: True once the message is a row of the outbox table, in the transaction:
-    #: after the commit it is published from there, not from memory.
-    outboxed: bool = False
-
-    def dropped(self) -> None:
-        if self.on_dropped is not None:
-            try:
-                self.on_dropped()
-            except Exception:
-                logger.exception("websauna_tasks: cleanup of a dropped message failed: %s", self.describe())
-
-    def describe(self) -> str:
-        return f"task {self.task.name} id {self.task_id} args {self.args!r} kwargs {self.kwargs!r}"
 
 
 # -- the checks and the way out --------------------------------------------------------------

@@ -52,12 +52,12 @@ from transaction.interfaces import NoTransaction
 from .db import get_engine
 from .defer import (
     DeferNotAllowed,
-    _queue_option,
     allowed_prefixes,
     check_allowed,
     defer,
     deferrable,
     function_path,
+    queue_option,
     resolve_path,
 )
 from .registry import ICeleryApp
@@ -503,7 +503,7 @@ def start_iteration(iteration_id: str, plan: dict[str, t.Any]) -> int:
 def _send_shard(request: Request, iteration_id: str, index: int, run: int, queue: str | None) -> None:
     app = request.registry.getUtility(ICeleryApp)
     options: dict[str, t.Any] = {}
-    routed = _queue_option(app, queue)
+    routed = queue_option(app, queue)
     if routed is not None:
         options["queue"] = routed
     app.tasks[SHARD_TASK_NAME].apply_async((iteration_id, index, run), tm=request.tm, **options)

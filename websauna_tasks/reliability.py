@@ -22,7 +22,8 @@ import typing as t
 
 from celery.utils.time import maybe_iso8601, maybe_make_aware
 
-from .queues import _REDIS_SCHEMES, REDIS_VISIBILITY_TIMEOUT
+from .queues import REDIS_VISIBILITY_TIMEOUT
+from .settings import REDIS_SCHEMES
 
 if t.TYPE_CHECKING:
     from celery import Celery
@@ -49,7 +50,7 @@ class VisibilityTimeoutExceeded(ValueError):
 def visibility_timeout(app: Celery) -> float | None:
     """The Redis broker's visibility timeout in seconds; None when it does not apply (not Redis, eager)."""
     conf = app.conf
-    if conf.task_always_eager or not str(conf.broker_url or "").startswith(_REDIS_SCHEMES):
+    if conf.task_always_eager or not str(conf.broker_url or "").startswith(REDIS_SCHEMES):
         return None
     options = conf.broker_transport_options or {}
     return float(options.get("visibility_timeout", REDIS_VISIBILITY_TIMEOUT))
@@ -121,7 +122,7 @@ def check_transport_options(app: Celery) -> list[str]:
     backend = str(conf.result_backend or "")
     warnings = []
     for name, value in others.items():
-        if value is None and not (name.startswith("result") and backend.startswith(_REDIS_SCHEMES)):
+        if value is None and not (name.startswith("result") and backend.startswith(REDIS_SCHEMES)):
             continue
         # A Redis result backend left at its default uses the default timeout.
         value = REDIS_VISIBILITY_TIMEOUT if value is None else value

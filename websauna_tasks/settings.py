@@ -39,11 +39,11 @@ from pyramid.exceptions import ConfigurationError
 from pyramid.path import DottedNameResolver
 
 from .config import CONFIG_KEY, celery_config_from_settings
+from .declared_queues import QueueConfig, parse_queues
 
 if t.TYPE_CHECKING:
     from pyramid.config import Configurator
 
-    from .queues import QueueConfig
 
 # -- the keys ---------------------------------------------------------------------------------------
 # The modules that use a setting re-export its key under the name they always had
@@ -255,7 +255,8 @@ class Number(Kind):
         return value
 
 
-_REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+#: URL schemes of a Redis server: the broker, the limits store and the name store may be one.
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 
 
 def _text(key: str, raw: t.Any) -> str:
@@ -292,7 +293,7 @@ class RedisURL(Kind):
 
     def parse(self, key: str, raw: t.Any, context: ParseContext) -> str:
         text = _text(key, raw)
-        if not text.startswith(_REDIS_SCHEMES):
+        if not text.startswith(REDIS_SCHEMES):
             raise ConfigurationError(f"{key}: expected a redis:// URL, got {raw!r}")
         return text
 
@@ -303,7 +304,7 @@ class NameStore(Kind):
 
     def parse(self, key: str, raw: t.Any, context: ParseContext) -> str:
         text = _text(key, raw)
-        if text in ("sql", "memory") or text.startswith(_REDIS_SCHEMES):
+        if text in ("sql", "memory") or text.startswith(REDIS_SCHEMES):
             return text
         raise ConfigurationError(f"{key}: expected a redis:// URL, 'sql' or 'memory', got {raw!r}")
 
@@ -338,8 +339,6 @@ class Queues(Kind):
     range_text = "a list of dicts; see queues.md"
 
     def parse(self, key: str, raw: t.Any, context: ParseContext) -> tuple[QueueConfig, ...]:
-        from .queues import parse_queues  # queues.py takes its own settings from here
-
         return parse_queues(raw)
 
 

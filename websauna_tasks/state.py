@@ -22,10 +22,6 @@ if t.TYPE_CHECKING:
     from celery import Celery
     from pyramid.registry import Registry
 
-    from .deadletter import DeadLetters
-    from .intake import Intake
-    from .outages import OutagePolicy
-    from .queues import QueuesConfig
     from .settings import TaskSettings
 
 
@@ -37,14 +33,17 @@ class AppState:
     registry: Registry
     #: Every ``websauna_tasks.*`` setting, parsed once (settings.py).
     settings: TaskSettings
-    #: Where refused messages are kept (deadletter.py).
-    dead_letters: DeadLetters | None = None
-    #: The worker's gate (intake.py).
-    intake: Intake | None = None
-    #: How a run that lost its database is sent again (outages.py).
-    outage_policy: OutagePolicy | None = None
-    #: The declared queues, when they are enforced (queues.py); None when none are declared.
-    queues: QueuesConfig | None = None
+    # The parts below are typed loosely on purpose: the modules that make them
+    # look their part up here, so importing their classes would tie this
+    # bottom layer to the ones above it. Each module's accessor is typed.
+    #: Where refused messages are kept: a ``deadletter.DeadLetters`` (``get_dead_letters``).
+    dead_letters: t.Any = None
+    #: The worker's gate: an ``intake.Intake``.
+    intake: t.Any = None
+    #: How a run that lost its database is sent again: an ``outages.OutagePolicy`` (``outage_policy``).
+    outage_policy: t.Any = None
+    #: The declared queues when they are enforced: a ``queues.QueuesConfig`` (``enforced_queues``); else None.
+    queues: t.Any = None
     #: beat_schedule entry name -> the ``@task`` that put it there (tasks.py): clashes are refused.
     periodic_owners: dict[str, str] = field(default_factory=dict)
 

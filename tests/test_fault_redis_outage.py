@@ -96,7 +96,7 @@ def write_fault_ini(tmp_path, broker: PrivateRedis, database: PrivatePostgres, o
                 "websauna.site_url": "http://localhost", "websauna_tasks.outbox": "true" if outbox else "false",
                 "websauna_tasks.outbox_poll_seconds": "0.5",
                 # Above the longest wait in the queue here (the backlog drains in under a
-                # minute), so that only a message Redis lost is sent again (redelivery.py).
+                # minute), so that only a message Redis lost is sent again (outbox/_redelivery.py).
                 "websauna_tasks.outbox_redeliver_after_seconds": str(REDELIVER_AFTER)}
     lines = ["[app:main]", "use = call:tests.apps.fault_app:main"]
     lines += [f"{key} = {value}" for key, value in settings.items()]

@@ -1,4 +1,4 @@
-"""Outbox rows of idempotent tasks sent but never finished are sent again (websauna_tasks.redelivery).
+"""Outbox rows of idempotent tasks sent but never finished are sent again (websauna_tasks.outbox, _redelivery).
 
 Real PostgreSQL and Redis; the relay's rounds are called directly with a
 clock moved forward instead of waiting minutes. The Redis stop that loses
@@ -18,8 +18,7 @@ from tests.conftest import queued_messages
 from tests.test_crash_safety import make_reliability_app, reliability_settings
 from websauna_tasks import get_celery
 from websauna_tasks.idempotency import DONE_TABLE_NAME
-from websauna_tasks.outbox import get_outbox
-from websauna_tasks.redelivery import note_failed_run
+from websauna_tasks.outbox import get_outbox, note_failed_run
 from websauna_tasks.request import task_request
 
 AFTER = 60.0
@@ -30,9 +29,10 @@ def router(redis_url, database_url, queue_name, db, redis_client, built_apps):
     with db.begin() as conn:
         conn.execute(text("DROP TABLE IF EXISTS websauna_tasks_outbox"))
         conn.execute(text(f"DROP TABLE IF EXISTS {DONE_TABLE_NAME}"))
-    from websauna_tasks import idempotency, outbox
+    from websauna_tasks import idempotency
+    from websauna_tasks.outbox import _table
 
-    outbox._created.clear()
+    _table._created.clear()
     idempotency._created.clear()
     settings = reliability_settings(redis_url, database_url, queue_name)
     settings.update({"websauna_tasks.outbox": "true", "websauna_tasks.outbox_publish_on_commit": "false",

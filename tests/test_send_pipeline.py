@@ -208,7 +208,7 @@ def test_no_production_module_asks_whether_a_sink_is_set():
     import websauna_tasks
 
     package = pathlib.Path(websauna_tasks.__file__).parent
-    asking = sorted(path.name for path in package.glob("*.py") if path.name != "dispatch.py" and any(
+    asking = sorted(path.name for path in package.rglob("*.py") if path.name != "dispatch.py" and any(
         name in path.read_text() for name in ("has_sink(", "captured(", "set_message_sink(", "_sink")))
     assert asking == []
     assert not hasattr(dispatch, "_sink")

@@ -111,6 +111,6 @@ def includeme(config: Configurator) -> None:
     run_deferred.bind_to_app(app)
     run_shard.bind_to_app(app)  # sharded iteration's task (websauna_tasks.iteration)
     connect_run_signals()
-    configure_outbox(config.registry, app)  # websauna_tasks.outbox = true: messages as rows (outbox.py)
+    configure_outbox(config.registry, app)  # websauna_tasks.outbox = true: messages as rows (outbox/)
     if app.conf.task_always_eager:
         config.add_tween("websauna_tasks.tweens.eager_errors_tween_factory", under=INGRESS)

@@ -2,7 +2,7 @@
 
 Ours, not Celery's subcommands (like ``outbox-relay``): they look after what
 this package keeps aside, the dead-letter list (deadletter.py) and the outbox
-table (outbox.py), with the app loaded from the same INI as the workers.
+table (outbox/), with the app loaded from the same INI as the workers.
 
 Exit status: 0 done; 1 the entry asked for is not there or cannot be used,
 Redis or the database could not be read, or anything else went wrong; 2 a

@@ -27,8 +27,8 @@ from . import dispatch
 from .dispatch import transaction_to_wait_for
 from .idempotency import check_idempotent_class, claim_run
 from .outages import retry_after_outage
+from .outbox import note_failed_run
 from .queues import mark_gave_up, run_in_queue
-from .redelivery import note_failed_run
 from .registry import ICeleryApp, get_celery
 from .request import current_task_request, task_request
 from .schedule import periodic_entry

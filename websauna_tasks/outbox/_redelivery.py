@@ -17,45 +17,52 @@ sent again at most ``websauna_tasks.outbox_redeliver_max`` times (default 3).
 - Only idempotent tasks: for any other task a missing done-row says nothing,
   and a copy could repeat its writes.
 - A run that fails for good (raises after its retries) has no done-row
-  either; :func:`note_failed_run` marks its row so it is not sent again.
+  either; :meth:`Redeliverer.note_failed_run` marks its row so it is not
+  sent again.
 - Rows due later (countdown, ETA) are left alone until due plus the delay.
 - Done-rows are pruned after their own retention: a row sent before that
   is never looked at, whatever the settings.
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 import typing as t
 
 import sqlalchemy as sa
 
-from .idempotency import done_table
-from .idempotency import ensure_table as ensure_done_table
-from .reliability import read_eta
-from .settings import DEFAULT_REDELIVER_AFTER_SECONDS as DEFAULT_AFTER_SECONDS  # noqa: F401
-from .settings import DEFAULT_REDELIVER_MAX as DEFAULT_MAX  # noqa: F401
-from .settings import REDELIVER_AFTER_KEY as AFTER_KEY  # noqa: F401
-from .settings import REDELIVER_MAX_KEY as MAX_KEY  # noqa: F401
+from ..idempotency import done_table
+from ..idempotency import ensure_table as ensure_done_table
+from ..reliability import read_eta
+from ._table import load_column, outbox_table
 
 if t.TYPE_CHECKING:
     from celery import Celery, Task
 
-    from .outbox import Outbox
-    from .settings import TaskSettings
+    from ..settings import TaskSettings
 
-logger = logging.getLogger(__name__)
+# The outbox's one logger, whichever of its modules speaks.
+logger = logging.getLogger(__package__)
 
-# Settings (declared and parsed in settings.py, imported above under their old names): AFTER_KEY,
-# seconds after its publication a row of an idempotent task with no done-row is sent again (300; 0 turns
-# it off); MAX_KEY, times one row may be sent again (3).
+
+class RowPublisher(t.Protocol):
+    """What redelivery needs of an app's outbox: its rows, and a way to publish them."""
+
+    app: Celery
+    batch_size: int
+
+    @property
+    def app_name(self) -> str: ...
+
+    def relay_engine(self) -> sa.Engine: ...
+
+    def publish_rows(self, rows: t.Sequence[t.Any]) -> None: ...
 
 
 class Redeliverer:
     """Finds and re-sends an app's unfinished rows; one call of :meth:`run` is one round."""
 
-    def __init__(self, outbox: Outbox, settings: TaskSettings):
+    def __init__(self, outbox: RowPublisher, settings: TaskSettings):
         self.outbox = outbox
         self.after_seconds = settings.outbox_redeliver_after_seconds
         self.max_redeliveries = settings.outbox_redeliver_max
@@ -84,7 +91,7 @@ class Redeliverer:
         engine = outbox.relay_engine()
         ensure_done_table(engine)
         now = time.time() if now is None else now
-        table = _outbox_table()
+        table = outbox_table
         unfinished = ~sa.exists().where(done_table.c.task_id == table.c.id)
         query = (sa.select(table.c.id, table.c.task_name, table.c.args, table.c.kwargs, table.c.options,
                            table.c.sent_at)
@@ -99,7 +106,7 @@ class Redeliverer:
             query = query.with_for_update(skip_locked=True, of=table)
         with engine.connect() as conn, conn.begin():
             rows = [row for row in conn.execute(query).all()
-                    if _due_at(row, outbox.app) < now - self.after_seconds]
+                    if due_at(row, outbox.app) < now - self.after_seconds]
             if not rows:
                 return 0
             outbox.publish_rows(rows)
@@ -111,47 +118,31 @@ class Redeliverer:
                        rows[0].id)
         return len(rows)
 
+    def note_failed_run(self, task: Task, task_id: str) -> None:
+        """A run of an idempotent task failed for good: its row (if any) is not to be sent again."""
+        if not self.enabled or not getattr(task, "idempotent", False):
+            return
+        table = outbox_table
+        try:
+            with self.outbox.relay_engine().begin() as conn:
+                conn.execute(sa.update(table).where(table.c.id == task_id)
+                             .values(redeliveries=self.max_redeliveries))
+        except Exception as exc:  # the failure itself is what matters; this only saves later copies
+            logger.warning("%s[%s]: could not mark its outbox row as finished (%s: %s); it may be sent again",
+                           task.name, task_id, type(exc).__name__, exc)
 
-def _outbox_table() -> sa.Table:
-    # outbox.py builds a Redeliverer: imported here when first used instead.
-    from .outbox import outbox_table as table
 
-    return table
-
-
-def _due_at(row: t.Any, app: Celery | None = None) -> float:
+def due_at(row: t.Any, app: Celery | None = None) -> float:
     """When the row's message may first run: its publication, or later with a countdown (which counts from
     the publication) or an ETA (read as ``app``'s worker reads it)."""
     try:
-        options = json.loads(row.options)
+        options = load_column(row.options)
     except ValueError:
         return row.sent_at
     countdown = options.get("countdown")
     if isinstance(countdown, (int, float)):
         return row.sent_at + countdown
-    eta = options.get("eta")
-    if isinstance(eta, dict) and len(eta) == 1:
-        # outbox.py stores a datetime as {tag: ISO text}.
-        eta = next(iter(eta.values()))
-    parsed = read_eta(app, eta)
+    parsed = read_eta(app, options.get("eta"))
     if parsed is None:
         return row.sent_at
     return max(row.sent_at, parsed.timestamp())
-
-
-def note_failed_run(task: Task, task_id: str) -> None:
-    """A run of an idempotent task failed for good: its outbox row (if any) is not to be sent again."""
-    from .dispatch import OUTBOX_ATTRIBUTE
-
-    outbox = getattr(task.app, OUTBOX_ATTRIBUTE, None)
-    redeliverer = getattr(outbox, "redeliverer", None)
-    if redeliverer is None or not redeliverer.enabled or not getattr(task, "idempotent", False):
-        return
-    table = _outbox_table()
-    try:
-        with outbox.relay_engine().begin() as conn:
-            conn.execute(sa.update(table).where(table.c.id == task_id)
-                         .values(redeliveries=redeliverer.max_redeliveries))
-    except Exception as exc:  # the failure itself is what matters; this only saves later copies
-        logger.warning("%s[%s]: could not mark its outbox row as finished (%s: %s); it may be sent again",
-                       task.name, task_id, type(exc).__name__, exc)

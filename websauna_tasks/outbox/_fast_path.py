@@ -18,12 +18,13 @@ import threading
 import time
 import typing as t
 
-from .threads import BackgroundLoop
+from ..threads import BackgroundLoop
 
 if t.TYPE_CHECKING:
     import sqlalchemy as sa
 
-logger = logging.getLogger(__name__)
+# The outbox's one logger, whichever of its modules speaks.
+logger = logging.getLogger(__package__)
 
 #: After a failed publish, rows are left to the relay for this long.
 PAUSE_SECONDS = 10.0

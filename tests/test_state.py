@@ -41,8 +41,10 @@ def test_two_apps_keep_their_own_state():
     assert (payload_limit(first), payload_limit(second)) == (10, 20)
 
 
-def test_the_celery_app_carries_no_attribute_of_ours():
-    app = get_celery(build().registry)
+@pytest.mark.parametrize("outbox", ["false", "true"])
+def test_the_celery_app_carries_no_attribute_of_ours(outbox):
+    app = get_celery(build(**{"websauna_tasks.outbox": outbox}).registry)
+    assert (app_state(app).outbox is not None) is (outbox == "true")
     ours = [name for name in vars(app) if "websauna" in name or "pyramid" in name]
     assert ours == []
 

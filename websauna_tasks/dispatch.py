@@ -57,6 +57,7 @@ from .payload import check_payload, check_task_payload
 from .queues import check_queue
 from .reliability import check_delay, delay_of
 from .request import get_current_request
+from .state import find_state
 
 if t.TYPE_CHECKING:
     from celery import Celery, Task
@@ -65,15 +66,12 @@ if t.TYPE_CHECKING:
 __all__ = [
     "PendingMessage", "Publisher", "BrokerPublisher", "CapturingPublisher", "MessageSink", "send", "schedule",
     "publish", "publisher_of", "set_publisher", "transaction_to_wait_for", "set_message_sink", "has_sink",
-    "captured", "check_payload", "check_task_payload", "check_requeue", "EagerTaskError", "OUTBOX_ATTRIBUTE",
+    "captured", "check_payload", "check_task_payload", "check_requeue", "EagerTaskError", "outbox_of",
 ]
 
 logger = logging.getLogger(__name__)
 
 _QUEUE_KEY = "websauna_tasks.dispatch_queue"
-#: Attribute of a Celery app whose messages go through the transactional
-#: outbox (websauna_tasks.outbox sets it when ``websauna_tasks.outbox`` is on).
-OUTBOX_ATTRIBUTE = "websauna_tasks_outbox"
 
 #: ``tm`` left out of ``apply_async``: an error for tasks that must wait for a commit.
 MISSING: t.Any = object()
@@ -208,6 +206,12 @@ class Publisher(t.Protocol):
         """Publish one message now; its errors reach the caller."""
 
 
+def outbox_of(app: Celery) -> t.Any:
+    """The outbox ``app``'s messages go through (outbox/ sets it in the app's state), or None when it is off."""
+    state = find_state(app)
+    return state.outbox if state is not None else None
+
+
 class BrokerPublisher:
     """The default: the outbox when it is on, else the broker after the commit; eager apps run the task."""
 
@@ -215,7 +219,7 @@ class BrokerPublisher:
 
     def hold(self, tm: transaction.TransactionManager, message: PendingMessage) -> None:
         app = message.task.app
-        outbox = getattr(app, OUTBOX_ATTRIBUTE, None)
+        outbox = outbox_of(app)
         if outbox is None or app.conf.task_always_eager:
             return
         # The row is written in this transaction, through its database
@@ -397,7 +401,7 @@ class DispatchQueue:
 
 def _publish_outboxed(app: Celery, messages: list[PendingMessage]) -> None:
     """The rows just committed: the outbox publishes them now, or leaves them to its relay."""
-    outbox = getattr(app, OUTBOX_ATTRIBUTE, None)
+    outbox = outbox_of(app)
     try:
         outbox.after_commit([message.task_id for message in messages])
     except Exception:

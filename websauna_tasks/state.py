@@ -44,6 +44,8 @@ class AppState:
     outage_policy: t.Any = None
     #: The declared queues when they are enforced: a ``queues.QueuesConfig`` (``enforced_queues``); else None.
     queues: t.Any = None
+    #: The transactional outbox when ``websauna_tasks.outbox`` is on: an ``outbox.Outbox`` (``find_outbox``).
+    outbox: t.Any = None
     #: beat_schedule entry name -> the ``@task`` that put it there (tasks.py): clashes are refused.
     periodic_owners: dict[str, str] = field(default_factory=dict)
 

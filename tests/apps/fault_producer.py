@@ -21,7 +21,7 @@ from pyramid.paster import get_app
 from sqlalchemy import text
 
 from tests.apps import fault_tasks
-from websauna_tasks.dispatch import OUTBOX_ATTRIBUTE
+from websauna_tasks.outbox import find_outbox
 from websauna_tasks.registry import get_celery
 from websauna_tasks.request import task_request
 
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     ini, index, count, batch = argv if argv is not None else sys.argv[1:]
     index, count, batch = int(index), int(count), int(batch)
     registry = get_app(ini).registry
-    outbox = getattr(get_celery(registry), OUTBOX_ATTRIBUTE, None)
+    outbox = find_outbox(get_celery(registry))
     counter = _FastPathCounter(outbox) if outbox is not None else None
 
     started = time.monotonic()

@@ -40,8 +40,9 @@ import transaction
 import zope.sqlalchemy
 from pyramid.exceptions import ConfigurationError
 
+from ..broker import PendingMessage
 from ..db import get_engine
-from ..dispatch import OUTBOX_ATTRIBUTE, PendingMessage, publish
+from ..dispatch import outbox_of, publish
 from ..request import get_current_request
 from ..settings import OUTBOX_KEY, TaskSettings, get_task_settings, parse_setting
 from ._fast_path import FastPath
@@ -76,7 +77,7 @@ def outbox_enabled(settings: t.Mapping[str, t.Any] | TaskSettings) -> bool:
 
 def find_outbox(app: Celery) -> Outbox | None:
     """The outbox of ``app``; None when it is off."""
-    return getattr(app, OUTBOX_ATTRIBUTE, None)
+    return outbox_of(app)
 
 
 def get_outbox(app: Celery) -> Outbox:

@@ -13,8 +13,8 @@ import typing as t
 
 from celery import bootsteps
 
-from ..dispatch import OUTBOX_ATTRIBUTE
 from ..settings import get_task_settings
+from ..state import app_state
 from ..threads import BackgroundLoop
 from ._outbox import Outbox, find_outbox, get_outbox
 from ._table import CHANNEL
@@ -37,7 +37,7 @@ def configure_outbox(registry: Registry, app: Celery) -> Outbox | None:
     if not get_task_settings(registry).outbox:
         return None
     outbox = Outbox(app, registry)
-    setattr(app, OUTBOX_ATTRIBUTE, outbox)
+    app_state(app).outbox = outbox
     if outbox.relay_in_worker:
         app.steps["worker"].add(OutboxRelayStep)
     return outbox

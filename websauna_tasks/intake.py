@@ -108,7 +108,7 @@ class Intake:
             payload = message.decode()
         except Exception:
             return None  # Celery refuses it with its own reason (content type, decode error)
-        problem = body_problem(payload)
+        problem = body_problem(payload, body)
         if problem is not None:
             return "malformed", problem
         if name == DEFERRED_TASK_NAME:
@@ -181,8 +181,12 @@ def headers_problem(headers: dict[str, t.Any]) -> str | None:
     return None
 
 
-def body_problem(payload: t.Any) -> str | None:
-    """Why a decoded protocol-2 body cannot be a task call, or None."""
+def body_problem(payload: t.Any, text: bytes | str | None = None) -> str | None:
+    """Why a decoded protocol-2 body cannot be a task call, or None.
+
+    ``text``, the body as it came, spares the walk of a body that has fewer
+    brackets than the bound and so cannot nest deeper.
+    """
     if not isinstance(payload, (list, tuple)) or len(payload) != 3:
         return f"the body is not the [args, kwargs, embed] triple of the task protocol ({_shape(payload)})"
     args, kwargs, embed = payload
@@ -194,9 +198,17 @@ def body_problem(payload: t.Any) -> str | None:
         return "a keyword of kwargs is not a string"
     if embed is not None and not isinstance(embed, dict):
         return f"embed is a {type(embed).__name__}, not a dict"
-    if nesting_exceeds(payload, MAX_BODY_DEPTH):
+    if _may_nest_deeper(text) and nesting_exceeds(payload, MAX_BODY_DEPTH):
         return f"the body nests more than {MAX_BODY_DEPTH} levels deep"
     return None
+
+
+def _may_nest_deeper(text: bytes | str | None) -> bool:
+    if isinstance(text, (bytes, bytearray)):
+        return text.count(b"[") + text.count(b"{") > MAX_BODY_DEPTH
+    if isinstance(text, str):
+        return text.count("[") + text.count("{") > MAX_BODY_DEPTH
+    return True
 
 
 def _shape(value: t.Any) -> str:

@@ -32,7 +32,8 @@ from .payload import PayloadTooLarge, configure_payload_limit
 from .queues import QueueConfig, UndeclaredQueue, backoff_seconds, configure_queues, get_queues
 from .registry import get_celery, set_celery
 from .reliability import VisibilityTimeoutExceeded
-from .request import get_current_request
+from .request import TRANSACTION_MANAGER_ALIAS, get_current_request
+from .retry import retryable
 from .settings import TaskSettings, configure_settings, get_task_settings
 from .state import AppState, attach_state
 from .tasks import (
@@ -51,6 +52,7 @@ __all__ = [
     "ScheduleOnCommitTask",
     "TransactionalTask",
     "RetryableTransactionTask",
+    "retryable",
     "run_after_response",
     "defer_iteration_with_finalize",
     "get_deferred_shard_index",
@@ -103,6 +105,8 @@ def includeme(config: Configurator) -> None:
     configure_outages(task_settings, app)  # a run that lost its database is sent again later (outages.py)
     set_celery(config.registry, app)
     config.add_request_method(lambda request: get_celery(request.registry), "celery", reify=True)
+    # Websauna's name for request.tm (pyramid_tm has none), on web and task requests.
+    config.add_request_method(TRANSACTION_MANAGER_ALIAS, "transaction_manager", property=True)
     configure_dbsession(config)
     config.add_tween("websauna_tasks.after_response.after_response_tween_factory",
                      under=INGRESS, over=AFTER_RESPONSE_OVER)

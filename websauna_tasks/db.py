@@ -20,6 +20,7 @@ from pyramid.request import Request
 from sqlalchemy import engine_from_config, event
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
+from transaction.interfaces import NoTransaction
 
 #: Setting: a sessionmaker or ``dotted.name:callable(request) -> Session`` replacing ours (settings.py).
 from .settings import DBSESSION_FACTORY_KEY as DBSESSION_FACTORY_KEY
@@ -92,7 +93,7 @@ def register_transaction_events(maker: sessionmaker) -> None:
     ``zope.sqlalchemy.register`` would have attached to that session alone.
     The listeners apply to sessions of this sessionmaker only.
     """
-    for name, listener in _LISTENERS.items():
+    for name, listener in (*_LISTENERS.items(), ("after_transaction_create", _require_transaction)):
         # A sessionmaker named by websauna_tasks.dbsession_factory may serve several apps:
         # a second listener would hand each event to the transaction twice.
         if not event.contains(maker, name, listener):
@@ -103,12 +104,58 @@ def _events_of(session: Session) -> zope.sqlalchemy.datamanager.ZopeTransactionE
     return session.info.get(TRANSACTION_EVENTS_KEY)
 
 
+MISSING_TRANSACTION_MESSAGE = (
+    "request.dbsession was used outside a transaction: its transaction manager (request.tm) is explicit "
+    "and has no transaction in progress. Do the database work inside `with request.tm:`, or in a function "
+    "decorated with @websauna_tasks.retryable(tm=request.tm); in a task, base=TransactionalTask (or "
+    "RetryableTransactionTask) runs the whole body in a transaction"
+)
+
+
+class MissingTransaction(NoTransaction):
+    """``request.dbsession`` was used while its explicit ``request.tm`` had no transaction.
+
+    A subclass of ``transaction.interfaces.NoTransaction`` (what the manager
+    itself raises, with no message), so code catching that still does.
+    """
+
+    def __init__(self, message: str = MISSING_TRANSACTION_MESSAGE) -> None:
+        super().__init__(message)
+
+
+def _require_transaction(session: Session, session_transaction: t.Any) -> None:
+    """Refuse to start the session's work when its explicit manager has no transaction.
+
+    Checked when the session's own transaction is created, before it takes a
+    connection: refused in zope.sqlalchemy's ``after_begin`` instead, the
+    session would keep a begun database transaction that a later
+    ``with request.tm:`` never joins, and writes made there would be lost.
+    """
+    if session_transaction.parent is not None:
+        return  # a nested or sub-transaction: its root was checked
+    events = _events_of(session)
+    if events is None:
+        return
+    tm = events.transaction_manager
+    if getattr(tm, "explicit", False):
+        try:
+            tm.get()
+        except NoTransaction:
+            raise MissingTransaction() from None
+
+
 def _forward(name: str, session_of: t.Callable[[t.Any], Session]) -> t.Callable[..., None]:
     """A listener handing event ``name`` to the ZopeTransactionEvents of the session it concerns."""
     def listener(*args: t.Any) -> None:
         events = _events_of(session_of(args[0]))
         if events is not None:
-            getattr(events, name)(*args)
+            try:
+                getattr(events, name)(*args)
+            except NoTransaction as exc:
+                # session.add() outside a transaction: zope.sqlalchemy joins on attach.
+                if isinstance(exc, MissingTransaction):
+                    raise
+                raise MissingTransaction() from None
 
     listener.__name__ = f"_forward_{name}"
     return listener

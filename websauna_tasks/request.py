@@ -200,6 +200,20 @@ def _in_transaction(tm: transaction.TransactionManager) -> bool:
     return True
 
 
+def _get_tm(request: Request) -> transaction.TransactionManager:
+    return request.tm
+
+
+def _set_tm(request: Request, tm: transaction.TransactionManager) -> None:
+    request.tm = tm
+
+
+#: ``request.transaction_manager``, Websauna's name for ``request.tm`` (includeme adds it to web and
+#: task requests alike). A property rather than a reified copy: it follows ``request.tm`` when
+#: that is replaced, and assigning it replaces ``request.tm``.
+TRANSACTION_MANAGER_ALIAS = property(_get_tm, _set_tm, doc="Websauna's name for request.tm.")
+
+
 def current_task_request() -> Request | None:
     """The request of the task run executing in this context, if any."""
     return _current_request.get()

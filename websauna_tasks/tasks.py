@@ -7,9 +7,7 @@ import functools
 import importlib
 import inspect
 import logging
-import random
 import threading
-import time
 import typing as t
 
 import celery
@@ -21,7 +19,6 @@ from pyramid.exceptions import ConfigurationError
 from pyramid.request import Request
 from pyramid.threadlocal import get_current_registry
 from pyramid.threadlocal import manager as threadlocal_manager
-from transaction.interfaces import TransientError
 
 from . import dispatch
 from .dispatch import transaction_to_wait_for
@@ -31,6 +28,8 @@ from .outbox import note_failed_run
 from .queues import mark_gave_up, run_in_queue
 from .registry import ICeleryApp, get_celery
 from .request import current_task_request, task_request
+from .retry import DEFAULT_BACKOFF_BASE, DEFAULT_BACKOFF_MAX, Retrying
+from .retry import is_transient as is_transient  # its home before retry.py
 from .schedule import periodic_entry
 from .settings import DEFAULT_RETRY_ATTEMPTS as DEFAULT_RETRY_ATTEMPTS
 from .settings import RETRY_ATTEMPTS_KEY as RETRY_ATTEMPTS_KEY
@@ -191,6 +190,21 @@ class WebsaunaTask(celery.Task):
 
     def _run_with_request(self, registry: t.Any, args: tuple, kwargs: dict) -> t.Any:
         with task_request(registry) as request:
+            context = self.request_stack.top
+            if context is None:
+                # Called directly (task(...)): no Celery context to carry the request, so one of our own.
+                self.push_request(request=request, headers={})
+                try:
+                    return self.run_in_request(request, args, kwargs)
+                finally:
+                    self.pop_request()
+            # Websauna's ``self.request.request``. The body's context (celery.Task.__call__'s
+            # push_request) copies this one; with headers None it would take every attribute
+            # Celery does not know, the request included, for custom message headers, which a
+            # retry would then send. None and {} mean the same to Celery.
+            context.request = request
+            if context.headers is None:
+                context.headers = {}
             return self.run_in_request(request, args, kwargs)
 
     def run_in_request(self, request: Request, args: tuple, kwargs: dict) -> t.Any:
@@ -365,8 +379,8 @@ class RetryableTransactionTask(TransactionalTask):
     #: Attempts in all; None means the ``websauna_tasks.retry_attempts`` setting (default 3).
     retry_attempts: int | None = None
     #: First back-off in seconds; doubled each attempt, with full jitter.
-    retry_backoff_base: float = 0.02
-    retry_backoff_max: float = 1.0
+    retry_backoff_base: float = DEFAULT_BACKOFF_BASE
+    retry_backoff_max: float = DEFAULT_BACKOFF_MAX
 
     def get_retry_attempts(self, request: Request) -> int:
         if self.retry_attempts is not None:
@@ -374,53 +388,20 @@ class RetryableTransactionTask(TransactionalTask):
         return get_task_settings(request.registry).retry_attempts
 
     def run_in_request(self, request: Request, args: tuple, kwargs: dict) -> t.Any:
-        tm = request.tm
-        attempts = max(1, self.get_retry_attempts(request))
-        for attempt in range(1, attempts + 1):
-            tm.begin()
-            try:
-                if self.idempotent and not claim_run(request, self):
-                    tm.commit()
-                    return None
-                # A fresh coroutine per attempt: _call_body calls the body anew.
-                result = _call_body(self, args, kwargs)
-                tm.commit()
-                return result
-            except Exception as exc:
-                transient = is_transient(tm, exc)
-                tm.abort()
-                if not transient or attempt == attempts:
-                    raise
-                delay = random.uniform(0, min(self.retry_backoff_max, self.retry_backoff_base * 2 ** (attempt - 1)))
-                logger.info("%s: transient conflict on attempt %d/%d (%s), retrying in %.3fs",
-                            self.name, attempt, attempts, type(exc).__name__, delay)
-                self.on_conflict_retry(attempt, exc)
-                time.sleep(delay)
-        raise AssertionError("unreachable")  # pragma: no cover
+        # The loop of websauna_tasks.retryable (retry.py): one notion of transient, one back-off.
+        retrying = Retrying(request.tm, attempts=self.get_retry_attempts(request),
+                            backoff_base=self.retry_backoff_base, backoff_max=self.retry_backoff_max,
+                            on_retry=self.on_conflict_retry, name=self.name)
+        return retrying.run(self._attempt, request, args, kwargs)
+
+    def _attempt(self, request: Request, args: tuple, kwargs: dict) -> t.Any:
+        if self.idempotent and not claim_run(request, self):
+            return None
+        # A fresh coroutine per attempt: _call_body calls the body anew.
+        return _call_body(self, args, kwargs)
 
     def on_conflict_retry(self, attempt: int, exc: BaseException) -> None:
         """Called before each re-run; a hook for metrics."""
-
-
-def is_transient(tm: transaction.TransactionManager, exc: BaseException) -> bool:
-    """True for errors that a fresh transaction may not hit again."""
-    if isinstance(exc, TransientError):
-        return True
-    try:
-        if tm._retryable(type(exc), exc):  # asks zope.sqlalchemy's should_retry
-            return True
-    except Exception:
-        pass
-    seen = set()
-    error: BaseException | None = exc
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        for candidate in (error, getattr(error, "orig", None)):
-            code = getattr(candidate, "sqlstate", None) or getattr(candidate, "pgcode", None)
-            if isinstance(code, str) and code.startswith("40"):
-                return True
-        error = error.__cause__ or error.__context__
-    return False
 
 
 class TaskProxy:

@@ -47,6 +47,11 @@ setup(
         "console_scripts": ["ws-celery = websauna_tasks.cli:main"],
         "paste.app_factory": ["example = websauna_tasks_example:main"],
         "pytest11": ["websauna_tasks = websauna_tasks.testing"],
+        # Websauna's config URIs (ws://conf/production.ini) for pserve and everything plaster loads.
+        "plaster.loader_factory": ["ws = websauna_tasks.config_uri:Loader",
+                                   "ws+file = websauna_tasks.config_uri:Loader"],
+        "plaster.wsgi_loader_factory": ["ws = websauna_tasks.config_uri:Loader",
+                                        "ws+file = websauna_tasks.config_uri:Loader"],
     },
     classifiers=[
         "Framework :: Pyramid",

@@ -30,6 +30,7 @@ from .outages import configure_outages
 from .outbox import configure_outbox
 from .payload import PayloadTooLarge, configure_payload_limit
 from .queues import QueueConfig, UndeclaredQueue, backoff_seconds, configure_queues, get_queues
+from .redis_client import get_redis
 from .registry import get_celery, set_celery
 from .reliability import VisibilityTimeoutExceeded
 from .request import TRANSACTION_MANAGER_ALIAS, get_current_request
@@ -75,6 +76,7 @@ __all__ = [
     "requeue_dead_letter",
     "drop_dead_letter",
     "prune_dead_letters",
+    "get_redis",
 ]
 
 

@@ -9,6 +9,9 @@ every subcommand (``flower``, ``purge``...) working as documented.
 A few commands are ours, looked up before Celery's: ``outbox-relay`` (below),
 ``outbox-status`` and ``dead-letters`` (operator_commands.py).
 
+The INI may also be named with Websauna's URIs, ``ws://conf/production.ini``
+or ``ws+file://conf/production.ini`` (config_uri.py): the same file.
+
 A mistake in the command line or the INI (missing file, no ``--``, unsafe
 ``websauna.celery_config``...) is one line on stderr and exit status 2, so it
 reads well in a service log; errors after that are Celery's and click's own.
@@ -48,9 +51,14 @@ def load_celery(config_uri: str) -> t.Any:
     from pyramid.paster import get_app, get_appsettings
 
     from .config import has_celery_settings
+    from .config_uri import config_file, is_ws_uri
     from .registry import get_celery
 
-    path = config_uri.split("#", 1)[0]
+    # A ws:// URI (Websauna's form) is checked as the file it names, then
+    # loaded through plaster as given, the way pserve loads it.
+    path = config_file(config_uri)
+    if not path:
+        raise CommandError(f"{config_uri} names no INI file (e.g. ws://conf/production.ini)")
     if not os.path.isfile(path):
         raise CommandError(f"INI file not found: {path}")
     try:
@@ -66,9 +74,10 @@ def load_celery(config_uri: str) -> t.Any:
         raise CommandError(f"cannot read the application settings from {path}: {exc}") from None
     if not has_celery_settings(settings):
         section = config_uri.split("#", 1)[1] if "#" in config_uri else "main"
+        named = config_uri.split("#", 1)[0] if is_ws_uri(config_uri) else path
         raise CommandError(
             f"{path} has no websauna.celery_config (nor celery.* keys) in its [app:{section}] section "
-            f"(if 'main' is a [pipeline:main], name the application: {path}#myapp)"
+            f"(if 'main' is a [pipeline:main], name the application: {named}#myapp)"
         )
     wsgi_app = get_app(config_uri)
     registry = getattr(wsgi_app, "registry", None)

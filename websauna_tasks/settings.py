@@ -34,6 +34,7 @@ import math
 import re
 import types
 import typing as t
+import urllib.parse
 
 from pyramid.exceptions import ConfigurationError
 from pyramid.path import DottedNameResolver
@@ -61,6 +62,7 @@ NAME_PENDING_KEY = "websauna_tasks.name_pending_seconds"
 QUEUES_KEY = "websauna_tasks.queues"
 ALLOW_UNDECLARED_KEY = "websauna_tasks.allow_undeclared_queues"
 LIMITS_REDIS_URL_KEY = "websauna_tasks.limits_redis_url"
+REDIS_URL_KEY = "websauna_tasks.redis_url"
 QUEUE_WAIT_SECONDS_KEY = "websauna_tasks.queue_wait_seconds"
 ITERATION_TIME_BUDGET_KEY = "websauna_tasks.iteration_time_budget_seconds"
 ITERATION_BATCH_SIZE_KEY = "websauna_tasks.iteration_batch_size"
@@ -287,14 +289,43 @@ class SiteURL(Kind):
         return text
 
 
+_URL_PASSWORD = re.compile(r"(://[^:/@]*:)[^/]*@")
+
+
+def _masked(url: str) -> str:
+    """``url`` with its password replaced by ``**``: URLs are often pasted with one, and errors go to logs."""
+    return _URL_PASSWORD.sub(r"\1**@", url)
+
+
 class RedisURL(Kind):
+    """A URL that redis-py can connect to, read here by redis-py itself.
+
+    A port out of range, a query argument redis-py cannot use or a database
+    that is not a number would otherwise pass startup and fail at the first
+    command, in a worker, long after the deploy.
+    """
+
     type_text = "Redis URL"
     range_text = "redis://, rediss:// or unix://"
 
     def parse(self, key: str, raw: t.Any, context: ParseContext) -> str:
         text = _text(key, raw)
+        shown = repr(_masked(text))
         if not text.startswith(REDIS_SCHEMES):
-            raise ConfigurationError(f"{key}: expected a redis:// URL, got {raw!r}")
+            raise ConfigurationError(f"{key}: expected a redis:// URL, got {shown}")
+        if any(char.isspace() or not char.isprintable() for char in text):
+            raise ConfigurationError(f"{key}: a Redis URL has no whitespace or control characters, got {shown}")
+        from redis.connection import parse_url
+
+        try:
+            parse_url(text)
+        except (TypeError, ValueError) as exc:
+            raise ConfigurationError(f"{key}: {exc}, got {shown}") from None
+        if not text.startswith("unix://"):
+            # redis-py quietly uses database 0 when the path is not a number.
+            database = urllib.parse.urlsplit(text).path.strip("/")
+            if database and not re.fullmatch(r"[0-9]+", database, re.ASCII):
+                raise ConfigurationError(f"{key}: the path of a Redis URL is the database number, got {shown}")
         return text
 
 
@@ -466,6 +497,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(ALLOW_UNDECLARED_KEY, Boolean(), False, "let tasks go to queues that are not declared"),
     Setting(LIMITS_REDIS_URL_KEY, RedisURL(), "",
             "Redis for queue rate and concurrency limits", default_text="the broker, when it is Redis"),
+    Setting(REDIS_URL_KEY, RedisURL(), "",
+            "the Redis of get_redis(request)", default_text="the broker, when it is Redis"),
     Setting(QUEUE_WAIT_SECONDS_KEY, _seconds(0, 3600), DEFAULT_QUEUE_WAIT_SECONDS,
             "how long a worker waits for a queue slot before re-queueing the task"),
     Setting(ITERATION_TIME_BUDGET_KEY, _seconds(0, _ONE_DAY), DEFAULT_ITERATION_TIME_BUDGET,
@@ -531,6 +564,8 @@ class TaskSettings:
     allow_undeclared_queues: bool
     #: "": the broker, when it is Redis.
     limits_redis_url: str
+    #: "": the broker, when it is Redis (redis_client.py).
+    redis_url: str
     queue_wait_seconds: float
     iteration_time_budget_seconds: float
     iteration_batch_size: int

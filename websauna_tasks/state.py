@@ -46,6 +46,8 @@ class AppState:
     queues: t.Any = None
     #: The transactional outbox when ``websauna_tasks.outbox`` is on: an ``outbox.Outbox`` (``find_outbox``).
     outbox: t.Any = None
+    #: ``get_redis``'s client and the process that made it: a ``redis_client.ProcessClient``, made on first use.
+    redis: t.Any = None
     #: beat_schedule entry name -> the ``@task`` that put it there (tasks.py): clashes are refused.
     periodic_owners: dict[str, str] = field(default_factory=dict)
 

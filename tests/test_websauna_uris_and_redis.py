@@ -66,7 +66,7 @@ def test_config_file_is_the_path_a_uri_names(uri, expected):
 
 
 @pytest.mark.parametrize(("uri", "expected"), [
-    ("ws://a.ini", True), ("ws+file://a.ini", True), ("Ws+File://a.ini", True),
+    ("ws://a.ini", True), ("ws+file://a.ini", True), ("Ws+File://a.ini", True), ("websauna-tasks+ws://a.ini", True),
     ("a.ini", False), ("/ws://a.ini", False), ("wss://a.ini", False), ("file+ini://a.ini", False),
     ("egg:myapp", False),
 ])
@@ -76,7 +76,7 @@ def test_which_uris_are_websaunas(uri, expected):
 
 # -- plaster, as pserve and pyramid.paster use it ----------------------------------------------------------------
 
-@pytest.mark.parametrize("scheme", ["ws", "ws+file", "websauna-tasks+ws"])
+@pytest.mark.parametrize("scheme", ["ws", "ws+file", "websauna-tasks+ws", "websauna-tasks+ws+file"])
 def test_plaster_finds_our_loader_for_the_schemes(scheme):
     # Found through the installed entry points: fails if setup.py does not register them.
     for protocols in (None, ["wsgi"]):
@@ -188,7 +188,7 @@ def test_ws_celery_reads_the_ini_of_a_ws_file_uri(tmp_path, subprocess_env):
         use = call:tests.apps.testapp:main
         websauna.celery_config = {"broker_url": "memory://", "task_default_queue": "read-from-the-ws-uri"}
         """))
-    for uri in (f"ws+file://{ini}", "ws://conf/app.ini"):
+    for uri in (f"ws+file://{ini}", "ws://conf/app.ini", "websauna-tasks+ws://conf/app.ini"):
         result = ws_celery(uri, "--", "report", cwd=tmp_path, env=subprocess_env)
         assert result.returncode == 0, result.stderr
         assert "read-from-the-ws-uri" in result.stdout, uri

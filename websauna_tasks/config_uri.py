@@ -25,8 +25,9 @@ import typing as t
 import plaster
 import plaster_pastedeploy
 
-#: The URI schemes taken as Websauna's: the file at the path after ``://``.
-WS_SCHEMES = ("ws", "ws+file")
+#: The URI schemes taken as Websauna's: the file at the path after ``://``. The last two name this
+#: package's loader in plaster's ``<distribution>+<scheme>`` form, for when Websauna's own is installed too.
+WS_SCHEMES = ("ws", "ws+file", "websauna-tasks+ws", "websauna-tasks+ws+file")
 
 
 def is_ws_uri(config_uri: str) -> bool:

@@ -483,7 +483,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(DBSESSION_FACTORY_KEY, SessionFactory(), None,
             "what request.dbsession is made with, replacing ours", default_text="ours, from sqlalchemy.*"),
     Setting(RETRY_ATTEMPTS_KEY, _count(1, 1000), DEFAULT_RETRY_ATTEMPTS,
-            "attempts in all of a RetryableTransactionTask without its own retry_attempts"),
+            "attempts in all of a RetryableTransactionTask without its own retry_attempts, and of retryable(tm=...)"),
     Setting(DEFER_ALLOWED_MODULES_KEY, ModuleList(), None,
             "module prefixes whose functions defer() may run (empty: only @deferrable ones)",
             default_text="the app's package"),

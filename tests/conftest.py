@@ -179,6 +179,19 @@ def include_in_memory(**settings: str):
     return config
 
 
+@pytest.fixture
+def run_cli(subprocess_env, tmp_path):
+    """``run_cli(ini, *args)``: ``ws-celery INI -- args`` in a subprocess, its CompletedProcess (text)."""
+    import subprocess
+    import sys
+
+    def run(ini: str, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "websauna_tasks.cli", ini, "--", *args], capture_output=True,
+                              text=True, timeout=60, cwd=tmp_path, env={**os.environ, **subprocess_env})
+
+    return run
+
+
 # Dead letters of a test go to "<queue_name>.dead"; tests that use these
 # fixtures define a ``settings`` fixture that says so.
 @pytest.fixture

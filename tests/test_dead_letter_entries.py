@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import subprocess
-import sys
 
 import kombu
 import pytest
@@ -79,15 +77,6 @@ def marker(raw: bytes, fragment: str, entry: dict) -> None:
 def settings(redis_url, queue_name):
     config = {"broker_url": redis_url, "task_default_queue": queue_name}
     return {"websauna.celery_config": repr(config), "websauna_tasks.deadletter_queue": f"{queue_name}.dead"}
-
-
-@pytest.fixture
-def run_cli(subprocess_env, tmp_path):
-    def run(ini: str, *args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "websauna_tasks.cli", ini, "--", *args], capture_output=True,
-                              text=True, timeout=60, cwd=tmp_path, env={**os.environ, **subprocess_env})
-
-    return run
 
 
 @pytest.fixture

@@ -8,9 +8,7 @@ starting one for each test.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import threading
 import time
 
@@ -31,15 +29,6 @@ from websauna_tasks.deadletter import dead_letter, get_dead_letters
 from websauna_tasks.outbox import get_outbox
 from websauna_tasks.request import task_request
 from websauna_tasks.testing import wait_for
-
-
-@pytest.fixture
-def run_cli(subprocess_env, tmp_path):
-    def run(ini: str, *args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "websauna_tasks.cli", ini, "--", *args], capture_output=True,
-                              text=True, timeout=60, cwd=tmp_path, env={**os.environ, **subprocess_env})
-
-    return run
 
 
 def one_line_error(result: subprocess.CompletedProcess, code: int, *fragments: str) -> str:

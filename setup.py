@@ -36,6 +36,7 @@ setup(
             "hypothesis>=6",
             "psycopg[binary]>=3.1",
             "waitress>=2",
+            "alembic>=1.12",
         ],
         "dev": [
             "waitress>=2",

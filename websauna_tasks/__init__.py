@@ -22,6 +22,7 @@ from .deadletter import (
     requeue_dead_letter,
 )
 from .defer import DeferNotAllowed, configure_allowed_modules, defer, deferrable, run_deferred
+from .events import TaskFinished
 from .idempotency import configure_idempotency, prune_done
 from .intake import configure_intake
 from .iteration import defer_iteration_with_finalize, get_deferred_shard_index, iteration_progress, run_shard
@@ -35,6 +36,7 @@ from .registry import get_celery, set_celery
 from .reliability import VisibilityTimeoutExceeded
 from .request import TRANSACTION_MANAGER_ALIAS, get_current_request
 from .retry import retryable
+from .secrets import configure_secrets, get_secrets
 from .settings import TaskSettings, configure_settings, get_task_settings
 from .state import AppState, attach_state
 from .tasks import (
@@ -77,6 +79,8 @@ __all__ = [
     "drop_dead_letter",
     "prune_dead_letters",
     "get_redis",
+    "get_secrets",
+    "TaskFinished",
 ]
 
 
@@ -99,6 +103,7 @@ def includeme(config: Configurator) -> None:
     task_settings = configure_settings(config)
     app = make_celery(dict(task_settings.celery_config), name=task_settings.app_name)
     attach_state(app, AppState(registry=config.registry, settings=task_settings))  # one per app (state.py)
+    configure_secrets(config.registry, app)  # websauna.secrets_file, read once (secrets.py)
     configure_queues(config.registry, app)
     configure_payload_limit(config.registry, app)  # websauna_tasks.max_payload_bytes (payload.py)
     configure_deadletter(config.registry, app)  # where refused messages are kept (deadletter.py)

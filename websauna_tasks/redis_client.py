@@ -21,9 +21,8 @@ import threading
 import typing as t
 
 from pyramid.exceptions import ConfigurationError
-from pyramid.registry import Registry
 
-from .registry import get_celery
+from .registry import as_registry, get_celery
 from .settings import REDIS_SCHEMES, REDIS_URL_KEY, get_task_settings
 from .state import app_state
 
@@ -53,15 +52,6 @@ def _new_lock_after_fork() -> None:
 os.register_at_fork(after_in_child=_new_lock_after_fork)
 
 
-def _registry(request_or_registry: t.Any) -> Registry:
-    if isinstance(request_or_registry, Registry):
-        return request_or_registry
-    registry = getattr(request_or_registry, "registry", None)
-    if isinstance(registry, Registry):
-        return registry
-    raise TypeError(f"get_redis() takes a request or a registry, got {request_or_registry!r}")
-
-
 def first_broker_url(broker_url: t.Any) -> str:
     """The first URL of ``broker_url`` (a URL, ``a;b`` failover URLs, or a list of them)."""
     if isinstance(broker_url, (list, tuple)):
@@ -74,7 +64,7 @@ def redis_url(request_or_registry: t.Any) -> str:
 
     :raises ConfigurationError: neither is set to a Redis URL.
     """
-    registry = _registry(request_or_registry)
+    registry = as_registry(request_or_registry, "get_redis")
     configured = get_task_settings(registry).redis_url
     if configured:
         return configured
@@ -96,7 +86,7 @@ def get_redis(request_or_registry: t.Any) -> redis.Redis:
     :raises ConfigurationError: no Redis to connect to (see :func:`redis_url`),
         or ``websauna_tasks`` was not included.
     """
-    registry = _registry(request_or_registry)
+    registry = as_registry(request_or_registry, "get_redis")
     state = app_state(get_celery(registry))
     pid = os.getpid()
     made = state.redis

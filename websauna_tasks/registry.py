@@ -28,3 +28,13 @@ def get_celery(registry: Registry) -> "Celery":
 
 def set_celery(registry: Registry, app: "Celery") -> None:
     registry.registerUtility(app, ICeleryApp)
+
+
+def as_registry(request_or_registry: t.Any, caller: str) -> Registry:
+    """The registry of a request, or the registry itself: the argument of ``get_redis``/``get_secrets``."""
+    if isinstance(request_or_registry, Registry):
+        return request_or_registry
+    registry = getattr(request_or_registry, "registry", None)
+    if isinstance(registry, Registry):
+        return registry
+    raise TypeError(f"{caller}() takes a request or a registry, got {request_or_registry!r}")

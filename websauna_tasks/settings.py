@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
+import os
 import re
 import types
 import typing as t
@@ -51,6 +52,7 @@ if t.TYPE_CHECKING:
 # (``websauna_tasks.outbox.OUTBOX_KEY`` is :data:`OUTBOX_KEY`).
 
 SITE_URL_KEY = "websauna.site_url"
+SECRETS_FILE_KEY = "websauna.secrets_file"
 CELERY_CONFIG_KEY = CONFIG_KEY
 APP_NAME_KEY = "websauna_tasks.app_name"
 DBSESSION_FACTORY_KEY = "websauna_tasks.dbsession_factory"
@@ -329,6 +331,38 @@ class RedisURL(Kind):
         return text
 
 
+class SecretsFile(Kind):
+    """The path of Websauna's secrets INI: a path, ``file://`` path or ``resource://package/path``.
+
+    Only where the file is gets decided here; secrets.py reads it, so that the
+    values never sit in :class:`TaskSettings`, whose repr may reach a log.
+    """
+
+    type_text = "path"
+    range_text = "a readable file: path, file://path or resource://package/path"
+
+    def parse(self, key: str, raw: t.Any, context: ParseContext) -> str:
+        text = _text(key, raw)
+        if text.startswith("resource://"):
+            package, _, inner = text[len("resource://"):].partition("/")
+            if not package or not inner:
+                raise ConfigurationError(f"{key}: expected resource://package/path, got {raw!r}")
+            try:
+                from importlib.resources import files
+
+                path = str(files(package).joinpath(inner))
+            except Exception as exc:  # ModuleNotFoundError, TypeError for a non-package
+                raise ConfigurationError(f"{key}: cannot find the package of {raw!r} ({exc})") from None
+        elif text.startswith("file://"):
+            path = text[len("file://"):]
+        else:
+            path = text
+        path = os.path.abspath(os.path.expanduser(path))
+        if not os.path.isfile(path):
+            raise ConfigurationError(f"{key}: no such file: {path}")
+        return path
+
+
 class NameStore(Kind):
     type_text = "Redis URL or word"
     range_text = "redis://..., sql or memory"
@@ -477,6 +511,8 @@ def _count(minimum: int, maximum: int, unit: str = "", zero_means: str | None = 
 SETTINGS: tuple[Setting, ...] = (
     Setting(SITE_URL_KEY, SiteURL(), DEFAULT_SITE_URL,
             "base URL for request.route_url() inside tasks"),
+    Setting(SECRETS_FILE_KEY, SecretsFile(), "",
+            "Websauna's secrets INI, read by get_secrets(registry)", default_text="none"),
     Setting(CELERY_CONFIG_KEY, CeleryConfig(), None,
             "the Celery settings (with the flat celery.* keys)", default_text="Celery's, plus ours"),
     Setting(APP_NAME_KEY, AppName(), DEFAULT_APP_NAME, "the Celery app's main name"),
@@ -548,6 +584,8 @@ class TaskSettings:
     """The parsed settings of one application; attribute names are the keys without their prefix."""
 
     site_url: str
+    #: "": no secrets file; else its absolute path (secrets.py reads it).
+    secrets_file: str
     celery_config: t.Mapping[str, t.Any]
     app_name: str
     #: A sessionmaker or a function(request), or None for ours.

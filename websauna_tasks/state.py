@@ -48,6 +48,8 @@ class AppState:
     outbox: t.Any = None
     #: ``get_redis``'s client and the process that made it: a ``redis_client.ProcessClient``, made on first use.
     redis: t.Any = None
+    #: ``websauna.secrets_file`` as read at startup: a ``secrets.Secrets`` (``get_secrets``).
+    secrets: t.Any = None
     #: beat_schedule entry name -> the ``@task`` that put it there (tasks.py): clashes are refused.
     periodic_owners: dict[str, str] = field(default_factory=dict)
 

@@ -22,6 +22,7 @@ from pyramid.threadlocal import manager as threadlocal_manager
 
 from . import dispatch
 from .dispatch import transaction_to_wait_for
+from .events import notify_task_finished
 from .idempotency import check_idempotent_class, claim_run
 from .outages import retry_after_outage
 from .outbox import note_failed_run
@@ -190,22 +191,32 @@ class WebsaunaTask(celery.Task):
 
     def _run_with_request(self, registry: t.Any, args: tuple, kwargs: dict) -> t.Any:
         with task_request(registry) as request:
-            context = self.request_stack.top
-            if context is None:
-                # Called directly (task(...)): no Celery context to carry the request, so one of our own.
-                self.push_request(request=request, headers={})
-                try:
-                    return self.run_in_request(request, args, kwargs)
-                finally:
-                    self.pop_request()
-            # Websauna's ``self.request.request``. The body's context (celery.Task.__call__'s
-            # push_request) copies this one; with headers None it would take every attribute
-            # Celery does not know, the request included, for custom message headers, which a
-            # retry would then send. None and {} mean the same to Celery.
-            context.request = request
-            if context.headers is None:
-                context.headers = {}
-            return self.run_in_request(request, args, kwargs)
+            try:
+                result = self._run_in_context(request, args, kwargs)
+            except BaseException as exc:
+                notify_task_finished(self, request, exc=exc)
+                raise
+            notify_task_finished(self, request, result)
+            return result
+
+    def _run_in_context(self, request: Request, args: tuple, kwargs: dict) -> t.Any:
+        """The body with ``request`` on Celery's context (``self.request.request``)."""
+        context = self.request_stack.top
+        if context is None:
+            # Called directly (task(...)): no Celery context to carry the request, so one of our own.
+            self.push_request(request=request, headers={})
+            try:
+                return self.run_in_request(request, args, kwargs)
+            finally:
+                self.pop_request()
+        # Websauna's ``self.request.request``. The body's context (celery.Task.__call__'s
+        # push_request) copies this one; with headers None it would take every attribute
+        # Celery does not know, the request included, for custom message headers, which a
+        # retry would then send. None and {} mean the same to Celery.
+        context.request = request
+        if context.headers is None:
+            context.headers = {}
+        return self.run_in_request(request, args, kwargs)
 
     def run_in_request(self, request: Request, args: tuple, kwargs: dict) -> t.Any:
         """Run the body; subclasses wrap this in a transaction.
@@ -346,9 +357,9 @@ class TransactionalTask(ScheduleOnCommitTask):
     acks_late = True
     reject_on_worker_lost = True
 
-    def _run_with_request(self, registry: t.Any, args: tuple, kwargs: dict) -> t.Any:
+    def _run_in_context(self, request: Request, args: tuple, kwargs: dict) -> t.Any:
         try:
-            return super()._run_with_request(registry, args, kwargs)
+            return super()._run_in_context(request, args, kwargs)
         except Exception as exc:
             # Lost or refused database connection: raises Celery's Retry, the
             # run is sent again later (websauna_tasks.outages).

@@ -37,6 +37,7 @@ setup(
             "psycopg[binary]>=3.1",
             "waitress>=2",
             "alembic>=1.12",
+            "flower>=2.0",
         ],
         "dev": [
             "waitress>=2",

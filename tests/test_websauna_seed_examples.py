@@ -33,7 +33,7 @@ from tests.apps import seed_app
 from tests.apps.seed_app import btcaverage, models, slackclient
 from tests.apps.seed_app.seo import build_seo_data
 from tests.apps.seed_app.slack import send_slack_message
-from tests.apps.seed_app.tasks import send_review_sms_notification, update_btc_rate
+from tests.apps.seed_app.tasks import my_task, send_review_sms_notification, update_btc_rate
 from tests.apps.seed_app.utils import slug_to_uuid, uuid_to_slug
 from tests.apps.seed_app.views import ViewFailed
 from tests.conftest import queued_messages
@@ -202,6 +202,18 @@ def slack_calls(client: redis.Redis) -> list[dict]:
 
 def log_of(worker: WorkerProcess) -> t.Callable[[], str]:
     return lambda: worker.output()[-4000:]
+
+
+# -- "Accessing request within tasks": my_task ---------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_my_task_reaches_the_run_request_and_its_dbsession_in_the_worker(seed_router, start_seed_worker):
+    worker = start_seed_worker()
+    result = my_task.apply_async(tm=None)
+    # The body has no effect of its own: its run succeeding is the outcome (self.get_request() and
+    # request.dbsession raise outside a run or without a transaction).
+    assert result.get(timeout=TIMEOUT) is None, log_of(worker)()
+    assert result.state == "SUCCESS"
 
 
 # -- "Delayed tasks": send_review_sms_notification, dispatched from the seed's view -------------------------------

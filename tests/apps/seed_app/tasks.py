@@ -1,8 +1,20 @@
-"""The seed's ``tasks.py``: "Delayed tasks" and "Scheduled tasks", bodies as written, imports changed."""
+"""The seed's task examples ("Accessing request within tasks", "Delayed tasks", "Scheduled tasks"), bodies
+as written, imports changed."""
 from tests.apps.seed_app import models, sms
 from tests.apps.seed_app.btcaverage import RedisConverter
 from tests.apps.seed_app.utils import uuid_to_slug
 from websauna_tasks import RetryableTransactionTask, TransactionalTask, get_redis, task
+
+# -- "Accessing request within tasks" --------------------------------------------------------------
+
+
+@task(base=RetryableTransactionTask, bind=True)
+def my_task(self: RetryableTransactionTask):
+    # self.request is celery.app.task.Context
+    # self.request.request is websauna.system.http.Request
+    dbsession = self.get_request().dbsession  # noqa: F841 - the seed's line, kept as written
+    # ...
+
 
 # -- "Delayed tasks" --------------------------------------------------------------------------------
 

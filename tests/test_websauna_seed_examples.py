@@ -31,7 +31,7 @@ from sqlalchemy.orm import Session
 
 from tests.apps import seed_app
 from tests.apps.seed_app import btcaverage, models, slackclient
-from tests.apps.seed_app.seo import build_seo_data
+from tests.apps.seed_app.seo import _build_seo_data, build_seo_data
 from tests.apps.seed_app.slack import send_slack_message
 from tests.apps.seed_app.tasks import my_task, send_review_sms_notification, update_btc_rate
 from tests.apps.seed_app.utils import slug_to_uuid, uuid_to_slug
@@ -403,3 +403,17 @@ def test_slack_message_goes_out_from_the_worker_only_when_transaction_manager_co
         send_slack_message(request, "#test-messages", "now", immediate=True)
         now = slack_calls(seed_redis)[-1]
         assert (now["kwargs"]["text"], now["token"], now["pid"]) == ("now", SLACK_TOKEN, os.getpid())
+
+
+def test_build_seo_data_body_runs_from_a_shell_request(seed_router, seed_tables, seed_redis):
+    """The seed: ``_build_seo_data`` is apart from the task "so that this function can be called directly
+    from ws-shell": there the request's ``tm`` is the thread's ``transaction.manager``."""
+    ids = add_assets(seed_tables)
+    with bootstrapped_request(seed_router) as request:
+        _build_seo_data(request)
+    runs = seo_runs(seed_tables)
+    assert sorted(runs) == sorted(ids[slug] for slug in ("alpha", "beta", "gamma"))
+    assert len(set(runs.values())) == 3, f"assets shared a transaction: {runs}"
+    for slug in ("alpha", "beta", "gamma"):
+        data = json.loads(seed_redis.get(f"asset_seo_{slug}"))
+        assert (data["txid"], data["pid"], data["routing_key"]) == (runs[ids[slug]], os.getpid(), None)

@@ -168,3 +168,32 @@ def test_ws_celery_and_bootstrap_load_an_including_file(included_ini, prefix):
         assert websauna_tasks.get_task_settings(registry).site_url == "https://production.example.com"
     finally:
         env["closer"]()
+
+
+# -- Websauna's test_request fixture, as the page writes it -----------------------------------------------------
+
+@pytest.fixture
+def test_request(tmp_path):
+    from tests.apps import events_app
+
+    events_app.RECORDED.clear()
+    ini = write_ini(tmp_path / "test.ini", """\
+        [app:main]
+        use = call:tests.apps.events_app:main
+        websauna.celery_config = {"broker_url": "memory://", "task_always_eager": True}
+        """)
+    # The recipe of docs/migrating-from-websauna.md ("Websauna's test fixtures"):
+    env = bootstrap(str(ini))
+    env["request"].tm = transaction.manager
+    yield env["request"]
+    env["closer"]()
+    events_app.RECORDED.clear()
+
+
+def test_a_websauna_style_test_commits_with_the_thread_manager(test_request):
+    from tests.apps import events_app
+
+    with transaction.manager:
+        events_app.succeeds.apply_async(args=(3,), tm=test_request.tm)
+        assert events_app.RECORDED == []  # not before the commit
+    assert [(event["state"], event["result"]) for event in events_app.RECORDED] == [("SUCCESS", 6)]

@@ -14,7 +14,7 @@ import pytest
 from pyramid.paster import get_app
 from sqlalchemy import text
 
-from websauna_tasks import get_celery
+from websauna_tasks import cli, get_celery, operator_commands
 from websauna_tasks.testing import wait_for
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -86,15 +86,16 @@ def test_unreadable_ini(run_cli, write_ini, settings):
 
 def test_missing_double_dash(run_cli, write_ini, settings):
     assert_one_line_error(run_cli(write_ini(settings), "worker"),
-                          "missing '--' between the INI file and the celery command", "usage: ws-celery INI --")
+                          "missing '--' between the INI file and the celery command",
+                          "usage: ws-celery INI [NAME=VALUE ...] --")
 
 
 def test_nothing_after_double_dash(run_cli, write_ini, settings):
-    assert_one_line_error(run_cli(write_ini(settings), "--"), "give a celery subcommand after '--'")
+    assert_one_line_error(run_cli(write_ini(settings), "--"), "give a command after '--'", "ws-celery --help")
 
 
 def test_no_arguments(run_cli):
-    assert_one_line_error(run_cli(), "usage: ws-celery INI --")
+    assert_one_line_error(run_cli(), "usage: ws-celery INI [NAME=VALUE ...] --")
 
 
 def test_two_ini_files(run_cli, write_ini, settings):
@@ -323,3 +324,141 @@ def test_run_celery_without_ini_prints_usage():
     result = subprocess.run([str(RUN_CELERY)], capture_output=True, text=True, timeout=10)
     assert result.returncode == 2
     assert result.stderr.startswith("usage: ")
+
+
+# -- issue 12: PasteDeploy variables, help, remote control, beat ---------------------------------------------------
+
+MEMORY = {"websauna.celery_config": repr({"broker_url": "memory://"})}
+
+
+@pytest.mark.parametrize("words, fragment", [
+    (["other.ini"], "'other.ini' is not a NAME=VALUE variable"),
+    (["=value"], "'=value' has no variable name before '='"),
+    (["1db=x"], "'1db' is not a variable name"),
+    (["db url=x"], "'db url' is not a variable name"),
+    (["db_url=a", "db_url=b"], "variable db_url is given twice"),
+    (["db_url=a\nb"], "the value of db_url contains control characters"),
+])
+def test_malformed_variables_are_one_line_usage_errors(run_cli, write_ini, words, fragment):
+    assert_one_line_error(run_cli(write_ini(MEMORY), *words, "--", "report"), fragment, "usage: ws-celery INI")
+
+
+def test_variables_reach_the_ini_as_pserve_gives_them(run_cli, tmp_path):
+    # A [DEFAULT] value, overridden on the command line: PasteDeploy lets the file's
+    # [DEFAULT] win over %(name)s interpolation, so the INI takes it with 'get'.
+    ini = tmp_path / "vars.ini"
+    ini.write_text("[DEFAULT]\nqueue = from-the-file\n\n[app:main]\nuse = call:tests.apps.testapp:main\n"
+                   "celery.broker_url = memory://\nget celery.task_default_queue = queue\n")
+    default = run_cli(str(ini), "--", "report")
+    assert default.returncode == 0, default.stderr
+    assert "task_default_queue: 'from-the-file'" in default.stdout
+    given = run_cli(str(ini), "queue=from-the-command-line", "--", "report")
+    assert given.returncode == 0, given.stderr
+    assert "task_default_queue: 'from-the-command-line'" in given.stdout
+
+
+def test_help_lists_usage_and_every_own_command_with_its_docstring(run_cli):
+    result = run_cli("--help")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: ws-celery INI [NAME=VALUE ...] -- <command> [options]")
+    commands = {"outbox-relay": cli.outbox_relay, **operator_commands.COMMANDS}
+    assert {"outbox-relay", "outbox-status", "dead-letters"} <= set(commands)
+    for name, command in commands.items():
+        first_line = command.__doc__.strip().splitlines()[0].replace("``", "")
+        assert first_line, f"{name} has no docstring to show in --help"
+        assert re.search(rf"^  {re.escape(name)} +{re.escape(first_line)}$", result.stdout, re.MULTILINE), name
+
+
+def test_a_new_command_appears_in_help_without_editing_it(monkeypatch):
+    def frobnicate(app, args):
+        """Frobnicate the widgets.
+
+        Not this line.
+        """
+        return 0
+
+    monkeypatch.setitem(operator_commands.COMMANDS, "frobnicate", frobnicate)
+    assert re.search(r"^  frobnicate +Frobnicate the widgets\.$", cli.help_text(), re.MULTILINE)
+    assert "Not this line" not in cli.help_text()
+
+
+def test_every_own_command_help_works_without_the_application(run_cli, tmp_path):
+    # The application would fail to start (its database is nowhere): help does not need it.
+    ini = tmp_path / "down.ini"
+    ini.write_text("[app:main]\nuse = call:tests.apps.testapp:main\ncelery.broker_url = memory://\n"
+                   "sqlalchemy.url = postgresql+psycopg://nobody@127.0.0.1:1/none\n")
+    for name in ["outbox-relay", *operator_commands.COMMANDS]:
+        result = run_cli(str(ini), "--", name, "--help")
+        assert result.returncode == 0, (name, result.stderr)
+        assert f"usage: ws-celery INI -- {name}" in result.stdout, name
+        assert "Traceback" not in result.stderr
+
+
+def test_celery_help_shows_our_commands_and_not_django(run_cli, write_ini):
+    result = run_cli(write_ini(MEMORY), "--", "--help")
+    assert result.returncode == 0, result.stderr
+    assert "ws-celery's own commands" in result.stdout
+    for name in ["outbox-relay", *operator_commands.COMMANDS]:
+        assert re.search(rf"^  {re.escape(name)} ", result.stdout, re.MULTILINE), name
+    assert "Django" not in result.stdout and "--skip-checks" not in result.stdout
+
+
+@pytest.mark.parametrize("command", [["status"], ["inspect", "active"], ["control", "shutdown"]])
+def test_remote_control_on_a_transport_without_it_says_so(run_cli, write_ini, tmp_path, command):
+    broker = f"sqla+sqlite:///{tmp_path / 'broker.sqlite'}"
+    ini = write_ini({"websauna.celery_config": repr({"broker_url": broker})})
+    line = assert_one_line_error(run_cli(ini, "--", *command), f"'{command[0]}' needs remote control",
+                                 "docs/running.md#remote-control")
+    assert broker in line
+
+
+def test_unreachable_broker_is_one_line_naming_it_without_password(run_cli, write_ini):
+    ini = write_ini({"websauna.celery_config": repr({"broker_url": "redis://:s3cret@127.0.0.1:1/0"})})
+    result = run_cli(ini, "--", "status")
+    assert result.returncode == 1, result.stderr
+    assert result.stdout == "" and "Traceback" not in result.stderr
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    assert result.stderr.startswith("ws-celery: cannot reach the broker redis://:**@127.0.0.1:1/0: ")
+    assert "s3cret" not in result.stderr and "broker_url=" in result.stderr
+
+
+def test_beat_creates_the_directory_of_its_schedule_file(tmp_path, subprocess_env):
+    schedule = tmp_path / "new" / "dir" / "beat-schedule"
+    ini = tmp_path / "beat.ini"
+    ini.write_text("[app:main]\nuse = call:tests.apps.testapp:main\ncelery.broker_url = memory://\n"
+                   f"celery.beat_schedule_filename = {schedule}\n")
+    log = tmp_path / "beat.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen([*ws_celery_argv(), str(ini), "--", "beat"], stdout=out, stderr=subprocess.STDOUT,
+                                   cwd=tmp_path, env={**os.environ, **subprocess_env})
+    try:
+        wait_for(lambda: list(schedule.parent.glob("beat-schedule*")) or process.poll() is not None, timeout=30)
+        assert process.poll() is None, log.read_text()
+        assert list(schedule.parent.glob("beat-schedule*")), log.read_text()
+    finally:
+        process.terminate()
+        process.wait(15)
+
+
+def test_beat_schedule_directory_that_cannot_be_made_is_one_line(run_cli, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    ini = tmp_path / "beat.ini"
+    ini.write_text("[app:main]\nuse = call:tests.apps.testapp:main\ncelery.broker_url = memory://\n"
+                   f"celery.beat_schedule_filename = {blocker}/sub/beat-schedule\n")
+    assert_one_line_error(run_cli(str(ini), "--", "beat"), f"cannot create {blocker}/sub for the beat schedule file",
+                          "beat_schedule=PATH")
+
+
+def test_beat_failure_is_logged_once_not_one_character_per_line(run_cli, tmp_path):
+    ini = tmp_path / "beat.ini"
+    ini.write_text("[app:main]\nuse = call:tests.apps.testapp:main\ncelery.broker_url = memory://\n")
+    # -s names a file whose directory does not exist: ws-celery leaves it to beat, which fails.
+    result = run_cli(str(ini), "--", "beat", "-s", str(tmp_path / "missing" / "schedule"))
+    assert result.returncode == 1
+    output = result.stdout + result.stderr
+    assert "beat raised exception" in output
+    lines = output.splitlines()
+    assert lines[-1].startswith("ws-celery: beat stopped: FileNotFoundError: ")
+    # Before: the traceback went through Celery's stderr proxy, one WARNING record per write.
+    assert not [line for line in lines if "WARNING/MainProcess]" in line], output[-2000:]

@@ -1,4 +1,4 @@
-"""``ws-celery INI -- <celery subcommand> [options]``.
+"""``ws-celery INI [NAME=VALUE ...] -- <command> [options]``.
 
 Loads the Pyramid application from the INI first (so settings, tasks and
 the beat schedule come from the same file as the web app), then hands the
@@ -6,53 +6,98 @@ rest of the command line to Celery 5's click group through
 ``Celery.start(argv)``. Nothing is added to Celery's own options, which keeps
 every subcommand (``flower``, ``purge``...) working as documented.
 
-A few commands are ours, looked up before Celery's: ``outbox-relay`` (below),
-``outbox-status`` and ``dead-letters`` (operator_commands.py).
+``NAME=VALUE`` pairs between the INI and ``--`` are PasteDeploy variables,
+given to the INI exactly as ``pserve INI NAME=VALUE`` gives them
+(``ws-celery conf/production.ini db_url=postgresql+psycopg://app@db/app -- worker``).
+
+A few commands are ours, looked up before Celery's: ``outbox-relay`` (below)
+and those of ``operator_commands.COMMANDS``. ``ws-celery --help`` lists them
+with the first line of each one's docstring, so a new command needs no
+change here.
 
 The INI may also be named with Websauna's URIs, ``ws://conf/production.ini``
 or ``ws+file://conf/production.ini`` (config_uri.py): the same file.
 
-A mistake in the command line or the INI (missing file, no ``--``, unsafe
-``websauna.celery_config``...) is one line on stderr and exit status 2, so it
-reads well in a service log; errors after that are Celery's and click's own.
+A mistake in the command line or the INI (missing file, no ``--``, a
+malformed variable, unsafe ``websauna.celery_config``...) is one line on
+stderr and exit status 2, so it reads well in a service log; a database or
+broker that cannot be reached while the application starts is one line and
+status 1; errors after that are Celery's and click's own.
 """
 from __future__ import annotations
 
+import inspect
 import os
+import re
 import sys
 import typing as t
 
-USAGE = "usage: ws-celery INI -- <celery subcommand> [options]   e.g. ws-celery production.ini -- worker -l info"
-OWN_COMMANDS = "ws-celery's own commands: outbox-relay, outbox-status, dead-letters (each with --help)"
+USAGE = "usage: ws-celery INI [NAME=VALUE ...] -- <command> [options]   e.g. ws-celery production.ini -- worker -l info"
+DOCS = "docs/running.md"
+
+#: A PasteDeploy variable's name: what ``%(name)s`` and ``get x = name`` can refer to without surprises.
+VARIABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+#: Celery commands that talk to workers through broadcast (fanout) messages: remote control.
+REMOTE_CONTROL_COMMANDS = frozenset({"status", "inspect", "control"})
+#: Celery commands that need the broker at once and would otherwise fail without naming it.
+BROKER_COMMANDS = REMOTE_CONTROL_COMMANDS | {"purge", "call"}
+HELP_FLAGS = frozenset({"-h", "--help"})
 
 
 class CommandError(Exception):
     """A mistake on the command line or in the INI: one line, exit code 2."""
+
+    code = 2
 
 
 class UsageError(CommandError):
     """A malformed command line: the message is followed by the usage."""
 
 
-def split_argv(argv: list[str]) -> tuple[str, list[str]]:
+class Unreachable(CommandError):
+    """The database or the broker could not be reached: one line, exit code 1."""
+
+    code = 1
+
+
+def split_argv(argv: list[str]) -> tuple[str, dict[str, str], list[str]]:
+    """``INI [NAME=VALUE ...] -- command...`` as (INI, variables, command)."""
     if "--" not in argv:
         raise UsageError("missing '--' between the INI file and the celery command")
     index = argv.index("--")
     head, celery_args = argv[:index], argv[index + 1:]
-    if len(head) != 1:
+    if not head:
         raise UsageError("give exactly one INI file before '--'")
+    variables = parse_variables(head[1:])
     if not celery_args:
-        raise UsageError("give a celery subcommand after '--' (worker, beat, inspect, purge, status...)")
-    return head[0], celery_args
+        raise UsageError("give a command after '--' (worker, beat, inspect, purge, status, or one of ours: "
+                         "ws-celery --help)")
+    return head[0], variables, celery_args
 
 
-def load_celery(config_uri: str) -> t.Any:
-    """Bootstrap the Pyramid app of ``config_uri`` and return its Celery app."""
-    from pyramid.paster import get_app, get_appsettings
+def parse_variables(items: list[str]) -> dict[str, str]:
+    """``NAME=VALUE`` words as a dict, refusing anything else with a UsageError."""
+    variables: dict[str, str] = {}
+    for item in items:
+        name, equals, value = item.partition("=")
+        if not equals:
+            raise UsageError(f"{item!r} is not a NAME=VALUE variable: give exactly one INI file before '--', "
+                             f"then any NAME=VALUE variables")
+        if not name:
+            raise UsageError(f"{item!r} has no variable name before '='")
+        if not VARIABLE_NAME.match(name):
+            raise UsageError(f"{name!r} is not a variable name (letters, digits and '_', not starting with a digit)")
+        if name in variables:
+            raise UsageError(f"variable {name} is given twice")
+        if any(not char.isprintable() for char in value):
+            raise UsageError(f"the value of {name} contains control characters")
+        variables[name] = value
+    return variables
 
-    from .config import has_celery_settings
-    from .config_uri import config_file, is_ws_uri
-    from .registry import get_celery
+
+def check_ini(config_uri: str) -> str:
+    """The INI file ``config_uri`` names, which exists and can be read; else a CommandError."""
+    from .config_uri import config_file
 
     # A ws:// URI (Websauna's form) is checked as the file it names, then
     # loaded through plaster as given, the way pserve loads it.
@@ -68,8 +113,22 @@ def load_celery(config_uri: str) -> t.Any:
             pass
     except OSError as exc:
         raise CommandError(f"INI file not readable: {path} ({exc.strerror})") from None
+    return path
+
+
+def load_celery(config_uri: str, variables: t.Mapping[str, str] | None = None) -> t.Any:
+    """Bootstrap the Pyramid app of ``config_uri`` (with PasteDeploy ``variables``) and return its Celery app."""
+    from pyramid.paster import get_app, get_appsettings
+
+    from .config import has_celery_settings
+    from .config_uri import is_ws_uri
+    from .registry import get_celery
+    from .unreachable import describe
+
+    path = check_ini(config_uri)
+    options = dict(variables or {})
     try:
-        settings = get_appsettings(config_uri)
+        settings = get_appsettings(config_uri, options=options)
     except Exception as exc:
         raise CommandError(f"cannot read the application settings from {path}: {exc}") from None
     if not has_celery_settings(settings):
@@ -79,11 +138,31 @@ def load_celery(config_uri: str) -> t.Any:
             f"{path} has no websauna.celery_config (nor celery.* keys) in its [app:{section}] section "
             f"(if 'main' is a [pipeline:main], name the application: {named}#myapp)"
         )
-    wsgi_app = get_app(config_uri)
+    try:
+        wsgi_app = get_app(config_uri, options=options)
+    except SystemExit as exc:
+        # An application factory that reports a startup failure in one line (the example's does).
+        if isinstance(exc.code, str):
+            raise Unreachable(exc.code) from None
+        raise
+    except Exception as exc:
+        line = describe(exc, settings, broker_url=_broker_url_of(settings))
+        if line is None:
+            raise
+        raise Unreachable(line) from None
     registry = getattr(wsgi_app, "registry", None)
     if registry is None:
         raise CommandError(f"{path}: the application is not a Pyramid router (cannot find its registry)")
     return get_celery(registry)
+
+
+def _broker_url_of(settings: t.Mapping[str, t.Any]) -> str | None:
+    try:
+        from .config import celery_config_from_settings
+
+        return celery_config_from_settings(settings).get("broker_url")
+    except Exception:
+        return None
 
 
 def one_line(message: str) -> str:
@@ -92,60 +171,195 @@ def one_line(message: str) -> str:
     return " ".join(str(message).split())
 
 
+def own_commands() -> dict[str, t.Callable[[t.Any, list[str]], int]]:
+    """Our commands, by name: ``outbox-relay`` and operator_commands.COMMANDS."""
+    from .operator_commands import COMMANDS
+
+    return {"outbox-relay": outbox_relay, **COMMANDS}
+
+
+def summary(command: t.Callable[..., t.Any]) -> str:
+    """The first line of ``command``'s docstring, without reST markup."""
+    doc = inspect.getdoc(command) or ""
+    first = doc.strip().splitlines()[0] if doc.strip() else ""
+    return first.replace("``", "")
+
+
+def help_text() -> str:
+    """``ws-celery --help``: the usage and our commands, one line each, from their docstrings."""
+    commands = own_commands()
+    width = max(len(name) for name in commands)
+    lines = [
+        USAGE,
+        "",
+        "Loads the Pyramid application of INI, then runs <command>. NAME=VALUE pairs are PasteDeploy",
+        "variables, given to the INI as 'pserve INI NAME=VALUE' gives them (conf/production.ini reads",
+        "db_url, broker_url, result_url, beat_schedule).",
+        "",
+        "<command> is one of Celery's (worker, beat, inspect, status, purge, call, report...: see",
+        "'ws-celery INI -- --help') or one of ws-celery's own:",
+        "",
+    ]
+    lines += [f"  {name.ljust(width)}  {summary(command)}" for name, command in sorted(commands.items())]
+    lines += ["", f"Every command takes --help (ws-celery INI -- worker --help). More in {DOCS}."]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("-h", "--help"):
-        print(USAGE)
-        print(OWN_COMMANDS)
+    if argv and argv[0] in HELP_FLAGS:
+        print(help_text())
         return 0
     try:
         from pyramid.exceptions import ConfigurationError
 
         try:
             if not argv:
-                raise UsageError("give an INI file, '--' and a celery subcommand")
-            config_uri, celery_args = split_argv(argv)
-            app = load_celery(config_uri)
+                raise UsageError("give an INI file, '--' and a command")
+            config_uri, variables, celery_args = split_argv(argv)
+            command = own_commands().get(celery_args[0])
+            if command is not None and _asks_for_help(celery_args[1:]):
+                # Help needs no application: it works while the database is down.
+                check_ini(config_uri)
+                return command(None, celery_args[1:])
+            from .schema_check import loading_for
+
+            with loading_for(celery_args[0]):  # init makes the tables a create_tables = never startup demands
+                app = load_celery(config_uri, variables)
         except ConfigurationError as exc:
             raise CommandError(f"configuration error: {exc}") from None
+        if command is not None:
+            return command(app, celery_args[1:])
+        if not _asks_for_help(celery_args):
+            preflight(app, celery_args)
     except CommandError as exc:
         message = f"ws-celery: {one_line(str(exc))}"
         if isinstance(exc, UsageError):
             message += f" ({USAGE})"
         print(message, file=sys.stderr)
-        return 2
+        return exc.code
+    return run_celery(app, celery_args)
 
-    command = own_command(celery_args[0])
-    if command is not None:
-        return command(app, celery_args[1:])
 
+def _asks_for_help(args: list[str]) -> bool:
+    # Only before a '--' of the command's own: after it, '-h' is an argument.
+    head = args[:args.index("--")] if "--" in args else args
+    return any(arg in HELP_FLAGS for arg in head)
+
+
+def preflight(app: t.Any, celery_args: list[str]) -> None:
+    """What can be told in one line before Celery starts: no remote control, no broker, no beat directory."""
+    from kombu.utils.url import maybe_sanitize_url
+
+    from .unreachable import broker_unreachable, is_broker_error
+
+    name = celery_args[0]
+    broker = str(app.conf.broker_url)
+    if name in REMOTE_CONTROL_COMMANDS:
+        connection = app.connection_for_read()
+        try:
+            exchange_types = connection.transport.implements.exchange_type
+        finally:
+            connection.release()
+        # Celery's remote control broadcasts on a fanout exchange: a transport
+        # without one (kombu's SQLAlchemy transport) delivers it to no worker.
+        if "fanout" not in exchange_types:
+            raise CommandError(
+                f"'{name}' needs remote control, which the broker's transport ({maybe_sanitize_url(broker)}) does "
+                f"not have (no fanout exchange), so no worker could answer: see {DOCS}#remote-control "
+                f"(use Redis or RabbitMQ, or read the worker's log)")
+    if name in BROKER_COMMANDS:
+        connection = app.connection_for_write()
+        try:
+            connection.ensure_connection(max_retries=1, timeout=5)
+        except Exception as exc:
+            if not is_broker_error(exc) and not isinstance(exc, OSError):
+                raise
+            raise Unreachable(broker_unreachable(broker, exc)) from None
+        finally:
+            connection.release()
+    if name == "beat" or (name == "worker" and any(arg in ("-B", "--beat") for arg in celery_args)):
+        make_beat_schedule_directory(app, celery_args)
+
+
+def make_beat_schedule_directory(app: t.Any, celery_args: list[str]) -> None:
+    """Create the directory of the beat schedule file, unless ``-s`` names another file."""
+    if any(arg in ("-s", "--schedule") or arg.startswith(("--schedule=", "-s")) for arg in celery_args[1:]):
+        return
+    filename = str(app.conf.beat_schedule_filename or "")
+    directory = os.path.dirname(filename)
+    if not directory or os.path.isdir(directory):
+        return
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as exc:
+        # Beat would log this as "Removing corrupted schedule file" and die.
+        raise CommandError(f"cannot create {directory} for the beat schedule file {filename} ({exc.strerror}): "
+                           f"give another file with beat_schedule=PATH before '--' (conf/production.ini) or "
+                           f"'beat -s PATH'") from None
+
+
+def run_celery(app: t.Any, celery_args: list[str]) -> int:
+    """``app.start(celery_args)``, with its exit status, and the real stdout/stderr back afterwards."""
+    _hide_irrelevant_options()
+    if celery_args[0] in HELP_FLAGS:
+        status = _start(app, celery_args)
+        print()
+        print("ws-celery's own commands (before Celery's; each takes --help):")
+        commands = own_commands()
+        width = max(len(name) for name in commands)
+        for name, command in sorted(commands.items()):
+            print(f"  {name.ljust(width)}  {summary(command)}")
+        return status
+    try:
+        return _start(app, celery_args)
+    except Exception as exc:
+        _restore_streams()
+        if celery_args[0] == "beat":
+            # Beat has logged the traceback at CRITICAL already.
+            print(f"ws-celery: beat stopped: {type(exc).__name__}: {one_line(str(exc))}", file=sys.stderr)
+            return 1
+        raise
+
+
+def _start(app: t.Any, celery_args: list[str]) -> int:
     import click
 
     try:
         code = app.start(argv=celery_args)
     except click.ClickException as exc:
+        _restore_streams()
         exc.show()
         return exc.exit_code
     except click.exceptions.Abort:
         return 1
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        _restore_streams()
     return code or 0
 
 
-def own_command(name: str) -> t.Callable[[t.Any, list[str]], int] | None:
-    """The command of ours called ``name``, or None for Celery's."""
-    if name == "outbox-relay":
-        return outbox_relay
-    from .operator_commands import COMMANDS
+def _restore_streams() -> None:
+    # Worker and beat replace sys.stdout/sys.stderr with Celery's LoggingProxy,
+    # which logs every write() as a WARNING record: an uncaught traceback
+    # written there came out one character per line.
+    sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
 
-    return COMMANDS.get(name)
+
+def _hide_irrelevant_options() -> None:
+    from celery.bin.celery import celery as celery_group
+
+    for param in celery_group.params:
+        # Django's start-up checks: nothing to skip in a Pyramid application.
+        if param.name == "skip_checks":
+            param.hidden = True
 
 
 def outbox_relay(app: t.Any, args: list[str]) -> int:
-    """``ws-celery INI -- outbox-relay [-l LEVEL]``: publish the outbox until SIGTERM/SIGINT.
+    """Publish the outbox's unsent rows until SIGTERM or SIGINT, apart from the workers' relays.
 
-    Not a Celery subcommand: it is ours (websauna_tasks.outbox), for
+    ``ws-celery INI -- outbox-relay [-l LEVEL]``. Not a Celery subcommand: it is ours (websauna_tasks.outbox), for
     deployments that run the relay apart from the workers.
     """
     import argparse
@@ -155,8 +369,8 @@ def outbox_relay(app: t.Any, args: list[str]) -> int:
 
     from .outbox import get_outbox, run_relay
 
-    parser = argparse.ArgumentParser(prog="ws-celery INI -- outbox-relay")
-    parser.add_argument("-l", "--loglevel", default="INFO")
+    parser = argparse.ArgumentParser(prog="ws-celery INI -- outbox-relay", description=summary(outbox_relay))
+    parser.add_argument("-l", "--loglevel", default="INFO", help="logging level (default INFO)")
     options = parser.parse_args(args)
     logging.basicConfig(level=options.loglevel.upper(), format="[%(asctime)s: %(levelname)s] %(name)s: %(message)s")
     try:

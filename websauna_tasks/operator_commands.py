@@ -92,7 +92,11 @@ def dead_letters_parser() -> argparse.ArgumentParser:
 
 
 def dead_letters(app: t.Any, args: list[str]) -> int:
-    """``ws-celery INI -- dead-letters {list,requeue,drop,prune}``."""
+    """List, requeue, drop or prune the messages workers could not run (the dead-letter list).
+
+    ``ws-celery INI -- dead-letters {list,requeue,drop,prune}``; the first line above is the command's line in
+    ``ws-celery --help``.
+    """
     return _run(dead_letters_parser(), args, lambda options: _dead_letters(app, options))
 
 
@@ -196,7 +200,10 @@ _DEAD_LETTER_COMMANDS = {"list": _list, "requeue": _requeue, "drop": _drop, "pru
 # -- the outbox ---------------------------------------------------------------------------------------------------
 
 def outbox_status(app: t.Any, args: list[str]) -> int:
-    """``ws-celery INI -- outbox-status [--json]``."""
+    """Show the outbox: unsent rows, the age of the oldest, sent rows kept.
+
+    ``ws-celery INI -- outbox-status [--json]``.
+    """
     parser = _Parser(prog="ws-celery INI -- outbox-status",
                      description="Unsent and kept sent rows of this app in the outbox table.")
     parser.add_argument("--json", action="store_true", help="one JSON object")

@@ -351,11 +351,11 @@ def test_production_ini_goes_through_the_safe_parser():
 def test_production_ini_with_real_redis_postgresql_and_worker(tmp_path, redis_url, database_url, queue_name,
                                                               redis_client, ws_celery_worker_factory):
     ini = copy_ini("conf/production.ini", tmp_path, {
-        "postgresql+psycopg://example@127.0.0.1:5432/example": database_url,
+        "db_url = postgresql+psycopg://example@127.0.0.1:5432/example": f"db_url = {database_url}",
+        "broker_url = redis://127.0.0.1:6379/3": f"broker_url = {redis_url}",
+        "result_url = redis://127.0.0.1:6379/4": f"result_url = {redis_url}",
         # A private queue: other test runs share this Redis.
-        '"broker_url": "redis://127.0.0.1:6379/3",':
-            f'"broker_url": "{redis_url}", "task_default_queue": "{queue_name}",',
-        '"result_backend": "redis://127.0.0.1:6379/4",': f'"result_backend": "{redis_url}",',
+        "websauna_tasks.outbox = true": f"websauna_tasks.outbox = true\ncelery.task_default_queue = {queue_name}",
         '"result_expires": 24 * 60 * 60,': '"result_expires": 600,',
     })
     app = webtest.TestApp(get_app(ini))

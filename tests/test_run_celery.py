@@ -106,7 +106,7 @@ def test_run_celery_refuses_an_ini_without_a_shared_broker(tmp_path):
 
 def test_run_celery_refuses_a_memory_broker(tmp_path):
     ini = tmp_path / "memory.ini"
-    ini.write_text("[app:main]\nuse = egg:websauna_tasks#example\nsqlalchemy.url = sqlite://\n"
+    ini.write_text("[app:main]\nuse = egg:websauna_tasks_example\nsqlalchemy.url = sqlite://\n"
                    "websauna.celery_config = {\"broker_url\": \"memory://localhost/\"}\n")
     shutil.copy2(ROOT / "run-celery.bash", tmp_path / "run-celery.bash")
     env = {**os.environ, "PATH": f"{ROOT / '.venv' / 'bin'}{os.pathsep}{os.environ['PATH']}"}

@@ -78,7 +78,7 @@ def test_which_uris_are_websaunas(uri, expected):
 
 @pytest.mark.parametrize("scheme", ["ws", "ws+file", "websauna-tasks+ws", "websauna-tasks+ws+file"])
 def test_plaster_finds_our_loader_for_the_schemes(scheme):
-    # Found through the installed entry points: fails if setup.py does not register them.
+    # Found through the installed entry points: fails if pyproject.toml does not register them.
     for protocols in (None, ["wsgi"]):
         loader = plaster.get_loader(f"{scheme}://conf/production.ini", protocols=protocols)
         assert isinstance(loader, Loader)

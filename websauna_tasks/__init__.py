@@ -11,6 +11,7 @@ from __future__ import annotations
 from pyramid.config import Configurator
 from pyramid.tweens import INGRESS
 
+from ._version import __version__ as __version__
 from .after_response import AFTER_RESPONSE_OVER, run_after_response
 from .app import make_celery
 from .db import configure_dbsession

@@ -16,10 +16,11 @@ import typing as t
 from pyramid.config import Configurator
 from pyramid.router import Router
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.exc import ArgumentError, DBAPIError
 
 from websauna_tasks import get_celery
 from websauna_tasks.db import get_engine
+from websauna_tasks.unreachable import database_unreachable
 
 from .models import AFTER_RESPONSE_LOG, AfterResponseLog, create_tables
 
@@ -47,6 +48,16 @@ def make_sqlite_dirs(*urls: str | None) -> None:
 
 
 def main(global_config: t.Mapping[str, str], **settings: str) -> Router:
+    try:
+        return make_app(settings)
+    except DBAPIError as exc:
+        # pserve prints the traceback of any other exception: a database that is not there
+        # (no server, no role "example") is one line naming it, and the exit status 1.
+        raise SystemExit(f"websauna_tasks_example: {database_unreachable(settings.get('sqlalchemy.url'), exc)}") \
+            from None
+
+
+def make_app(settings: dict[str, str]) -> Router:
     config = Configurator(settings=settings)
     config.include("pyramid_tm")
     config.include("pyramid_retry")

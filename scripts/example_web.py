@@ -102,7 +102,8 @@ def serve(ini: str, host: str, port: int) -> None:
     setup_logging(ini)
     app = get_app(ini)
     try:
-        server = waitress.create_server(app, listen=f"{host}:{port}", **settings)
+        listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        server = waitress.create_server(app, listen=listen, **settings)
     except OSError as exc:
         # Taken since run-example looked: still one line.
         raise Refused(taken(host, port, exc)) from None

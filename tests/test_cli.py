@@ -462,3 +462,15 @@ def test_beat_failure_is_logged_once_not_one_character_per_line(run_cli, tmp_pat
     assert lines[-1].startswith("ws-celery: beat stopped: FileNotFoundError: ")
     # Before: the traceback went through Celery's stderr proxy, one WARNING record per write.
     assert not [line for line in lines if "WARNING/MainProcess]" in line], output[-2000:]
+
+
+def test_celery_command_help_works_while_the_database_is_down(run_cli):
+    production = str(ROOT / "conf" / "production.ini")
+    nowhere = "db_url=postgresql+psycopg://nobody@127.0.0.1:1/none"
+    result = run_cli(production, nowhere, "--", "worker", "--help")
+    assert result.returncode == 0, result.stderr
+    assert "worker [OPTIONS]" in result.stdout and "--concurrency" in result.stdout
+    # Without --help the same command line is the one-line startup error.
+    failed = run_cli(production, nowhere, "--", "worker")
+    assert failed.returncode == 1 and len(failed.stderr.splitlines()) == 1, failed.stderr
+    assert "cannot use the database postgresql+psycopg://nobody@127.0.0.1:1/none" in failed.stderr

@@ -156,6 +156,20 @@ def load_celery(config_uri: str, variables: t.Mapping[str, str] | None = None) -
     return get_celery(registry)
 
 
+def load_for_command(config_uri: str, variables: t.Mapping[str, str], celery_args: list[str]) -> t.Any:
+    """:func:`load_celery`; for a Celery command's ``--help``, a bare app when the INI's cannot start."""
+    try:
+        return load_celery(config_uri, variables)
+    except Unreachable:
+        if not _asks_for_help(celery_args):
+            raise
+        # Help lists options, which need an app but not its database: 'worker --help' works
+        # while PostgreSQL is down.
+        from celery import Celery
+
+        return Celery(set_as_current=False)
+
+
 def _broker_url_of(settings: t.Mapping[str, t.Any]) -> str | None:
     try:
         from .config import celery_config_from_settings
@@ -222,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
                 # Help needs no application: it works while the database is down.
                 check_ini(config_uri)
                 return command(None, celery_args[1:])
-            app = load_celery(config_uri, variables)
+            app = load_for_command(config_uri, variables, celery_args)
         except ConfigurationError as exc:
             raise CommandError(f"configuration error: {exc}") from None
         if command is not None:

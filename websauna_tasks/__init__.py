@@ -28,6 +28,7 @@ from .idempotency import configure_idempotency, prune_done
 from .intake import configure_intake
 from .iteration import defer_iteration_with_finalize, get_deferred_shard_index, iteration_progress, run_shard
 from .names import AlreadyEnqueued, connect_run_signals
+from .observability.configure import configure_observability
 from .outages import configure_outages
 from .outbox import configure_outbox
 from .payload import PayloadTooLarge, configure_payload_limit
@@ -124,5 +125,6 @@ def includeme(config: Configurator) -> None:
     run_shard.bind_to_app(app)  # sharded iteration's task (websauna_tasks.iteration)
     connect_run_signals()
     configure_outbox(config.registry, app)  # websauna_tasks.outbox = true: messages as rows (outbox/)
+    configure_observability(config, app)  # metrics and tracing, when the settings ask (observability/)
     if app.conf.task_always_eager:
         config.add_tween("websauna_tasks.tweens.eager_errors_tween_factory", under=INGRESS)

@@ -53,6 +53,7 @@ from zope.interface import implementer
 from . import broker
 from .broker import PendingMessage
 from .names import NAME_HEADER, claim_name, release_name
+from .observability import hooks
 from .payload import check_payload, check_task_payload
 from .queues import check_queue
 from .reliability import check_delay, delay_of
@@ -105,50 +106,76 @@ def send(task: Task, args: t.Any, kwargs: t.Any, options: dict[str, t.Any], *, t
     """
     app = task.app
     what = what or task.name
-    # 1. arguments
-    if arguments is None:
-        check_task_payload(task, args, kwargs, options)
-    else:
-        check_payload(app, what, arguments[0], arguments[1])
-    # 2. queue
-    if "retries" not in options:
-        check_queue(app, options.get("queue") or getattr(task, "queue", None))
-    # 3. delay
-    delay = 0.0
-    if options.get("countdown") is not None or options.get("eta") is not None:
-        delay = delay_of(options, app=app)
-        if publisher_of(app).waits_in_broker:
-            check_delay(app, what, options, delay=delay)
-    # 4. the call
-    if tm is MISSING:
-        raise TypeError(
-            f"{task.name}.apply_async() needs the transaction manager to send after commit: "
-            f"pass tm=request.tm (or tm=None to send immediately)"
-        )
-    if tm is not None and check_call is not None:
-        check_call(tuple(args or ()), dict(kwargs or {}))
-    # 5. the name
-    on_dropped = None
-    if unique_name is not None:
-        task_id = task_id or uuid()
-        holder = claim_name(app, unique_name, task_id, delay, raise_if_enqueued)
-        if holder is not None:
-            return task.AsyncResult(holder)
-        options["headers"] = {**(options.get("headers") or {}), NAME_HEADER: unique_name}
-        on_dropped = functools.partial(release_name, app, unique_name, task_id)
+    # Which check is running, for an observer told of a refusal (observability/hooks.py).
+    check = "payload"
+    try:
+        # 1. arguments
+        if arguments is None:
+            check_task_payload(task, args, kwargs, options)
+        else:
+            check_payload(app, what, arguments[0], arguments[1])
+        # 2. queue
+        check = "queue"
+        if "retries" not in options:
+            check_queue(app, options.get("queue") or getattr(task, "queue", None))
+        # 3. delay
+        check = "delay"
+        delay = 0.0
+        if options.get("countdown") is not None or options.get("eta") is not None:
+            delay = delay_of(options, app=app)
+            if publisher_of(app).waits_in_broker:
+                check_delay(app, what, options, delay=delay)
+        # 4. the call
+        check = "tm"
+        if tm is MISSING:
+            raise TypeError(
+                f"{task.name}.apply_async() needs the transaction manager to send after commit: "
+                f"pass tm=request.tm (or tm=None to send immediately)"
+            )
+        check = "call"
+        if tm is not None and check_call is not None:
+            check_call(tuple(args or ()), dict(kwargs or {}))
+        # 5. the name
+        check = "name"
+        on_dropped = None
+        if unique_name is not None:
+            task_id = task_id or uuid()
+            holder = claim_name(app, unique_name, task_id, delay, raise_if_enqueued)
+            if holder is not None:
+                return task.AsyncResult(holder)
+            options["headers"] = {**(options.get("headers") or {}), NAME_HEADER: unique_name}
+            on_dropped = functools.partial(release_name, app, unique_name, task_id)
+    except Exception:
+        if hooks.watching:
+            _observe_refusal(app, task.name, check)
+        raise
+    observer = hooks.observer_of(app) if hooks.watching else None
+    if observer is not None:
+        # Before the message is held or sent, so what the observer adds (trace
+        # headers) is in the outbox row and in the message alike.
+        hooks.safely(observer.outgoing, task, options)
     if tm is None:
         try:
-            return task.send_now(args, kwargs, task_id=task_id, producer=producer, **options)
+            result = task.send_now(args, kwargs, task_id=task_id, producer=producer, **options)
         except BaseException:
             if on_dropped is not None:
                 on_dropped()
             raise
+        if observer is not None:
+            hooks.observe_messages([PendingMessage(task, (), {}, options, result.id)], "now")
+        return result
     task_id = task_id or uuid()
     # A producer given with tm (Celery's group passes one to each member)
     # is not kept: the message is published after the commit, through
     # the producer of that publishing round.
     schedule(tm, PendingMessage(task, tuple(args or ()), dict(kwargs or {}), options, task_id, on_dropped))
     return task.AsyncResult(task_id)
+
+
+def _observe_refusal(app: Celery, task_name: str, check: str) -> None:
+    observer = hooks.observer_of(app)
+    if observer is not None:
+        hooks.safely(observer.refused, task_name, check)
 
 
 def check_requeue(app: Celery, queue: str) -> None:
@@ -358,7 +385,9 @@ class DispatchQueue:
 
     # -- IDataManager: nothing is written during the two phases ---------
     def abort(self, txn: t.Any) -> None:
-        self._drop(0)
+        # Also how transaction rolls back a savepoint taken before this queue
+        # joined; its savepoints are still there then, a real abort has cleared them.
+        self._drop(0, "savepoint" if getattr(txn, "_savepoint2index", None) else "aborted")
         self.joined = False
 
     def tpc_begin(self, txn: t.Any) -> None:
@@ -374,12 +403,13 @@ class DispatchQueue:
         pass
 
     def tpc_abort(self, txn: t.Any) -> None:
-        self._drop(0)
+        self._drop(0, "commit_failed")
 
-    def _drop(self, keep: int) -> None:
+    def _drop(self, keep: int, why: str) -> None:
         dropped, self.messages[keep:] = self.messages[keep:], []
         for message in dropped:
             message.dropped()
+        hooks.observe_messages(dropped, why)
 
     def sortKey(self) -> str:
         return "~~websauna_tasks.dispatch"
@@ -394,9 +424,11 @@ class DispatchQueue:
         if not status:
             for message in messages:
                 message.dropped()
+            hooks.observe_messages(messages, "commit_failed")
             return
         if not messages:
             return
+        hooks.observe_messages(messages, "committed")
         publish(messages)
 
 def _publish_outboxed(app: Celery, messages: list[PendingMessage]) -> None:
@@ -415,7 +447,7 @@ class _QueueSavepoint:
         self.length = length
 
     def rollback(self) -> None:
-        self.queue._drop(self.length)
+        self.queue._drop(self.length, "savepoint")
 
 
 def schedule(tm: transaction.TransactionManager, message: PendingMessage) -> None:
@@ -433,6 +465,7 @@ def schedule(tm: transaction.TransactionManager, message: PendingMessage) -> Non
             "(call it inside `with tm:` or a request handled by pyramid_tm, or pass tm=None to send now)"
         ) from None
     if txn.status == Status.COMMITTED:
+        hooks.observe_messages([message], "committed")
         publish([message])
         return
     if txn.status not in (Status.ACTIVE, Status.DOOMED):

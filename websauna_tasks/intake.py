@@ -46,6 +46,7 @@ from celery.utils.time import maybe_iso8601
 
 from .deadletter import DeadLetters, dead_letter, get_dead_letters
 from .defer import DEFERRED_TASK_NAME, DeferNotAllowed, allowed_prefixes, resolve_deferred
+from .observability import hooks
 from .payload import MAX_NESTING_DEPTH, nesting_exceeds
 from .redis_transport import QUARANTINE_HEADER
 from .settings import MAX_MESSAGE_KEY, get_task_settings
@@ -134,13 +135,23 @@ class Intake:
         verdict = self._deferred[path]
         return None if verdict is None else ("refused_deferred", verdict)
 
+    def keep(self, message: t.Any, kind: str, exc: BaseException | None = None, *,
+             reason: str | None = None) -> dict[str, t.Any]:
+        """Copy ``message`` to the dead letters (and tell the app's observer); the entry kept."""
+        entry = dead_letter(self.letters, message, kind, exc, reason=reason, max_bytes=self.max_bytes)
+        if hooks.watching:
+            observer = hooks.observer_of(self.app)
+            if observer is not None:
+                hooks.safely(observer.dead_lettered, kind)
+        return entry
+
     def refuse(self, message: t.Any, kind: str, reason: str) -> None:
         """Copy ``message`` to the dead letters, acknowledge it so that it never comes back, and fail its result.
 
         The result is marked failed as Celery marks an unknown task's: a
         caller waiting on it gets the reason instead of a timeout.
         """
-        entry = dead_letter(self.letters, message, kind, reason=reason, max_bytes=self.max_bytes)
+        entry = self.keep(message, kind, reason=reason)
         settle(message)
         task_id = entry.get("id")
         if task_id and not isinstance(self.app.backend, DisabledBackend):
@@ -317,7 +328,7 @@ def _copying(intake: Intake, original: t.Callable[..., t.Any], kind: str) -> t.C
             message, exc = args[1], None
         else:
             message, exc = args[1], args[2]
-        dead_letter(intake.letters, message, kind, exc, max_bytes=intake.max_bytes)
+        intake.keep(message, kind, exc)
         try:
             return original(*args)
         except Exception:

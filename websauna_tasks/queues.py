@@ -38,6 +38,7 @@ from pyramid.registry import Registry
 from .declared_queues import QueueConfig as QueueConfig
 from .declared_queues import backoff_seconds as backoff_seconds
 from .declared_queues import parse_queues as parse_queues
+from .observability import hooks
 from .settings import ALLOW_UNDECLARED_KEY as ALLOW_UNDECLARED_KEY
 from .settings import DEFAULT_QUEUE_WAIT_SECONDS as DEFAULT_WAIT_SECONDS  # noqa: F401
 from .settings import LIMITS_REDIS_URL_KEY as LIMITS_REDIS_URL_KEY
@@ -402,12 +403,27 @@ def run_in_queue(task: Task, body: t.Callable[[], t.Any]) -> t.Any:
     if found is None:
         return body()
     config, queue = found
-    lease = _wait_for_turn(task, config, queue)
+    lease = _observed_wait(task, config, queue) if hooks.watching else _wait_for_turn(task, config, queue)
     try:
         return _attempt(task, queue, body)
     finally:
         if lease is not None:
             lease.release()
+
+
+def _observed_wait(task: Task, config: QueuesConfig, queue: QueueConfig) -> Lease | None:
+    """:func:`_wait_for_turn`, timed for the app's observer (the queue-limiter wait metric)."""
+    observer = hooks.observer_of(task.app)
+    if observer is None:
+        return _wait_for_turn(task, config, queue)
+    started = time.monotonic()
+    try:
+        lease = _wait_for_turn(task, config, queue)
+    except Retry:
+        hooks.safely(observer.queue_waited, queue.name, time.monotonic() - started, "requeued")
+        raise
+    hooks.safely(observer.queue_waited, queue.name, time.monotonic() - started, "ran")
+    return lease
 
 
 def _wait_for_turn(task: Task, config: QueuesConfig, queue: QueueConfig) -> Lease | None:

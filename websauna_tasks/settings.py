@@ -85,6 +85,12 @@ IDEMPOTENCY_CREATE_TABLE_KEY = "websauna_tasks.idempotency_create_table"
 IDEMPOTENCY_PRUNE_INTERVAL_KEY = "websauna_tasks.idempotency_prune_interval_seconds"
 DB_OUTAGE_RETRIES_KEY = "websauna_tasks.db_outage_retries"
 DB_OUTAGE_BACKOFF_MAX_KEY = "websauna_tasks.db_outage_backoff_max_seconds"
+METRICS_KEY = "websauna_tasks.metrics"
+METRICS_PATH_KEY = "websauna_tasks.metrics_path"
+METRICS_PERMISSION_KEY = "websauna_tasks.metrics_permission"
+METRICS_PORT_KEY = "websauna_tasks.metrics_port"
+METRICS_ADDRESS_KEY = "websauna_tasks.metrics_address"
+METRICS_BUCKETS_KEY = "websauna_tasks.metrics_duration_buckets"
 
 # -- defaults the modules use by name --------------------------------------------------------------
 
@@ -109,6 +115,10 @@ DEFAULT_IDEMPOTENCY_RETENTION_SECONDS = 7 * 24 * 3600.0
 DEFAULT_IDEMPOTENCY_PRUNE_INTERVAL_SECONDS = 3600.0
 DEFAULT_DB_OUTAGE_RETRIES = 10
 DEFAULT_DB_OUTAGE_BACKOFF_MAX_SECONDS = 60.0
+DEFAULT_METRICS_PATH = "/metrics"
+DEFAULT_METRICS_ADDRESS = "127.0.0.1"
+#: prometheus_client's own default buckets for a histogram of seconds, without its +Inf.
+DEFAULT_METRICS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
 
 # Ceilings of the ranges: far above any sensible value, and low enough that the
 # arithmetic done with them (datetime + timedelta, ms for Redis) cannot overflow.
@@ -399,6 +409,53 @@ class ModuleList(Kind):
         return prefixes
 
 
+class URLPath(Kind):
+    type_text = "path"
+    range_text = "starts with /, no whitespace"
+
+    def parse(self, key: str, raw: t.Any, context: ParseContext) -> str:
+        text = _text(key, raw)
+        if not text.startswith("/") or any(ch.isspace() or ord(ch) < 32 for ch in text) or "?" in text \
+                or "#" in text:
+            raise ConfigurationError(f"{key}: expected a URL path starting with / (no whitespace, query or "
+                                     f"fragment), got {raw!r}")
+        return text
+
+
+class Word(Kind):
+    """One token: a permission name, a host name or address."""
+
+    def __init__(self, type_text: str, range_text: str):
+        self.type_text = type_text
+        self._range_text = range_text
+
+    @property
+    def range_text(self) -> str:
+        return self._range_text
+
+    def parse(self, key: str, raw: t.Any, context: ParseContext) -> str:
+        text = _text(key, raw)
+        if any(ch.isspace() or ord(ch) < 32 for ch in text):
+            raise ConfigurationError(f"{key}: expected {self._range_text}, got {raw!r}")
+        return text
+
+
+class Buckets(Kind):
+    type_text = "numbers"
+    range_text = "increasing, finite, above 0 (seconds), separated by spaces or commas"
+
+    def parse(self, key: str, raw: t.Any, context: ParseContext) -> tuple[float, ...]:
+        parts = raw.replace(",", " ").split() if isinstance(raw, str) else raw
+        try:
+            values = tuple(float(part) for part in parts)
+        except (TypeError, ValueError):
+            raise ConfigurationError(f"{key}: expected numbers ({self.range_text}), got {raw!r}") from None
+        if not values or any(not math.isfinite(value) or value <= 0 for value in values) \
+                or any(later <= earlier for earlier, later in zip(values, values[1:])):
+            raise ConfigurationError(f"{key}: expected numbers ({self.range_text}), got {raw!r}")
+        return values
+
+
 class Queues(Kind):
     type_text = "Python literal"
     range_text = "a list of dicts; see queues.md"
@@ -574,6 +631,16 @@ SETTINGS: tuple[Setting, ...] = (
             "times a transactional run that lost its database is sent again (0: never)"),
     Setting(DB_OUTAGE_BACKOFF_MAX_KEY, _seconds(0.01, _ONE_DAY), DEFAULT_DB_OUTAGE_BACKOFF_MAX_SECONDS,
             "longest countdown between those runs"),
+    Setting(METRICS_KEY, Boolean(), False, "count dispatches, runs, the outbox and dead letters for Prometheus"),
+    Setting(METRICS_PATH_KEY, URLPath(), DEFAULT_METRICS_PATH, "the web app's route serving the metrics"),
+    Setting(METRICS_PERMISSION_KEY, Word("text", "a permission name"), "",
+            "the permission that route requires, checked by the app's security policy", default_text="none"),
+    Setting(METRICS_PORT_KEY, _count(1, 65535, zero_means="no endpoint"), 0,
+            "port of the worker's own metrics endpoint, in its main process"),
+    Setting(METRICS_ADDRESS_KEY, Word("host", "an IP address or host name"), DEFAULT_METRICS_ADDRESS,
+            "address that endpoint listens on"),
+    Setting(METRICS_BUCKETS_KEY, Buckets(), DEFAULT_METRICS_BUCKETS,
+            "bucket bounds of the run duration histogram", default_text="prometheus_client's, 0.005 to 10"),
 )
 
 SETTINGS_BY_KEY: t.Mapping[str, Setting] = types.MappingProxyType({setting.key: setting for setting in SETTINGS})
@@ -624,6 +691,15 @@ class TaskSettings:
     idempotency_prune_interval_seconds: float
     db_outage_retries: int
     db_outage_backoff_max_seconds: float
+    metrics: bool
+    metrics_path: str
+    #: "": the route needs no permission.
+    metrics_permission: str
+    #: 0: no worker endpoint.
+    metrics_port: int
+    metrics_address: str
+    metrics_duration_buckets: tuple[float, ...]
+
 
 
 def _is_blank(raw: t.Any) -> bool:

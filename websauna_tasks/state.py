@@ -50,6 +50,8 @@ class AppState:
     redis: t.Any = None
     #: ``websauna.secrets_file`` as read at startup: a ``secrets.Secrets`` (``get_secrets``).
     secrets: t.Any = None
+    #: Who watches the app (metrics, tracing): an ``observability.hooks.Observer``, None when nobody does.
+    observer: t.Any = None
     #: beat_schedule entry name -> the ``@task`` that put it there (tasks.py): clashes are refused.
     periodic_owners: dict[str, str] = field(default_factory=dict)
 

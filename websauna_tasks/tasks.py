@@ -184,10 +184,17 @@ class WebsaunaTask(celery.Task):
         if state is None:
             # A plain Celery app without includeme: behave like celery.Task.
             return _call_body(self, args, kwargs)
+        observer = state.observer
+        if observer is None and state.queues is None:
+            return self._run_with_request(state.registry, args, kwargs)
+        run = functools.partial(self._run_with_request, state.registry, args, kwargs)
+        if observer is not None:
+            # Metrics and tracing watch the run from outside its request (observability/hooks.py).
+            run = functools.partial(observer.run, self, run)
         if state.queues is not None:
             # Declared queues: rate, concurrency and attempts gate the run.
-            return run_in_queue(self, functools.partial(self._run_with_request, state.registry, args, kwargs))
-        return self._run_with_request(state.registry, args, kwargs)
+            return run_in_queue(self, run)
+        return run()
 
     def _run_with_request(self, registry: t.Any, args: tuple, kwargs: dict) -> t.Any:
         with task_request(registry) as request:

@@ -43,6 +43,7 @@ from pyramid.exceptions import ConfigurationError
 from ..broker import PendingMessage
 from ..db import get_engine
 from ..dispatch import outbox_of, publish
+from ..observability import hooks
 from ..request import get_current_request
 from ..settings import OUTBOX_KEY, TaskSettings, get_task_settings, parse_setting
 from ._fast_path import FastPath
@@ -192,7 +193,8 @@ class Outbox:
         engine = engine or self.relay_engine()
         ensure_table(engine)
         table = outbox_table
-        query = (sa.select(table.c.id, table.c.task_name, table.c.args, table.c.kwargs, table.c.options)
+        query = (sa.select(table.c.id, table.c.task_name, table.c.args, table.c.kwargs, table.c.options,
+                           table.c.created_at)
                  .where(table.c.sent_at.is_(None), table.c.app == self.app_name)
                  .order_by(table.c.created_at).limit(self.batch_size))
         if ids is not None:
@@ -206,8 +208,13 @@ class Outbox:
             if not rows:
                 return 0
             self.publish_rows(rows)
+            sent_at = time.time()
             conn.execute(sa.update(table).where(table.c.id.in_([row.id for row in rows]))
-                         .values(sent_at=time.time()))
+                         .values(sent_at=sent_at))
+        if hooks.watching:
+            observer = hooks.observer_of(self.app)
+            if observer is not None:
+                hooks.safely(observer.published, [row.created_at for row in rows], sent_at)
         return len(rows)
 
     def publish_rows(self, rows: t.Sequence[t.Any]) -> None:

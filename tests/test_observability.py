@@ -1,0 +1,400 @@
+"""Metrics and tracing (websauna_tasks/observability/): issue 11, points 3 and 4.
+
+The app is tests/apps/observed_app.py. Unit tests run it eagerly on an
+in-memory broker; the integration tests use Redis, PostgreSQL and real
+ws-celery workers, and scrape what a prefork worker's children counted.
+"""
+from __future__ import annotations
+
+import base64
+import copy
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import urllib.request
+import uuid
+
+import pytest
+import transaction
+import webtest
+from prometheus_client.parser import text_string_to_metric_families
+from pyramid.authorization import Allow, Authenticated
+from pyramid.config import Configurator
+from pyramid.exceptions import ConfigurationError
+
+from tests.apps import observed_app
+from tests.servers import free_port
+from websauna_tasks import get_celery
+from websauna_tasks.observability import hooks
+from websauna_tasks.outbox import get_outbox
+from websauna_tasks.testing import wait_for
+
+EAGER = {"websauna.celery_config": "{'broker_url': 'memory://', 'task_always_eager': True}",
+         "websauna_tasks.metrics": "true"}
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of an exposition, by (name, sorted labels)."""
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return found
+
+
+def value(text: str, name: str, **labels: str) -> float:
+    return samples(text).get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+@pytest.fixture
+def eager(built_apps):
+    def build(**extra: str) -> webtest.TestApp:
+        router = observed_app.main({}, **{**EAGER, **extra})
+        built_apps.append(router)
+        return webtest.TestApp(router)
+
+    return build
+
+
+# -- settings ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("key, raw", [
+    ("websauna_tasks.metrics_port", "70000"),
+    ("websauna_tasks.metrics_port", "-1"),
+    ("websauna_tasks.metrics_port", "9100.5"),
+    ("websauna_tasks.metrics_port", "http"),
+    ("websauna_tasks.metrics_port", "nan"),
+    ("websauna_tasks.metrics_duration_buckets", "0.1 nan 1"),
+    ("websauna_tasks.metrics_duration_buckets", "0.1 inf"),
+    ("websauna_tasks.metrics_duration_buckets", "-1 0.5"),
+    ("websauna_tasks.metrics_duration_buckets", "0 1"),
+    ("websauna_tasks.metrics_duration_buckets", "1 0.5"),
+    ("websauna_tasks.metrics_duration_buckets", "1e309"),
+    ("websauna_tasks.metrics_duration_buckets", "fast slow"),
+    ("websauna_tasks.metrics_path", "metrics"),
+    ("websauna_tasks.metrics_path", "/me trics"),
+    ("websauna_tasks.metrics_path", "/metrics?x=1"),
+    ("websauna_tasks.metrics_address", "0.0.0.0 9100"),
+    ("websauna_tasks.metrics", "ture"),
+])
+def test_bad_observability_settings_stop_startup_naming_the_key(key, raw):
+    config = Configurator(settings={**EAGER, key: raw})
+    with pytest.raises(ConfigurationError) as caught:
+        config.include("websauna_tasks")
+    assert str(caught.value).startswith(key), caught.value
+
+
+def test_buckets_are_read_in_any_spelling():
+    from websauna_tasks.settings import parse_settings
+
+    parsed = parse_settings({"websauna_tasks.metrics_duration_buckets": " 0.01, 0.1 1  30 "})
+    assert parsed.metrics_duration_buckets == (0.01, 0.1, 1.0, 30.0)
+
+
+# -- zero cost when off -------------------------------------------------------------------------------------------
+
+ZERO_COST = textwrap.dedent("""
+    import sys
+    import transaction
+    from pyramid.config import Configurator
+    from websauna_tasks import get_celery, task
+    from websauna_tasks.observability import hooks
+
+    config = Configurator(settings={
+        "websauna.celery_config": "{'broker_url': 'memory://', 'task_always_eager': True}"})
+    config.include("pyramid_tm")
+    config.include("websauna_tasks")
+
+    @task(name="zero.cost")
+    def zero(value):
+        return value
+
+    zero.bind_to_app(get_celery(config.registry))
+    with transaction.manager:
+        zero.apply_async((1,), tm=transaction.manager)
+    assert zero.apply_async((2,), tm=None).get() == 2
+    # (redis-py 8 imports opentelemetry itself when it is installed: only what this library loads is asked.)
+    ours = ("websauna_tasks.observability.metrics", "websauna_tasks.observability.tracing")
+    loaded = sorted(name for name in sys.modules if name.split(".")[0] == "prometheus_client" or name in ours)
+    print(hooks.watching, loaded)
+""")
+
+
+def test_with_metrics_and_tracing_off_neither_library_is_imported_and_nothing_watches(subprocess_env):
+    done = subprocess.run([sys.executable, "-c", ZERO_COST], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **subprocess_env})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False []"
+
+
+# -- metrics, eagerly ---------------------------------------------------------------------------------------------
+
+def test_runs_and_dispatches_are_counted_by_task_queue_and_outcome(eager):
+    app = eager()
+    before = app.get("/metrics").text
+    app.get("/send", params={"count": "3"})
+    app.get("/abort")
+    app.get("/savepoint")
+    app.get("/savepoint", params={"kept": "1"})
+    with pytest.raises(Exception):
+        app.get("/send", params={"task": "fails"})
+    after = app.get("/metrics")
+    assert after.content_type == "text/plain"
+    assert after.headers["Cache-Control"] == "no-store"
+    text = after.text
+
+    def delta(name: str, **labels: str) -> float:
+        return value(text, name, **labels) - value(before, name, **labels)
+
+    assert delta("websauna_tasks_dispatches_total", task="observed.work", outcome="committed") == 4
+    assert delta("websauna_tasks_dispatches_total", task="observed.work", outcome="aborted") == 1
+    assert delta("websauna_tasks_dispatches_total", task="observed.work", outcome="savepoint") == 2
+    assert delta("websauna_tasks_runs_total", task="observed.work", queue="", state="SUCCESS") == 4
+    assert delta("websauna_tasks_runs_total", task="observed.fails", queue="", state="FAILURE") == 1
+    assert delta("websauna_tasks_run_duration_seconds_count", task="observed.work", queue="") == 4
+    assert delta("websauna_tasks_run_duration_seconds_sum", task="observed.work", queue="") > 0
+
+
+def test_a_retry_counts_as_a_retry_then_a_success(eager):
+    app = eager()
+    before = app.get("/metrics").text
+    # Sent now: an eager retry raises out of a commit's publishing round (dispatch.EagerTaskError).
+    assert observed_app.retries_once.apply_async(tm=None).get() == "again"
+    text = app.get("/metrics").text
+    for state in ("RETRY", "SUCCESS"):
+        assert value(text, "websauna_tasks_runs_total", task="observed.retries_once", queue="", state=state) - \
+            value(before, "websauna_tasks_runs_total", task="observed.retries_once", queue="", state=state) == 1
+
+
+def test_each_check_of_the_send_pipeline_counts_its_refusals(eager):
+    app = eager(**{"websauna_tasks.queues": "[{'name': 'celery'}]", "websauna_tasks.name_store": "memory"})
+    before = app.get("/metrics").text
+    refused = app.get("/refuse").json
+    assert refused == ["TypeError", "UndeclaredQueue", "TypeError", "TypeError", "AlreadyEnqueued"]
+    text = app.get("/metrics").text
+    for check in ("payload", "queue", "tm", "call", "name"):
+        counted = value(text, "websauna_tasks_dispatch_refused_total", task="observed.work", check=check) - \
+            value(before, "websauna_tasks_dispatch_refused_total", task="observed.work", check=check)
+        assert counted == 1, check
+
+
+def test_the_route_and_its_permission_follow_the_settings(built_apps):
+    class Policy:
+        def identity(self, request):
+            return None
+
+        def authenticated_userid(self, request):
+            return request.headers.get("X-User")
+
+        def permits(self, request, context, permission):
+            from pyramid.authorization import ACLHelper
+
+            principals = ["system.Everyone"] + ([Authenticated] if request.headers.get("X-User") else [])
+            return ACLHelper().permits(context, principals, permission)
+
+        def remember(self, request, userid, **kw):
+            return []
+
+        def forget(self, request, **kw):
+            return []
+
+    class Root:
+        __acl__ = [(Allow, Authenticated, "metrics.read")]
+
+        def __init__(self, request):
+            pass
+
+    config = Configurator(settings={**EAGER, "websauna_tasks.metrics_path": "/_ops/metrics",
+                                    "websauna_tasks.metrics_permission": "metrics.read"}, root_factory=Root)
+    config.set_security_policy(Policy())
+    config.include("pyramid_tm")
+    config.include("websauna_tasks")
+    router = config.make_wsgi_app()
+    built_apps.append(router)
+    app = webtest.TestApp(router)
+    app.get("/metrics", status=404)
+    app.get("/_ops/metrics", status=403)
+    assert "websauna_tasks_runs" in app.get("/_ops/metrics", headers={"X-User": "prometheus"}).text
+
+
+def test_an_observer_that_fails_changes_nothing(eager, caplog):
+    app = eager()
+    celery = get_celery(app.app.registry)
+
+    class Broken(hooks.Observer):
+        def dispatched(self, messages, outcome):
+            raise RuntimeError("broken observer")
+
+    hooks.add_observer(celery, Broken())
+    assert app.get("/send").json
+    assert "broken observer" in caplog.text
+
+
+# -- real services --------------------------------------------------------------------------------------------------
+
+def settings_for(redis_url, database_url, queue_name, **extra: str) -> dict[str, str]:
+    celery = {"broker_url": redis_url, "result_backend": redis_url, "task_default_queue": queue_name}
+    return {"websauna.celery_config": repr(celery), "sqlalchemy.url": database_url,
+            "websauna_tasks.metrics": "true", "websauna_tasks.app_name": f"obs-{queue_name}",
+            "websauna_tasks.deadletter_queue": f"{queue_name}.dead", **extra}
+
+
+def write_ini(tmp_path, settings: dict[str, str]) -> str:
+    path = tmp_path / "observed.ini"
+    path.write_text("[app:main]\nuse = call:tests.apps.observed_app:main\n" + "".join(
+        f"{key} = {value.replace('%', '%%')}\n" for key, value in settings.items()))
+    return str(path)
+
+
+def scrape(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return response.read().decode()
+
+
+def test_outbox_backlog_age_and_publish_latency(redis_url, database_url, queue_name, redis_client, db,
+                                                built_apps):
+    settings = settings_for(redis_url, database_url, queue_name, **{
+        "websauna_tasks.outbox": "true", "websauna_tasks.outbox_publish_on_commit": "false"})
+    router = observed_app.main({}, **settings)
+    built_apps.append(router)
+    app = webtest.TestApp(router)
+    outbox = get_outbox(get_celery(router.registry))
+    outbox.drain()
+    before = app.get("/metrics").text
+    assert value(before, "websauna_tasks_outbox_unsent") == 0
+    assert value(before, "websauna_tasks_outbox_status_up") == 1
+    app.get("/send", params={"count": "4"})
+    backlog = app.get("/metrics").text
+    assert value(backlog, "websauna_tasks_outbox_unsent") == 4
+    assert value(backlog, "websauna_tasks_outbox_oldest_unsent_age_seconds") > 0
+    assert outbox.drain() == 4
+    after = app.get("/metrics").text
+    assert value(after, "websauna_tasks_outbox_unsent") == 0
+    assert value(after, "websauna_tasks_outbox_oldest_unsent_age_seconds") == 0
+    published = value(after, "websauna_tasks_outbox_publish_latency_seconds_count") - \
+        value(before, "websauna_tasks_outbox_publish_latency_seconds_count")
+    assert published == 4
+    assert value(after, "websauna_tasks_dispatches_total", task="observed.work", outcome="committed") - \
+        value(before, "websauna_tasks_dispatches_total", task="observed.work", outcome="committed") == 4
+
+
+def test_a_scrape_during_a_database_outage_says_so(redis_url, queue_name, built_apps):
+    settings = settings_for(redis_url, "postgresql+psycopg://nobody@127.0.0.1:1/none", queue_name,
+                            **{"websauna_tasks.outbox": "true"})
+    router = observed_app.main({}, **settings)
+    built_apps.append(router)
+    text = webtest.TestApp(router).get("/metrics").text
+    assert value(text, "websauna_tasks_outbox_status_up") == 0
+    assert "websauna_tasks_runs" in text
+
+
+def queued_headers(redis_client, queue_name) -> list[dict]:
+    return [json.loads(raw)["headers"] for raw in reversed(redis_client.lrange(queue_name, 0, -1))]
+
+
+def spans_in(path) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path) as file:
+        return [json.loads(line) for line in file if line.strip()]
+
+
+def template_entry(celery, redis_client, queue_name) -> dict:
+    """A genuine kombu envelope of observed.work, taken from a queue nobody consumes."""
+    parked = f"{queue_name}.template"
+    celery.send_task("observed.work", args=(0,), queue=parked)
+    entry = json.loads(redis_client.rpop(parked))
+    redis_client.delete(parked, f"_kombu.binding.{parked}")
+    return entry
+
+
+def forged(template: dict, value: int, **headers) -> tuple[str, str]:
+    """``template`` with a new id, the body observed.work(value) and ``headers`` put over its own."""
+    entry = copy.deepcopy(template)
+    task_id = str(uuid.uuid4())
+    entry["headers"] = dict(entry["headers"], id=task_id, root_id=task_id, **headers)
+    embed = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
+    entry["body"] = base64.b64encode(json.dumps([[value], {}, embed]).encode()).decode()
+    entry["properties"] = dict(entry["properties"], delivery_tag=str(uuid.uuid4()), correlation_id=task_id)
+    return json.dumps(entry), task_id
+
+
+@pytest.mark.slow
+def test_a_prefork_workers_children_add_up_at_its_endpoint(
+        redis_url, database_url, queue_name, redis_client, db, built_apps, tmp_path, ws_celery_worker_factory,
+        subprocess_env):
+    multiproc = tmp_path / "prometheus"
+    multiproc.mkdir()
+    port = free_port()
+    record = f"{queue_name}:ran"
+    settings = settings_for(redis_url, database_url, queue_name, **{
+        "observed_app.record": record, "websauna_tasks.metrics_port": str(port),
+        "websauna_tasks.queues": repr([{"name": queue_name, "max_concurrent": 2}])})
+    router = observed_app.main({}, **settings)
+    built_apps.append(router)
+    app = webtest.TestApp(router)
+    celery = get_celery(router.registry)
+    worker = ws_celery_worker_factory(
+        write_ini(tmp_path, settings), "worker", "-c", "2", "--prefetch-multiplier", "1",
+        env={**subprocess_env, "PROMETHEUS_MULTIPROC_DIR": str(multiproc)})
+    template = template_entry(celery, redis_client, queue_name)
+    redis_client.delete(record)
+    count = 8
+    try:
+        app.get("/send", params={"task": "slow", "count": str(count), "seconds": "0.3"})
+        app.get("/send", params={"task": "fails"})
+        app.get("/send", params={"task": "retries_once"})
+        redis_client.lpush(queue_name, forged(template, 1, task=["observed.work"])[0])  # malformed
+        wait_for(lambda: redis_client.llen(record) >= count, timeout=60, describe=worker.output)
+        pids = {json.loads(raw)["pid"] for raw in redis_client.lrange(record, 0, -1)}
+    finally:
+        redis_client.delete(record)
+    assert len(pids) == 2, "both children should have run some"
+    url = f"http://127.0.0.1:{port}/metrics"
+
+    def counted() -> str | None:
+        text = scrape(url)
+        done = value(text, "websauna_tasks_runs_total", task="observed.retries_once", queue=queue_name,
+                     state="SUCCESS") == 1 and value(text, "websauna_tasks_dead_letters_total", kind="malformed") == 1
+        return text if done else None
+
+    text = wait_for(counted, timeout=30, describe=lambda: scrape(url))
+    assert value(text, "websauna_tasks_runs_total", task="observed.slow", queue=queue_name, state="SUCCESS") == count
+    assert value(text, "websauna_tasks_run_duration_seconds_count", task="observed.slow", queue=queue_name) == count
+    assert value(text, "websauna_tasks_run_duration_seconds_sum", task="observed.slow",
+                 queue=queue_name) >= 0.3 * count
+    assert value(text, "websauna_tasks_runs_total", task="observed.fails", queue=queue_name, state="FAILURE") == 1
+    assert value(text, "websauna_tasks_runs_total", task="observed.retries_once", queue=queue_name,
+                 state="RETRY") == 1
+    waits = value(text, "websauna_tasks_queue_wait_seconds_count", queue=queue_name, outcome="ran") + \
+        value(text, "websauna_tasks_queue_wait_seconds_count", queue=queue_name, outcome="requeued")
+    assert waits >= count + 3
+    # The counts came from both children's files, summed by the main process.
+    assert len([name for name in os.listdir(multiproc) if name.startswith("counter_")]) >= 2
+
+
+def test_a_taken_metrics_port_leaves_the_worker_running(redis_url, database_url, queue_name, redis_client, db,
+                                                        built_apps, tmp_path, ws_celery_worker_factory,
+                                                        subprocess_env):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        record = f"{queue_name}:ran"
+        settings = settings_for(redis_url, database_url, queue_name, **{
+            "observed_app.record": record, "websauna_tasks.metrics_port": str(port)})
+        router = observed_app.main({}, **settings)
+        built_apps.append(router)
+        worker = ws_celery_worker_factory(write_ini(tmp_path, settings), "worker", "-P", "solo", env=subprocess_env)
+        redis_client.delete(record)
+        try:
+            with transaction.manager:
+                observed_app.work.apply_async(args=(5,), tm=transaction.manager)
+            wait_for(lambda: redis_client.llen(record) >= 1, timeout=30, describe=worker.output)
+        finally:
+            redis_client.delete(record)
+    assert "cannot serve metrics" in worker.output()

@@ -8,7 +8,7 @@ taken wherever a plain INI path is:
 
 - ``pserve``, ``pyramid.paster.get_app()``, ``bootstrap()`` and anything else
   that goes through plaster find :class:`Loader` by the ``ws`` and ``ws+file``
-  entry points (setup.py, groups ``plaster.loader_factory`` and
+  entry points (pyproject.toml, groups ``plaster.loader_factory`` and
   ``plaster.wsgi_loader_factory``);
 - ``ws-celery`` checks the file with :func:`config_file`, then loads the
   application through plaster like ``pserve``.

@@ -1,4 +1,4 @@
-"""Redis and PostgreSQL servers of one test, on free loopback ports, stopped and started by PID.
+"""Redis, PostgreSQL and RabbitMQ servers of one test, on free loopback ports, stopped and started by PID.
 
 Fault tests break these, never the machine's shared services. The URL of
 each is known before it first starts, so an app can be built against a
@@ -14,6 +14,7 @@ import socket
 import subprocess
 import tempfile
 import time
+import uuid
 
 import redis
 import sqlalchemy as sa
@@ -170,4 +171,194 @@ class PrivatePostgres:
 
     def cleanup(self) -> None:
         self.stop("immediate")
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def _rabbitmq_server_script() -> str:
+    """The ``rabbitmq-server`` start script that runs the node in the foreground as the calling user.
+
+    Debian's ``/usr/sbin/rabbitmq-server`` is a wrapper that changes to the
+    ``rabbitmq`` user through ``su`` when called as root: the PID returned
+    would be su's, and the environment that makes the node private would not
+    all reach it. The script it wraps is called directly instead.
+    """
+    configured = os.environ.get("WS_TEST_RABBITMQ_SERVER")
+    candidates = [configured] if configured else ["/usr/lib/rabbitmq/bin/rabbitmq-server",
+                                                  shutil.which("rabbitmq-server") or ""]
+    for candidate in candidates:
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    raise RuntimeError("rabbitmq-server is not installed; set WS_TEST_RABBITMQ_SERVER")
+
+
+class PrivateRabbitMQ:
+    """A RabbitMQ node of this test only: its own node name, ports, epmd and data directory, run by PID.
+
+    The machine's own node (``rabbit@localhost`` on 5672, epmd on 4369) is
+    never contacted: the node registers with an ``epmd`` of its own on a
+    free port (started here in the foreground, so that it does not outlive
+    the test as a daemon), and nothing of ``/etc/rabbitmq`` is read. Queues
+    and persistent messages are kept in ``workdir`` across a stop and start,
+    as on a production broker.
+    """
+
+    def __init__(self, workdir: str | None = None):
+        self.workdir = workdir or tempfile.mkdtemp(prefix="wstest-rabbit-")
+        self.port = free_port()
+        self.dist_port = free_port()
+        self.epmd_port = free_port()
+        self.nodename = f"wstest-{uuid.uuid4().hex[:12]}@localhost"
+        self.logfile = os.path.join(self.workdir, "rabbitmq-server.out")
+        self.process: subprocess.Popen | None = None
+        self.epmd: subprocess.Popen | None = None
+        self.groups: set[int] = set()  # every process group a start made (the script's PIDs)
+        self.script = _rabbitmq_server_script()
+        for name, text in (("rabbitmq-env.conf", ""), ("enabled_plugins", "[].\n"),
+                           ("rabbitmq.conf", "log.console = false\nlog.file.level = info\n")):
+            with open(os.path.join(self.workdir, name), "w", encoding="utf-8") as handle:
+                handle.write(text)
+
+    @property
+    def url(self) -> str:
+        return f"amqp://guest:guest@127.0.0.1:{self.port}//"
+
+    def _environment(self) -> dict[str, str]:
+        # Inherited RABBITMQ_* or ERL_* variables (a shell that sourced the
+        # machine's rabbitmq-env.conf) would point the node back at the machine's.
+        env = {key: value for key, value in os.environ.items() if not key.startswith(("RABBITMQ_", "ERL_"))}
+        join = os.path.join
+        env.update({
+            "HOME": self.workdir,  # the Erlang cookie is written there, not in the user's home
+            "RABBITMQ_CONF_ENV_FILE": join(self.workdir, "rabbitmq-env.conf"),
+            "RABBITMQ_CONFIG_FILE": join(self.workdir, "rabbitmq.conf"),
+            "RABBITMQ_ADVANCED_CONFIG_FILE": join(self.workdir, "advanced.config"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": join(self.workdir, "enabled_plugins"),
+            "RABBITMQ_MNESIA_BASE": join(self.workdir, "mnesia"),
+            "RABBITMQ_LOG_BASE": join(self.workdir, "log"),
+            "RABBITMQ_PID_FILE": join(self.workdir, "rabbitmq.pid"),
+            "RABBITMQ_NODENAME": self.nodename,
+            "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
+            "RABBITMQ_NODE_PORT": str(self.port),
+            "RABBITMQ_DIST_PORT": str(self.dist_port),
+            "ERL_EPMD_PORT": str(self.epmd_port),
+            "ERL_EPMD_ADDRESS": "127.0.0.1",
+        })
+        return env
+
+    def _start_epmd(self, env: dict[str, str]) -> None:
+        if self.epmd is not None and self.epmd.poll() is None:
+            return
+        binary = shutil.which("epmd") or "/usr/lib/erlang/bin/epmd"
+        self.epmd = subprocess.Popen([binary, "-port", str(self.epmd_port), "-address", "127.0.0.1"],
+                                     env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     start_new_session=True)
+
+        def listening():
+            if self.epmd.poll() is not None:
+                raise RuntimeError(f"epmd exited with {self.epmd.returncode}")
+            socket.create_connection(("127.0.0.1", self.epmd_port), timeout=0.5).close()
+
+        _wait_until(listening, f"epmd on port {self.epmd_port}", 10)
+
+    def start(self, timeout: float = 90.0) -> None:
+        """Start the node and return once it takes AMQP connections (a boot takes 5-10 s here)."""
+        import kombu
+
+        env = self._environment()
+        self._start_epmd(env)
+        with open(self.logfile, "ab") as log:
+            # A session of its own: the script, beam.smp and its helpers share
+            # one process group, the script's PID, which stop() clears.
+            self.process = subprocess.Popen([self.script], env=env, cwd=self.workdir, stdin=subprocess.DEVNULL,
+                                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.groups.add(self.process.pid)
+
+        def ready():
+            if self.process.poll() is not None:
+                raise RuntimeError(f"rabbitmq-server exited with {self.process.returncode}: {self.log_tail()}")
+            socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+            with kombu.Connection(self.url, connect_timeout=2) as connection:
+                connection.ensure_connection(max_retries=1)
+
+        try:
+            _wait_until(ready, f"RabbitMQ node {self.nodename} on port {self.port}", timeout)
+        except Exception:
+            self.kill()
+            raise
+
+    def stop(self, timeout: float = 60.0) -> None:
+        """SIGTERM to the start script, which stops the node cleanly (queues and persistent messages kept)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        self._clear_group()
+
+    def kill(self) -> None:
+        """SIGKILL to the node's whole process group: a crash, nothing flushed."""
+        self._clear_group()
+
+    def _clear_group(self) -> None:
+        if self.process is None:
+            return
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)  # helpers left behind (erl_child_setup, inet_gethost)
+        except ProcessLookupError:
+            pass
+        self.process.wait(10)
+        self.process = None
+
+    def client(self):
+        """A kombu connection to the node (the caller closes it)."""
+        import kombu
+
+        return kombu.Connection(self.url, connect_timeout=2)
+
+    def queue_depth(self, queue: str) -> int:
+        """Messages ready in ``queue`` (not those delivered and unacknowledged); 0 if it does not exist."""
+        import amqp.exceptions
+
+        with self.client() as connection:
+            try:
+                return connection.default_channel.queue_declare(queue=queue, passive=True).message_count
+            except amqp.exceptions.NotFound:
+                return 0
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            with open(self.logfile, encoding="utf-8", errors="replace") as handle:
+                return "".join(handle.readlines()[-lines:])
+        except OSError:
+            return ""
+
+    def leftovers(self) -> list[str]:
+        """``pid: command`` of every process still running for this node: in its process groups, or naming it."""
+        marks = (self.nodename.split("@")[0], self.workdir, f"-port {self.epmd_port} ")
+        found = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                    command = handle.read().replace(b"\0", b" ").decode(errors="replace")
+                with open(f"/proc/{entry}/stat", "rb") as handle:
+                    state, _parent, group = handle.read().rsplit(b")", 1)[1].split()[:3]
+            except (OSError, ValueError):
+                continue
+            if state == b"Z":  # dead, waiting for its new parent to reap it
+                continue
+            group = int(group)
+            if group in self.groups or any(mark in command for mark in marks):
+                found.append(f"{entry}: {command[:200]}")
+        return found
+
+    def cleanup(self) -> None:
+        self.kill()
+        if self.epmd is not None:
+            if self.epmd.poll() is None:
+                self.epmd.kill()
+            self.epmd.wait(10)
+            self.epmd = None
         shutil.rmtree(self.workdir, ignore_errors=True)

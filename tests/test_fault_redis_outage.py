@@ -28,25 +28,30 @@ import glob
 import json
 import os
 import pathlib
-import signal
-import subprocess
-import sys
 import time
 
 import pytest
 import sqlalchemy as sa
 
+from tests import fault_outage
 from tests.apps.fault_producer import COMMITS_DDL
+from tests.fault_outage import (
+    PER_COMMIT,
+    PRODUCERS,
+    QUEUE,
+    TASKS,
+    ProducerGroup,
+    committed_count,
+    effect_totals,
+    outcome,
+    redelivered_rows,
+    unsent_rows,
+    wait_for_producers,
+)
 from tests.servers import PrivatePostgres, PrivateRedis
 from websauna_tasks.testing import wait_for
 
 pytestmark = [pytest.mark.fault, pytest.mark.slow]
-
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-QUEUE = "faults"
-TASKS = 10_000
-PRODUCERS = 4
-PER_COMMIT = 5
 #: Share of the tasks committed when Redis is stopped.
 STOP_AT = 0.30
 OUTAGE_SECONDS = 5.0
@@ -70,22 +75,9 @@ def servers(fault_servers):
 @pytest.fixture
 def producers(tmp_path, subprocess_env):
     """Start producer processes; any still running at teardown is killed by its PID."""
-    started: list[tuple[subprocess.Popen, pathlib.Path]] = []
-
-    def start(ini: str, index: int, count: int) -> tuple[subprocess.Popen, pathlib.Path]:
-        out = tmp_path / f"producer-{index}.out"
-        with open(out, "wb") as log:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "tests.apps.fault_producer", ini, str(index), str(count), str(PER_COMMIT)],
-                stdout=log, stderr=subprocess.STDOUT, cwd=str(ROOT), env={**os.environ, **subprocess_env})
-        started.append((process, out))
-        return process, out
-
-    yield start
-    for process, _out in started:
-        if process.poll() is None:
-            os.kill(process.pid, signal.SIGKILL)
-            process.wait(10)
+    group = ProducerGroup(tmp_path, subprocess_env)
+    yield group.start
+    group.kill()
 
 
 def write_fault_ini(tmp_path, broker: PrivateRedis, database: PrivatePostgres, outbox: bool) -> str:
@@ -95,28 +87,10 @@ def write_fault_ini(tmp_path, broker: PrivateRedis, database: PrivatePostgres, o
                  "unacked_restore_throttle": 1}
     celery = {"broker_url": broker.url, "task_default_queue": QUEUE, "task_ignore_result": True,
               "broker_transport_options": transport}
-    settings = {"websauna.celery_config": repr(celery), "sqlalchemy.url": database.url,
-                "websauna.site_url": "http://localhost", "websauna_tasks.outbox": "true" if outbox else "false",
-                "websauna_tasks.outbox_poll_seconds": "0.5",
-                # Above the longest wait in the queue here (the backlog drains in under a
-                # minute), so that only a message Redis lost is sent again (outbox/_redelivery.py).
-                "websauna_tasks.outbox_redeliver_after_seconds": str(REDELIVER_AFTER)}
-    lines = ["[app:main]", "use = call:tests.apps.fault_app:main"]
-    lines += [f"{key} = {value}" for key, value in settings.items()]
-    path = tmp_path / "fault-redis.ini"
-    path.write_text("\n".join(lines) + "\n")
-    return str(path)
-
-
-def scalar(engine, sql: str) -> int:
-    with engine.connect() as conn:
-        return conn.execute(sa.text(sql)).scalar_one()
-
-
-def effect_totals(engine) -> tuple[int, int]:
-    with engine.connect() as conn:
-        rows, distinct = conn.execute(sa.text("SELECT count(*), count(DISTINCT key) FROM fault_effects")).one()
-    return rows, distinct
+    # The redelivery delay is above the longest wait in the queue here (the backlog drains in
+    # under a minute), so that only a message Redis lost is sent again (outbox/_redelivery.py).
+    return fault_outage.write_fault_ini(tmp_path, celery, database.url, outbox, "fault-redis.ini",
+                                        **{"websauna_tasks.outbox_redeliver_after_seconds": str(REDELIVER_AFTER)})
 
 
 def key_of(payload: dict) -> str:
@@ -139,45 +113,11 @@ def stranded_keys(client) -> set[str]:
     return {key_of(json.loads(raw)[0]) for raw in client.hvals("unacked")}
 
 
-def unsent_rows(engine) -> int:
-    return scalar(engine, "SELECT count(*) FROM websauna_tasks_outbox WHERE sent_at IS NULL")
-
-
-def unfinished_rows(engine) -> int:
-    """Outbox rows whose task has not committed yet and that the relay will still send again if need be."""
-    return scalar(engine, "SELECT count(*) FROM websauna_tasks_outbox AS o WHERE o.redeliveries < 3 AND NOT EXISTS "
-                          "(SELECT 1 FROM websauna_tasks_done AS d WHERE d.task_id = o.id)")
-
-
 def settle(engine, client, worker, outbox: bool, timeout: float = REDELIVER_AFTER + 90.0,
            quiet: float = 3.0) -> tuple[float, str]:
-    """Wait until every key has an effect (outbox on) or nothing more will come; (time of the last effect, why).
-
-    Nothing more comes once the queue and Redis's ``unacked`` set are empty,
-    the outbox has nothing unsent or unfinished (its relay would send it again) and the effects have not changed for
-    ``quiet`` seconds, or once the worker has exited.
-    """
-    seen = effect_totals(engine)
-    last_effect = quiet_since = time.monotonic()
-    deadline = last_effect + timeout
-    while True:
-        if outbox and seen[1] >= TASKS:
-            return last_effect, "all effects present"
-        now = time.monotonic()
-        if worker.process.poll() is not None:
-            return last_effect, f"the worker exited with {worker.process.returncode}"
-        if now - quiet_since >= quiet:
-            return last_effect, "nothing left to run"
-        if now >= deadline:
-            return last_effect, f"still running after {timeout:.0f}s"
-        time.sleep(0.25)
-        totals = effect_totals(engine)
-        changed = totals != seen
-        if changed:
-            seen, last_effect = totals, time.monotonic()
-        if changed or client.llen(QUEUE) or client.hlen("unacked") or (
-                outbox and (unsent_rows(engine) or unfinished_rows(engine))):
-            quiet_since = time.monotonic()
+    """fault_outage.settle, with Redis busy while its queue or its ``unacked`` set holds a message."""
+    return fault_outage.settle(engine, worker, outbox, lambda: bool(client.llen(QUEUE) or client.hlen("unacked")),
+                               timeout, quiet)
 
 
 def aof_commands(workdir: str):
@@ -256,14 +196,6 @@ def missing_report(engine, client, workdir: str, worker_log: str, outbox: bool, 
     return "\n".join(lines + ["worker log tail:", worker_log[-4000:]])
 
 
-def summary_of(out: pathlib.Path) -> dict:
-    lines = out.read_text(errors="replace").strip().splitlines()
-    for line in reversed(lines):
-        if line.startswith("{"):
-            return json.loads(line)
-    raise AssertionError("producer wrote no summary:\n" + "\n".join(lines[-40:]))
-
-
 def run_outage(outbox: bool, servers, tmp_path, ws_celery_worker_factory, subprocess_env, producers) -> dict:
     broker, database, engine = servers
     ini = write_fault_ini(tmp_path, broker, database, outbox)
@@ -274,17 +206,17 @@ def run_outage(outbox: bool, servers, tmp_path, ws_celery_worker_factory, subpro
     running = [producers(ini, index, TASKS // PRODUCERS) for index in range(PRODUCERS)]
 
     # Polled often: the stop must land mid-stream, not after the producers are done.
-    wait_for(lambda: scalar(engine, "SELECT count(*) FROM fault_commits") >= STOP_AT * TASKS, timeout=90,
+    wait_for(lambda: committed_count(engine) >= STOP_AT * TASKS, timeout=90,
              interval=0.02, describe=lambda: worker.output()[-3000:])
-    committed_at_stop = scalar(engine, "SELECT count(*) FROM fault_commits")
+    committed_at_stop = committed_count(engine)
     stopped = time.monotonic()
     broker.stop()
     # Down for OUTAGE_SECONDS, or until most tasks are committed: the restart
     # must land while the producers are still committing.
     outage_ends = stopped + OUTAGE_SECONDS
-    while time.monotonic() < outage_ends and scalar(engine, "SELECT count(*) FROM fault_commits") < RESTART_BY * TASKS:
+    while time.monotonic() < outage_ends and committed_count(engine) < RESTART_BY * TASKS:
         time.sleep(0.05)
-    committed_at_restart = scalar(engine, "SELECT count(*) FROM fault_commits")
+    committed_at_restart = committed_count(engine)
     broker.start()  # same port, same append-only file
     restarted = time.monotonic()
     client = broker.client()
@@ -293,14 +225,7 @@ def run_outage(outbox: bool, servers, tmp_path, ws_celery_worker_factory, subpro
         # back after the visibility timeout (or is acknowledged late).
         unacked_at_restart = len(stranded_keys(client))
 
-        for process, out in running:
-            try:
-                process.wait(120)
-            except subprocess.TimeoutExpired:
-                raise AssertionError(f"producer {process.pid} still running:\n{out.read_text()[-3000:]}") from None
-        statuses = [process.returncode for process, _out in running]
-        assert statuses == [0] * PRODUCERS, "\n".join(out.read_text()[-3000:] for _p, out in running)
-        summaries = [summary_of(out) for _p, out in running]
+        summaries = wait_for_producers(running)
         produced = time.monotonic()
 
         last_effect, settled = settle(engine, client, worker, outbox)
@@ -312,26 +237,18 @@ def run_outage(outbox: bool, servers, tmp_path, ws_celery_worker_factory, subpro
     finally:
         client.close()
 
-    with engine.connect() as conn:
-        committed = {row[0] for row in conn.execute(sa.text("SELECT key FROM fault_commits"))}
-        commits = conn.execute(sa.text("SELECT count(*) FROM (SELECT DISTINCT producer, commit_no "
-                                       "FROM fault_commits) AS c")).scalar_one()
-        counts = dict(conn.execute(sa.text("SELECT key, count(*) FROM fault_effects GROUP BY key")).all())
-    lost = committed - set(counts)
+    result = outcome(engine)
+    lost = result.pop("lost_keys")
     return {
-        "committed": committed, "commits": commits, "counts": counts,
-        "effects": sum(counts.values()), "distinct": len(counts),
-        "duplicates": sum(count - 1 for count in counts.values()),
+        **result,
         "lost": len(lost), "stranded": len(lost & stranded), "queued": len(lost & queued),
         "gone": len(lost - stranded - queued),
-        "strangers": len(set(counts) - committed),
         "committed_at_stop": committed_at_stop, "committed_at_restart": committed_at_restart,
         "outage": restarted - stopped, "drain": last_effect - restarted, "after_producers": last_effect - produced,
         "total": last_effect - began, "settled": settled, "summaries": summaries,
         "unacked_at_restart": unacked_at_restart,
         "unsent": unsent_rows(engine) if outbox else None,
-        "redelivered": scalar(engine, "SELECT count(*) FROM websauna_tasks_outbox WHERE redeliveries > 0")
-        if outbox else None,
+        "redelivered": redelivered_rows(engine) if outbox else None,
         "same_worker": worker.process.poll() is None and worker.pid == worker_pid,
         "broker_losses": output.count("Connection to broker lost"),
         "crashed": "Unrecoverable error" in output,

@@ -19,6 +19,10 @@ import uuid
 import pytest
 import transaction
 import webtest
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client.parser import text_string_to_metric_families
 from pyramid.authorization import Allow, Authenticated
 from pyramid.config import Configurator
@@ -46,6 +50,17 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 def value(text: str, name: str, **labels: str) -> float:
     return samples(text).get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+@pytest.fixture(scope="session")
+def spans() -> InMemorySpanExporter:
+    """This process's tracer provider, exporting to memory (OpenTelemetry allows one provider per process)."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    trace.set_tracer_provider(provider)
+    assert trace.get_tracer_provider() is provider, "another test set this process's tracer provider first"
+    return exporter
 
 
 @pytest.fixture
@@ -78,6 +93,7 @@ def eager(built_apps):
     ("websauna_tasks.metrics_path", "/metrics?x=1"),
     ("websauna_tasks.metrics_address", "0.0.0.0 9100"),
     ("websauna_tasks.metrics", "ture"),
+    ("websauna_tasks.tracing", "maybe"),
 ])
 def test_bad_observability_settings_stop_startup_naming_the_key(key, raw):
     config = Configurator(settings={**EAGER, key: raw})
@@ -103,7 +119,8 @@ ZERO_COST = textwrap.dedent("""
     from websauna_tasks.observability import hooks
 
     config = Configurator(settings={
-        "websauna.celery_config": "{'broker_url': 'memory://', 'task_always_eager': True}"})
+        "websauna.celery_config": "{'broker_url': 'memory://', 'task_always_eager': True}",
+        "websauna_tasks.tracing": "false"})
     config.include("pyramid_tm")
     config.include("websauna_tasks")
 
@@ -232,6 +249,52 @@ def test_an_observer_that_fails_changes_nothing(eager, caplog):
     assert "broken observer" in caplog.text
 
 
+# -- tracing, in this process ---------------------------------------------------------------------------------------
+
+def run_spans(exporter: InMemorySpanExporter, name: str) -> list:
+    return [span for span in exporter.get_finished_spans() if span.name == f"run {name}"]
+
+
+def test_an_eager_run_on_commit_is_a_child_of_the_requests_span(eager, spans):
+    spans.clear()
+    app = eager()
+    response = app.get("/send", params={"count": "2"})
+    ran = run_spans(spans, "observed.work")
+    assert len(ran) == 2
+    for span in ran:
+        assert format(span.context.trace_id, "032x") == response.headers["X-Trace-Id"]
+        assert format(span.parent.span_id, "016x") == response.headers["X-Span-Id"]
+        assert span.kind == trace.SpanKind.CONSUMER
+        assert span.attributes["celery.state"] == "SUCCESS"
+    assert {span.attributes["celery.task_id"] for span in ran} == set(response.json)
+
+
+def test_a_failed_run_is_an_error_span_and_a_retry_is_not(eager, spans):
+    spans.clear()
+    app = eager()
+    with pytest.raises(Exception):
+        app.get("/send", params={"task": "fails"})
+    observed_app.retries_once.apply_async(tm=None)
+    [failed] = run_spans(spans, "observed.fails")
+    assert failed.status.status_code == trace.StatusCode.ERROR
+    assert [event.name for event in failed.events] == ["exception"]
+    states = [span.attributes["celery.state"] for span in run_spans(spans, "observed.retries_once")]
+    assert sorted(states) == ["RETRY", "SUCCESS"]
+
+
+def test_without_a_span_nothing_is_injected(eager, spans):
+    eager()
+    options: dict = {"headers": {"mine": "kept"}}
+    from websauna_tasks.observability.tracing import TracingObserver
+
+    TracingObserver().outgoing(observed_app.work, options)
+    assert options == {"headers": {"mine": "kept"}}
+    with trace.get_tracer("test").start_as_current_span("outer"):
+        TracingObserver().outgoing(observed_app.work, options)
+    assert options["headers"]["mine"] == "kept"
+    assert options["headers"]["traceparent"].startswith("00-")
+
+
 # -- real services --------------------------------------------------------------------------------------------------
 
 def settings_for(redis_url, database_url, queue_name, **extra: str) -> dict[str, str]:
@@ -294,6 +357,34 @@ def queued_headers(redis_client, queue_name) -> list[dict]:
     return [json.loads(raw)["headers"] for raw in reversed(redis_client.lrange(queue_name, 0, -1))]
 
 
+def test_the_trace_context_is_stored_with_the_outbox_row_and_published_by_the_relay(
+        redis_url, database_url, queue_name, redis_client, db, built_apps, spans):
+    settings = settings_for(redis_url, database_url, queue_name, **{
+        "websauna_tasks.outbox": "true", "websauna_tasks.outbox_publish_on_commit": "false"})
+    router = observed_app.main({}, **settings)
+    built_apps.append(router)
+    celery = get_celery(router.registry)
+    outbox = get_outbox(celery)
+    outbox.drain()
+    redis_client.delete(queue_name)
+    response = webtest.TestApp(router).get("/send")
+    [task_id] = response.json
+    with db.connect() as conn:
+        stored = json.loads(conn.exec_driver_sql(
+            "SELECT options FROM websauna_tasks_outbox WHERE id = %(id)s", {"id": task_id}).scalar_one())
+    traceparent = stored["headers"]["traceparent"]
+    assert traceparent.split("-")[1:3] == [response.headers["X-Trace-Id"], response.headers["X-Span-Id"]]
+    assert outbox.drain() == 1
+    [headers] = queued_headers(redis_client, queue_name)
+    assert headers["id"] == task_id and headers["traceparent"] == traceparent
+    # The message as the relay published it, run here as a worker runs it: its span continues the request's.
+    spans.clear()
+    observed_app.work.apply(args=(1,), task_id=task_id, headers={"traceparent": traceparent})
+    [ran] = run_spans(spans, "observed.work")
+    assert format(ran.context.trace_id, "032x") == response.headers["X-Trace-Id"]
+    assert format(ran.parent.span_id, "016x") == response.headers["X-Span-Id"]
+
+
 def spans_in(path) -> list[dict]:
     if not os.path.exists(path):
         return []
@@ -319,6 +410,83 @@ def forged(template: dict, value: int, **headers) -> tuple[str, str]:
     entry["body"] = base64.b64encode(json.dumps([[value], {}, embed]).encode()).decode()
     entry["properties"] = dict(entry["properties"], delivery_tag=str(uuid.uuid4()), correlation_id=task_id)
     return json.dumps(entry), task_id
+
+
+@pytest.mark.slow
+def test_a_real_worker_continues_the_requests_trace_plain_and_through_the_outbox(
+        redis_url, database_url, queue_name, redis_client, db, built_apps, tmp_path, ws_celery_worker_factory,
+        subprocess_env, spans):
+    span_file = tmp_path / "worker-spans.jsonl"
+    record = f"{queue_name}:ran"
+    plain = settings_for(redis_url, database_url, queue_name, **{"observed_app.record": record})
+    outboxed = {**plain, "websauna_tasks.outbox": "true", "websauna_tasks.app_name": f"obs-{queue_name}-outbox"}
+    web_plain = webtest.TestApp(observed_app.main({}, **plain))
+    web_outbox = webtest.TestApp(observed_app.main({}, **outboxed))
+    built_apps.extend([web_plain.app, web_outbox.app])
+    # One worker runs both apps' messages (one queue); the outbox one's relay publishes the rows.
+    ws_celery_worker_factory(write_ini(tmp_path, {**outboxed, "observed_app.span_file": str(span_file)}),
+                             "worker", "-c", "2", env=subprocess_env)
+    redis_client.delete(record)
+    try:
+        sent = {"plain": web_plain.get("/send", params={"count": "2"}),
+                "outbox": web_outbox.get("/send", params={"count": "2"})}
+        expected = {task_id: (path, response) for path, response in sent.items() for task_id in response.json}
+        wait_for(lambda: len({s["attributes"].get("celery.task_id") for s in spans_in(span_file)} & set(expected))
+                 == len(expected), timeout=60, describe=lambda: str(spans_in(span_file)))
+        ran = {json.loads(raw)["id"]: json.loads(raw) for raw in redis_client.lrange(record, 0, -1)}
+    finally:
+        redis_client.delete(record)
+    worker_spans = {s["attributes"]["celery.task_id"]: s for s in spans_in(span_file)
+                    if s["name"] == "run observed.work"}
+    for task_id, (path, response) in expected.items():
+        span = worker_spans[task_id]
+        assert span["pid"] != os.getpid()
+        assert span["trace_id"] == response.headers["X-Trace-Id"], path
+        assert span["parent_span_id"] == response.headers["X-Span-Id"], path
+        # The body saw its run's span as the current one.
+        assert ran[task_id]["trace_id"] == response.headers["X-Trace-Id"], path
+
+
+@pytest.mark.slow
+def test_a_forged_traceparent_is_ignored_and_the_run_gets_a_root_span(
+        redis_url, database_url, queue_name, redis_client, db, built_apps, tmp_path, ws_celery_worker_factory,
+        subprocess_env):
+    span_file = tmp_path / "worker-spans.jsonl"
+    record = f"{queue_name}:ran"
+    settings = settings_for(redis_url, database_url, queue_name, **{"observed_app.record": record})
+    router = observed_app.main({}, **settings)
+    built_apps.append(router)
+    celery = get_celery(router.registry)
+    worker = ws_celery_worker_factory(write_ini(tmp_path, {**settings, "observed_app.span_file": str(span_file)}),
+                                      "worker", "-P", "solo", env=subprocess_env)
+    template = template_entry(celery, redis_client, queue_name)
+    bad = ["00-zzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzz-0000000000000000-01",
+           "00-00000000000000000000000000000000-0000000000000000-01",  # all-zero ids: invalid by the spec
+           "ff-" + "a" * 32 + "-" + "b" * 16 + "-01",  # version ff is forbidden
+           "00-" + "a" * 32 + "-" + "b" * 16 + "-01" + "x" * 5000,
+           "\x00\n", 12345, ["00-" + "a" * 32 + "-" + "b" * 16 + "-01"], {"nested": True}]
+    redis_client.delete(record)
+    try:
+        ids = []
+        for index, header in enumerate(bad):
+            raw, task_id = forged(template, index, traceparent=header, tracestate="k=" + "v" * 10000)
+            redis_client.lpush(queue_name, raw)
+            ids.append(task_id)
+        # And a genuine message after them: the worker is still taking messages.
+        raw, last = forged(template, 99)
+        redis_client.lpush(queue_name, raw)
+        wait_for(lambda: redis_client.llen(record) >= len(bad) + 1, timeout=60, describe=worker.output)
+        ran = {json.loads(raw)["id"] for raw in redis_client.lrange(record, 0, -1)}
+    finally:
+        redis_client.delete(record)
+    assert ran == {*ids, last}
+    assert worker.process.poll() is None
+    worker_spans = {s["attributes"]["celery.task_id"]: s for s in spans_in(span_file)
+                    if s["name"] == "run observed.work"}
+    for task_id in ids:
+        assert worker_spans[task_id]["parent_span_id"] is None, worker_spans[task_id]
+    # Each is a trace of its own, not one forged trace shared by all.
+    assert len({worker_spans[task_id]["trace_id"] for task_id in ids}) == len(ids)
 
 
 @pytest.mark.slow

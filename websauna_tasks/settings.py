@@ -91,6 +91,7 @@ METRICS_PERMISSION_KEY = "websauna_tasks.metrics_permission"
 METRICS_PORT_KEY = "websauna_tasks.metrics_port"
 METRICS_ADDRESS_KEY = "websauna_tasks.metrics_address"
 METRICS_BUCKETS_KEY = "websauna_tasks.metrics_duration_buckets"
+TRACING_KEY = "websauna_tasks.tracing"
 
 # -- defaults the modules use by name --------------------------------------------------------------
 
@@ -641,6 +642,8 @@ SETTINGS: tuple[Setting, ...] = (
             "address that endpoint listens on"),
     Setting(METRICS_BUCKETS_KEY, Buckets(), DEFAULT_METRICS_BUCKETS,
             "bucket bounds of the run duration histogram", default_text="prometheus_client's, 0.005 to 10"),
+    Setting(TRACING_KEY, Boolean(), True,
+            "carry the trace context through dispatch, the outbox and the run when opentelemetry-api is installed"),
 )
 
 SETTINGS_BY_KEY: t.Mapping[str, Setting] = types.MappingProxyType({setting.key: setting for setting in SETTINGS})
@@ -699,6 +702,7 @@ class TaskSettings:
     metrics_port: int
     metrics_address: str
     metrics_duration_buckets: tuple[float, ...]
+    tracing: bool
 
 
 

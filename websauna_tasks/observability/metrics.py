@@ -119,6 +119,9 @@ class MetricsObserver(Observer):
 
     def __init__(self, metrics: ProcessMetrics):
         self.metrics = metrics
+        # (task, queue, state) -> its run counter and duration histogram: labels() takes
+        # a lock and builds its key at every call, a dict lookup does not.
+        self._run_children: dict[tuple[str, str, str], tuple[t.Any, t.Any]] = {}
 
     def refused(self, task_name: str, check: str) -> None:
         self.metrics.refused.labels(task_name, check).inc()
@@ -142,9 +145,13 @@ class MetricsObserver(Observer):
 
     def _count(self, task: Task, state: str, seconds: float) -> None:
         try:
-            queue = _queue_of(task)
-            self.metrics.runs.labels(task.name, queue, state).inc()
-            self.metrics.run_duration.labels(task.name, queue).observe(seconds)
+            key = (task.name, _queue_of(task), state)
+            children = self._run_children.get(key)
+            if children is None:
+                children = (self.metrics.runs.labels(*key), self.metrics.run_duration.labels(*key[:2]))
+                self._run_children[key] = children
+            children[0].inc()
+            children[1].observe(seconds)
         except Exception:
             # The run's outcome stands whatever the counting does.
             logger.exception("websauna_tasks: could not count a run of %s", task.name)

@@ -349,7 +349,7 @@ def test_production_ini_goes_through_the_safe_parser():
 
 @pytest.mark.slow
 def test_production_ini_with_real_redis_postgresql_and_worker(tmp_path, redis_url, database_url, queue_name,
-                                                              redis_client, ws_celery_worker_factory):
+                                                              redis_client, ws_celery_worker_factory, run_cli):
     ini = copy_ini("conf/production.ini", tmp_path, {
         "db_url = postgresql+psycopg://example@127.0.0.1:5432/example": f"db_url = {database_url}",
         "broker_url = redis://127.0.0.1:6379/3": f"broker_url = {redis_url}",
@@ -358,6 +358,9 @@ def test_production_ini_with_real_redis_postgresql_and_worker(tmp_path, redis_ur
         "websauna_tasks.outbox = true": f"websauna_tasks.outbox = true\ncelery.task_default_queue = {queue_name}",
         '"result_expires": 24 * 60 * 60,': '"result_expires": 600,',
     })
+    # websauna_tasks.create_tables = never: the tables come from init, as in a deploy.
+    made = run_cli(ini, "init")
+    assert made.returncode == 0, made.stdout + made.stderr
     app = webtest.TestApp(get_app(ini))
     ws_celery_worker_factory(ini, "worker", "-c", "2", "-l", "info")
     message_id = post_message(app, "hello postgres")

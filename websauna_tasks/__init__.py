@@ -38,6 +38,7 @@ from .registry import get_celery, set_celery
 from .reliability import VisibilityTimeoutExceeded
 from .request import TRANSACTION_MANAGER_ALIAS, get_current_request
 from .retry import retryable
+from .schema_check import configure_schema_check
 from .secrets import configure_secrets, get_secrets
 from .settings import TaskSettings, configure_settings, get_task_settings
 from .state import AppState, attach_state
@@ -125,6 +126,7 @@ def includeme(config: Configurator) -> None:
     run_shard.bind_to_app(app)  # sharded iteration's task (websauna_tasks.iteration)
     connect_run_signals()
     configure_outbox(config.registry, app)  # websauna_tasks.outbox = true: messages as rows (outbox/)
+    configure_schema_check(config, app)  # create_tables = never: make_wsgi_app() checks the tables (schema_check.py)
     configure_observability(config, app)  # metrics and tracing, when the settings ask (observability/)
     if app.conf.task_always_eager:
         config.add_tween("websauna_tasks.tweens.eager_errors_tween_factory", under=INGRESS)

@@ -236,7 +236,10 @@ def main(argv: list[str] | None = None) -> int:
                 # Help needs no application: it works while the database is down.
                 check_ini(config_uri)
                 return command(None, celery_args[1:])
-            app = load_for_command(config_uri, variables, celery_args)
+            from .schema_check import loading_for
+
+            with loading_for(celery_args[0]):  # init makes the tables a create_tables = never startup demands
+                app = load_for_command(config_uri, variables, celery_args)
         except ConfigurationError as exc:
             raise CommandError(f"configuration error: {exc}") from None
         if command is not None:

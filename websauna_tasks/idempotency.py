@@ -17,8 +17,10 @@ The insert is ``INSERT ... ON CONFLICT DO NOTHING`` on PostgreSQL and
 SQLite, so no error aborts the run's transaction; other databases insert in
 a savepoint and read an ``IntegrityError`` as "already done". The table is
 created (``IF NOT EXISTS``) on first use unless
-``websauna_tasks.idempotency_create_table = false`` (then create
-:data:`done_table` with your migrations). Old rows are removed by
+``websauna_tasks.idempotency_create_table = false`` or
+``websauna_tasks.create_tables = never`` (then create it with
+``ws-celery INI -- init`` or your migrations, from :mod:`websauna_tasks.schema`;
+its absence is then a :class:`~websauna_tasks.schema.MissingTables` error). Old rows are removed by
 :func:`prune_done`, which keeps ``websauna_tasks.idempotency_retention_seconds``
 (default 7 days); every worker whose app has an idempotent task calls it
 each ``websauna_tasks.idempotency_prune_interval_seconds`` (default one
@@ -36,6 +38,13 @@ import sqlalchemy as sa
 from celery import bootsteps
 from pyramid.exceptions import ConfigurationError
 from sqlalchemy.dialects import postgresql, sqlite
+
+# The done-table is defined with the library's other tables and keeps its names here; ``metadata``
+# (its MetaData before) is the library's one MetaData now, holding every table of schema.py.
+from .schema import DONE_TABLE_NAME as DONE_TABLE_NAME
+from .schema import done_table as done_table
+from .schema import ensure_tables
+from .schema import metadata as metadata  # noqa: F401
 
 # The settings keep their names here (settings.py declares and parses them): seconds a done-row is
 # kept by prune_done() (7 days); create websauna_tasks_done on first use (true); seconds between two
@@ -59,18 +68,6 @@ if t.TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-DONE_TABLE_NAME = "websauna_tasks_done"
-
-metadata = sa.MetaData()
-
-#: One row per committed run of an idempotent task.
-done_table = sa.Table(
-    DONE_TABLE_NAME, metadata,
-    sa.Column("task_id", sa.String(255), primary_key=True),
-    sa.Column("task_name", sa.String(255), nullable=False),
-    sa.Column("done_at", sa.DateTime(timezone=True), nullable=False, index=True),
-)
-
 _created: weakref.WeakSet[Engine] = weakref.WeakSet()
 _created_lock = threading.Lock()
 
@@ -88,19 +85,12 @@ def _engine_of(session: Session) -> Engine:
     return getattr(bind, "engine", bind)
 
 
-def ensure_table(engine: Engine) -> None:
-    """Create ``websauna_tasks_done`` unless it exists; safe when several processes do it at once."""
+def ensure_table(engine: Engine, create: bool = True) -> None:
+    """Create ``websauna_tasks_done`` unless it exists (``create=False``: check it does), once per engine."""
     with _created_lock:
         if engine in _created:
             return
-    # IF NOT EXISTS covers most races; PostgreSQL can still fail one of two
-    # concurrent creates (on its catalog's unique index), after which the
-    # table exists. Same as names.SQLNameStore._create_table.
-    try:
-        metadata.create_all(engine, checkfirst=True)
-    except sa.exc.DBAPIError:
-        if not sa.inspect(engine).has_table(DONE_TABLE_NAME):
-            raise
+    ensure_tables(engine, [done_table], create)
     with _created_lock:
         _created.add(engine)
 
@@ -129,8 +119,8 @@ def claim_run(request: Request, task: Task) -> bool:
     if not task_id:
         return True
     session = request.dbsession
-    if get_task_settings(request.registry).idempotency_create_table:
-        ensure_table(_engine_of(session))
+    settings = get_task_settings(request.registry)
+    ensure_table(_engine_of(session), settings.create_tables == "auto" and settings.idempotency_create_table)
     if record_run(session, task_id, task.name):
         return True
     logger.info("%s[%s]: already done (a previous delivery committed); skipping the body", task.name, task_id)

@@ -62,6 +62,8 @@ from .defer import (
 )
 from .registry import ICeleryApp
 from .request import get_current_request
+from .schema import SHARD_RUNNING, iterations_table, shards_table
+from .schema import ensure_tables as ensure_schema_tables
 from .settings import DEFAULT_ITERATION_BATCH_SIZE as DEFAULT_BATCH_SIZE  # noqa: F401
 from .settings import DEFAULT_ITERATION_MAX_FAILURES as DEFAULT_MAX_FAILURES  # noqa: F401
 from .settings import DEFAULT_ITERATION_TIME_BUDGET as DEFAULT_TIME_BUDGET  # noqa: F401
@@ -84,7 +86,7 @@ MAX_RETRY_COUNTDOWN = 60.0
 # Serialization failures / deadlocks retried inside one run before they count as a failure.
 _CONFLICT_ATTEMPTS = 5
 
-RUNNING, DONE, FAILED = "running", "done", "failed"
+RUNNING, DONE, FAILED = SHARD_RUNNING, "done", "failed"
 
 _shard_index: contextvars.ContextVar[int | None] = contextvars.ContextVar(
     "websauna_tasks_shard_index", default=None)
@@ -101,44 +103,8 @@ class IterationQueryError(ValueError):
 
 # -- the progress tables --------------------------------------------------------------------
 
-_metadata = sa.MetaData()
-iterations_table = sa.Table(
-    "websauna_tasks_iterations", _metadata,
-    sa.Column("id", sa.String(64), primary_key=True),
-    sa.Column("callback", sa.Text, nullable=False),
-    sa.Column("finalize", sa.Text, nullable=False),
-    sa.Column("query", sa.Text, nullable=False),        # the JSON query spec
-    sa.Column("arguments", sa.Text, nullable=False),    # kombu JSON of {"args": [...], "kwargs": {...}}
-    sa.Column("queue", sa.String(255)),
-    sa.Column("batch_size", sa.Integer, nullable=False),
-    sa.Column("shard_count", sa.Integer, nullable=False),
-    # Incremented by each finishing shard on this row: see the module docstring.
-    sa.Column("shards_done", sa.Integer, nullable=False, default=0),
-    sa.Column("finalized", sa.Boolean, nullable=False, default=False),
-    sa.Column("finalize_task_id", sa.String(64)),
-    # Epoch seconds: no time zone to get wrong between SQLite and PostgreSQL.
-    sa.Column("created_at", sa.Float, nullable=False),
-    sa.Column("finished_at", sa.Float),
-)
-shards_table = sa.Table(
-    "websauna_tasks_iteration_shards", _metadata,
-    sa.Column("iteration_id", sa.String(64), sa.ForeignKey(iterations_table.c.id, ondelete="CASCADE"),
-              primary_key=True),
-    sa.Column("shard_index", sa.Integer, primary_key=True, autoincrement=False),
-    sa.Column("first_pk", sa.BigInteger, nullable=False),
-    sa.Column("last_pk", sa.BigInteger, nullable=False),
-    # The last primary key processed (first_pk - 1 before the first batch).
-    sa.Column("cursor_pk", sa.BigInteger, nullable=False),
-    sa.Column("rows_done", sa.BigInteger, nullable=False, default=0),
-    sa.Column("total", sa.BigInteger, nullable=False),
-    sa.Column("state", sa.String(16), nullable=False, default=RUNNING),
-    sa.Column("run", sa.Integer, nullable=False, default=0),
-    sa.Column("redefers", sa.Integer, nullable=False, default=0),
-    sa.Column("failures", sa.Integer, nullable=False, default=0),
-    sa.Column("last_error", sa.Text),
-    sa.Column("updated_at", sa.Float, nullable=False),
-    sa.Column("finished_at", sa.Float),
-)
+# iterations_table and shards_table are defined with the library's other tables (schema.py) and
+# keep their names here.
 
 _TABLES_KEY = "websauna_tasks.iteration_tables_ready"
 
@@ -154,23 +120,14 @@ def _engine_for(registry: Registry, request: Request | None = None) -> sa.Engine
     return engine
 
 
-def ensure_tables(engine: sa.Engine) -> None:
-    """Create the progress tables if they are missing, tolerating other processes doing the same."""
-    autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
-    for table in (iterations_table, shards_table):
-        # PostgreSQL can fail one of two concurrent CREATE TABLE IF NOT
-        # EXISTS (on its catalog's unique index); the table exists then.
-        try:
-            with autocommit.connect() as conn:
-                conn.execute(sa.schema.CreateTable(table, if_not_exists=True))
-        except sa.exc.DBAPIError:
-            if not sa.inspect(engine).has_table(table.name):
-                raise
+def ensure_tables(engine: sa.Engine, create: bool = True) -> None:
+    """Create the progress tables if they are missing (``create=False``: check they are there)."""
+    ensure_schema_tables(engine, [iterations_table, shards_table], create)
 
 
 def _tables_ready(registry: Registry, engine: sa.Engine) -> None:
     if not registry.get(_TABLES_KEY):
-        ensure_tables(engine)
+        ensure_tables(engine, get_task_settings(registry).create_tables == "auto")
         registry[_TABLES_KEY] = True
 
 

@@ -25,6 +25,8 @@ from pyramid.exceptions import ConfigurationError
 from pyramid.registry import Registry
 
 from .db import get_engine
+from .schema import ensure_tables
+from .schema import names_table as names_table  # defined with the library's other tables
 from .settings import DEFAULT_NAME_PENDING_SECONDS as DEFAULT_PENDING_SECONDS  # noqa: F401
 from .settings import NAME_PENDING_KEY as PENDING_KEY  # noqa: F401
 from .settings import NAME_RETENTION_KEY as RETENTION_KEY  # noqa: F401
@@ -106,16 +108,6 @@ class RedisNameStore:
             self._keep(keys=[self._key(name)], args=[task_id, max(1, int(seconds * 1000))])
 
 
-_metadata = sa.MetaData()
-names_table = sa.Table(
-    "websauna_tasks_names", _metadata,
-    sa.Column("name", sa.String(255), primary_key=True),
-    sa.Column("task_id", sa.String(64), nullable=False),
-    # Epoch seconds: no time zone to get wrong between SQLite and PostgreSQL.
-    sa.Column("expires_at", sa.Float, nullable=False),
-)
-
-
 class SQLNameStore:
     """Claims as rows; the primary key makes two concurrent claims of one name impossible.
 
@@ -125,27 +117,18 @@ class SQLNameStore:
     would otherwise add serialization failures to a one-row insert.
     """
 
-    def __init__(self, engine: sa.Engine, prefix: str):
+    def __init__(self, engine: sa.Engine, prefix: str, create_table: bool = True):
         self.engine = engine.execution_options(isolation_level="AUTOCOMMIT")
         self.prefix = prefix
+        #: websauna_tasks.create_tables = auto: the table is made on first use; never: it must be there.
+        self.create_table = create_table
         self._created = False
 
     def _connect(self) -> sa.Connection:
         if not self._created:
-            self._create_table()
+            ensure_tables(self.engine, [names_table], self.create_table)
             self._created = True
         return self.engine.connect()
-
-    def _create_table(self) -> None:
-        # Several processes may get here at once: IF NOT EXISTS covers most
-        # of it, and PostgreSQL can still fail one of two concurrent creates
-        # (on its catalog's unique index), after which the table exists.
-        try:
-            with self.engine.connect() as conn:
-                conn.execute(sa.schema.CreateTable(names_table, if_not_exists=True))
-        except sa.exc.DBAPIError:
-            if not sa.inspect(self.engine).has_table(names_table.name):
-                raise
 
     def claim(self, name: str, task_id: str, ttl: float) -> str | None:
         key = self.prefix + name
@@ -222,9 +205,9 @@ def get_name_store(registry: Registry, app: Celery) -> NameStore:
     return store
 
 
-def _make_store(registry: Registry, app: Celery) -> NameStore:
+def store_choice(registry: Registry, app: Celery) -> str:
+    """Where ``app``'s name claims live: a Redis URL, ``sql`` or ``memory`` (the setting, else from the broker)."""
     choice = get_task_settings(registry).name_store
-    prefix = f"websauna_tasks:name:{app.main}:"
     broker = str(app.conf.broker_url or "")
     if not choice:
         if broker.startswith(("redis://", "rediss://", "unix://")):
@@ -238,13 +221,19 @@ def _make_store(registry: Registry, app: Celery) -> NameStore:
                 f"task names (_name / unique_name) need a store shared by all processes: the broker "
                 f"{broker.split('://')[0]}:// is not Redis and there is no sqlalchemy.url; set {NAME_STORE_KEY} "
                 "to a redis:// URL or 'sql'")
+    return choice
+
+
+def _make_store(registry: Registry, app: Celery) -> NameStore:
+    choice = store_choice(registry, app)
+    prefix = f"websauna_tasks:name:{app.main}:"
     if choice.startswith(("redis://", "rediss://", "unix://")):
         return RedisNameStore(choice, prefix)
     if choice == "sql":
         engine = get_engine(registry)
         if engine is None:
             raise ConfigurationError(f"{NAME_STORE_KEY} = sql needs sqlalchemy.url")
-        return SQLNameStore(engine, prefix)
+        return SQLNameStore(engine, prefix, create_table=get_task_settings(registry).create_tables == "auto")
     if choice == "memory":
         return MemoryNameStore()
     raise ConfigurationError(f"{NAME_STORE_KEY}: expected a redis:// URL, 'sql' or 'memory', got {choice!r}")

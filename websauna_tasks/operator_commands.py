@@ -1,8 +1,9 @@
-"""``ws-celery INI -- dead-letters ...`` and ``ws-celery INI -- outbox-status``.
+"""``ws-celery INI -- dead-letters ...``, ``ws-celery INI -- outbox-status`` and ``ws-celery INI -- init``.
 
 Ours, not Celery's subcommands (like ``outbox-relay``): they look after what
-this package keeps aside, the dead-letter list (deadletter.py) and the outbox
-table (outbox/), with the app loaded from the same INI as the workers.
+this package keeps aside, the dead-letter list (deadletter.py), the outbox
+table (outbox/) and the library's tables (schema.py), with the app loaded
+from the same INI as the workers.
 
 Exit status: 0 done; 1 the entry asked for is not there or cannot be used,
 Redis or the database could not be read, or anything else went wrong; 2 a
@@ -235,7 +236,132 @@ def _outbox_status(app: t.Any, options: argparse.Namespace) -> int:
     return 0
 
 
+# -- the library's tables ------------------------------------------------------------------------------------------
+
+def init(app: t.Any, args: list[str]) -> int:
+    """Create the library's tables in the app's database, or check they are there; --sql prints their DDL.
+
+    ``ws-celery INI -- init [--sql]``: each table of websauna_tasks.schema is
+    created when missing, or verified (its columns all there) when it exists;
+    a table missing columns is reported, not altered (exit 1: that is a
+    migration). ``--sql`` prints the CREATE statements in the dialect of the
+    app's database and touches nothing.
+    """
+    parser = _Parser(prog="ws-celery INI -- init",
+                     description="Create or verify the tables websauna_tasks keeps in the application's database "
+                                 "(docs/schema.md). Needed before startup with websauna_tasks.create_tables = never.")
+    parser.add_argument("--sql", action="store_true",
+                        help="print the DDL for the configured database instead of running it")
+    return _run(parser, args, lambda options: _init(app, options))
+
+
+def _init_engine(app: t.Any) -> t.Any:
+    from .db import get_engine
+    from .state import app_state
+
+    engine = get_engine(app_state(app).registry)
+    if engine is None:
+        raise Failed("init needs the application's database: set sqlalchemy.url (or a websauna_tasks.dbsession_factory "
+                     "sessionmaker bound to an engine)", code=2)
+    return engine
+
+
+def _init(app: t.Any, options: argparse.Namespace) -> int:
+    import sqlalchemy as sa
+
+    from . import schema
+
+    engine = _init_engine(app)
+    if options.sql:
+        print(f"-- websauna_tasks tables, {engine.dialect.name} dialect (ws-celery INI -- init runs these)")
+        for statement in schema.ddl_statements(engine.dialect):
+            print("\n".join(line.rstrip() for line in statement.splitlines()) + ";")
+        return 0
+    url = schema.masked_url(engine)
+    try:
+        inspector = sa.inspect(engine)
+        existing = {table.name for table in schema.TABLES if inspector.has_table(table.name)}
+        created = schema.create_missing(engine)
+        missing = schema.missing_parts(engine)
+    except sa.exc.SQLAlchemyError as exc:
+        raise Failed(f"cannot create the tables in {url}: {' '.join(str(getattr(exc, 'orig', None) or exc).split())}")\
+            from None
+    print(f"websauna_tasks tables in {url}:")
+    for table in schema.TABLES:
+        indexes = [name for name in created if name in {str(index.name) for index in table.indexes}]
+        plural = "es" if len(indexes) > 1 else ""
+        lacking = [part for part in missing if part.startswith(f"column {table.name}.")]
+        if table.name not in existing:
+            print(f"  created {table.name}" + (f" with its index{plural} {', '.join(indexes)}" if indexes else ""))
+            continue
+        added = f"; created its missing index{plural} {', '.join(indexes)}" if indexes else ""
+        if lacking:
+            print(f"  {table.name} exists but lacks {', '.join(lacking)}{added}")
+        else:
+            print(f"  verified {table.name}: exists with its {len(table.columns)} columns{added}")
+    if missing:
+        raise Failed(f"{', '.join(missing)} missing in {url}: add them with a migration (docs/schema.md)")
+    return 0
+
+
+# -- health --------------------------------------------------------------------------------------------------------
+
+def _timeout(raw: str) -> float:
+    from .health import parse_timeout
+
+    try:
+        return parse_timeout(raw)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def healthcheck(app: t.Any, args: list[str]) -> int:
+    """Check the broker, the database, the outbox backlog and a worker, for probes: exit 0 healthy, 1 not.
+
+    ``ws-celery INI -- healthcheck [--liveness | --readiness] [--json] [--timeout SECONDS] [--worker NODE]``.
+    Exit status 0 healthy, 1 unhealthy (one line on stderr per failed check), 2 a mistake in the command line or
+    the configuration. The checks are websauna_tasks.health's, as the JSON view's.
+    """
+    from .health import DEFAULT_TIMEOUT
+
+    parser = _Parser(prog="ws-celery INI -- healthcheck",
+                     description="Exit 0 when healthy, 1 when a check failed (one line each on stderr), 2 for a "
+                                 "mistake: for liveness and readiness probes (docs/running.md#health-checks).")
+    probe = parser.add_mutually_exclusive_group()
+    probe.add_argument("--liveness", action="store_true", help="the broker and the database only (cheap)")
+    probe.add_argument("--readiness", action="store_true",
+                       help="those, the outbox backlog and a worker's ping (the default)")
+    parser.add_argument("--json", action="store_true", help="the report as one JSON object on stdout")
+    parser.add_argument("--timeout", type=_timeout, default=DEFAULT_TIMEOUT, metavar="SECONDS",
+                        help=f"how long each check may take; they run side by side (default {DEFAULT_TIMEOUT:g})")
+    parser.add_argument("--worker", metavar="NODE",
+                        help="ping this worker (node name, e.g. celery@$HOSTNAME) rather than any, in --liveness too")
+    return _run(parser, args, lambda options: _healthcheck(app, options))
+
+
+def _healthcheck(app: t.Any, options: argparse.Namespace) -> int:
+    from pyramid.exceptions import ConfigurationError
+
+    from .health import check_health
+
+    try:
+        report = check_health(app, readiness=not options.liveness, timeout=options.timeout, worker=options.worker)
+    except ConfigurationError as exc:
+        raise Failed(str(exc), code=2) from None
+    if options.json:
+        print(json.dumps(report.as_dict()))
+    else:
+        width = max(len(check.name) for check in report.checks)
+        for check in report.checks:
+            print(f"{check.name.ljust(width)}  {check.status}: {check.detail}")
+        print(f"{'healthy' if report.healthy else 'unhealthy'} ({report.probe}, {report.seconds:.2f} s)")
+    for check in report.failed:
+        print(f"ws-celery: healthcheck: {check.name} failed: {check.detail}", file=sys.stderr)
+    return 0 if report.healthy else 1
+
+
 COMMANDS: dict[str, t.Callable[[t.Any, list[str]], int]] = {
     "dead-letters": dead_letters,
     "outbox-status": outbox_status,
+    "init": init,
 }

@@ -85,6 +85,7 @@ IDEMPOTENCY_CREATE_TABLE_KEY = "websauna_tasks.idempotency_create_table"
 IDEMPOTENCY_PRUNE_INTERVAL_KEY = "websauna_tasks.idempotency_prune_interval_seconds"
 DB_OUTAGE_RETRIES_KEY = "websauna_tasks.db_outage_retries"
 DB_OUTAGE_BACKOFF_MAX_KEY = "websauna_tasks.db_outage_backoff_max_seconds"
+CREATE_TABLES_KEY = "websauna_tasks.create_tables"
 METRICS_KEY = "websauna_tasks.metrics"
 METRICS_PATH_KEY = "websauna_tasks.metrics_path"
 METRICS_PERMISSION_KEY = "websauna_tasks.metrics_permission"
@@ -396,6 +397,24 @@ class RedisKey(Kind):
         return raw
 
 
+@dataclasses.dataclass(frozen=True)
+class Choice(Kind):
+    """One word out of a few, in any case; anything else is refused rather than guessed."""
+
+    words: tuple[str, ...]
+    type_text = "word"
+
+    @property
+    def range_text(self) -> str:
+        return " or ".join(self.words)
+
+    def parse(self, key: str, raw: t.Any, context: ParseContext) -> str:
+        text = raw.strip().lower() if isinstance(raw, str) else None
+        if text not in self.words:
+            raise ConfigurationError(f"{key}: expected {self.range_text}, got {raw!r}")
+        return text
+
+
 class ModuleList(Kind):
     type_text = "module names"
     range_text = "dotted module names, separated by spaces or commas"
@@ -632,6 +651,8 @@ SETTINGS: tuple[Setting, ...] = (
             "times a transactional run that lost its database is sent again (0: never)"),
     Setting(DB_OUTAGE_BACKOFF_MAX_KEY, _seconds(0.01, _ONE_DAY), DEFAULT_DB_OUTAGE_BACKOFF_MAX_SECONDS,
             "longest countdown between those runs"),
+    Setting(CREATE_TABLES_KEY, Choice(("auto", "never")), "auto",
+            "auto: create the library's tables on first use; never: startup checks they exist"),
     Setting(METRICS_KEY, Boolean(), False, "count dispatches, runs, the outbox and dead letters for Prometheus"),
     Setting(METRICS_PATH_KEY, URLPath(), DEFAULT_METRICS_PATH, "the web app's route serving the metrics"),
     Setting(METRICS_PERMISSION_KEY, Word("text", "a permission name"), "",
@@ -694,6 +715,8 @@ class TaskSettings:
     idempotency_prune_interval_seconds: float
     db_outage_retries: int
     db_outage_backoff_max_seconds: float
+    #: "auto" or "never" (schema.py).
+    create_tables: str
     metrics: bool
     metrics_path: str
     #: "": the route needs no permission.

@@ -107,6 +107,8 @@ class Outbox:
         self.batch_size = settings.outbox_batch_size
         self.relay_in_worker = settings.outbox_relay_in_worker
         self.publish_on_commit = settings.outbox_publish_on_commit
+        #: websauna_tasks.create_tables = auto: the table is made on first use; never: it must be there.
+        self.create_tables = settings.create_tables == "auto"
         self._relay_engine: sa.Engine | None = None
         #: Sends again the rows of idempotent tasks that never finished.
         self.redeliverer = Redeliverer(self, settings)
@@ -133,7 +135,7 @@ class Outbox:
         session = self.session_for(tm, message)
         bind = session.get_bind()
         engine = getattr(bind, "engine", bind)
-        ensure_table(engine)
+        ensure_table(engine, self.create_tables)
         session.execute(sa.insert(outbox_table).values(**row))
         if engine.dialect.name == "postgresql":
             # Delivered to LISTENers when (and only if) this transaction commits;
@@ -191,7 +193,7 @@ class Outbox:
         stay unsent) when the broker or the database fails.
         """
         engine = engine or self.relay_engine()
-        ensure_table(engine)
+        ensure_table(engine, self.create_tables)
         table = outbox_table
         query = (sa.select(table.c.id, table.c.task_name, table.c.args, table.c.kwargs, table.c.options,
                            table.c.created_at)
@@ -254,7 +256,7 @@ class Outbox:
     def prune(self, now: float | None = None) -> int:
         """Delete sent rows older than the retention; the number deleted."""
         engine = self.relay_engine()
-        ensure_table(engine)
+        ensure_table(engine, self.create_tables)
         cutoff = (time.time() if now is None else now) - self.retention_seconds
         table = outbox_table
         with engine.begin() as conn:
@@ -264,7 +266,7 @@ class Outbox:
 
     def pending_count(self) -> int:
         engine = self.relay_engine()
-        ensure_table(engine)
+        ensure_table(engine, self.create_tables)
         table = outbox_table
         with engine.connect() as conn:
             return conn.execute(sa.select(sa.func.count()).select_from(table)
@@ -273,7 +275,7 @@ class Outbox:
     def status(self, now: float | None = None) -> OutboxStatus:
         """Counts of this app's unsent and kept sent rows, and the age of the oldest unsent one."""
         engine = self.relay_engine()
-        ensure_table(engine)
+        ensure_table(engine, self.create_tables)
         table = outbox_table
         unsent = table.c.sent_at.is_(None)
         # One statement, so the three figures describe the same snapshot.

@@ -67,6 +67,8 @@ class Redeliverer:
         self.after_seconds = settings.outbox_redeliver_after_seconds
         self.max_redeliveries = settings.outbox_redeliver_max
         self.done_retention = settings.idempotency_retention_seconds
+        # The done-table is the idempotency module's: created as claim_run would create it.
+        self.create_done_table = settings.create_tables == "auto" and settings.idempotency_create_table
         #: Rows sent again so far by this process.
         self.redelivered = 0
 
@@ -89,7 +91,7 @@ class Redeliverer:
             return 0
         outbox = self.outbox
         engine = outbox.relay_engine()
-        ensure_done_table(engine)
+        ensure_done_table(engine, self.create_done_table)
         now = time.time() if now is None else now
         table = outbox_table
         unfinished = ~sa.exists().where(done_table.c.task_id == table.c.id)

@@ -15,6 +15,8 @@ import typing as t
 
 import sqlalchemy as sa
 
+from ..schema import ensure_tables, outbox_table
+
 if t.TYPE_CHECKING:
     from celery import Celery
 
@@ -23,30 +25,7 @@ if t.TYPE_CHECKING:
 #: PostgreSQL channel the writing transaction NOTIFYs and relays LISTEN on.
 CHANNEL = "websauna_tasks_outbox"
 
-_metadata = sa.MetaData()
-outbox_table = sa.Table(
-    "websauna_tasks_outbox", _metadata,
-    # The task id: known before the INSERT, returned by apply_async().
-    sa.Column("id", sa.String(64), primary_key=True),
-    # Celery app name: two apps sharing a database relay their own rows only.
-    sa.Column("app", sa.String(255), nullable=False),
-    sa.Column("task_name", sa.String(255), nullable=False),
-    sa.Column("args", sa.Text, nullable=False),
-    sa.Column("kwargs", sa.Text, nullable=False),
-    sa.Column("options", sa.Text, nullable=False),
-    # Epoch seconds, as in names.py: no time zone to get wrong between databases.
-    sa.Column("created_at", sa.Float, nullable=False),
-    sa.Column("sent_at", sa.Float, nullable=True),
-    # Times sent again because its task never finished (redelivery); the
-    # maximum once a run failed for good.
-    sa.Column("redeliveries", sa.Integer, nullable=False, server_default="0"),
-)
-# Unsent rows only, in claim order: the relay's query reads this and nothing else.
-_pending_index = sa.Index(
-    "ix_websauna_tasks_outbox_pending", outbox_table.c.app, outbox_table.c.created_at,
-    postgresql_where=outbox_table.c.sent_at.is_(None), sqlite_where=outbox_table.c.sent_at.is_(None),
-)
-_sent_index = sa.Index("ix_websauna_tasks_outbox_sent", outbox_table.c.sent_at)
+# outbox_table is defined with the library's other tables (schema.py) and keeps its name here.
 
 
 class OutboxError(Exception):
@@ -59,12 +38,10 @@ _created: set[str] = set()
 _created_lock = threading.Lock()
 
 
-def ensure_table(engine: sa.Engine) -> None:
-    """Create the outbox table and its indexes if missing, once per process and database.
+def ensure_table(engine: sa.Engine, create: bool = True) -> None:
+    """Create the outbox table and its indexes if missing (or, ``create=False``, check they are there).
 
-    Several processes may get here at once: IF NOT EXISTS covers most of it,
-    and PostgreSQL can still fail one of two concurrent creates (on its
-    catalog's unique index), after which the table exists (as in names.py).
+    Once per process and database: the relay and every write call this.
     """
     key = engine.url.render_as_string(hide_password=True)
     if key in _created:
@@ -72,23 +49,7 @@ def ensure_table(engine: sa.Engine) -> None:
     with _created_lock:
         if key in _created:
             return
-        # One transaction per statement, so that losing one race does not
-        # undo the others. Not an AUTOCOMMIT engine: the relay's engine
-        # already carries an isolation level, and SQLAlchemy keeps the first
-        # of two chained ones (the DDL was silently rolled back).
-        for ddl in (sa.schema.CreateTable(outbox_table, if_not_exists=True),
-                    sa.schema.CreateIndex(_pending_index, if_not_exists=True),
-                    sa.schema.CreateIndex(_sent_index, if_not_exists=True)):
-            try:
-                with engine.begin() as conn:
-                    conn.execute(ddl)
-            except sa.exc.DBAPIError:
-                inspector = sa.inspect(engine)
-                if not inspector.has_table(outbox_table.name):
-                    raise
-                if isinstance(ddl, sa.schema.CreateIndex) and ddl.element.name not in {
-                        index["name"] for index in inspector.get_indexes(outbox_table.name)}:
-                    raise
+        ensure_tables(engine, [outbox_table], create)
         _created.add(key)
 
 

@@ -1,0 +1,225 @@
+"""The library's tables, as one SQLAlchemy ``MetaData``, and how they are created or checked.
+
+Every table websauna_tasks keeps in the application's database is defined
+here, once; the modules that use one import it from here (and still export
+it under the name they always had: ``outbox.outbox_table``,
+``idempotency.done_table``, ``names.names_table``,
+``iteration.iterations_table`` / ``shards_table``).
+
+:data:`metadata` is what an application hands to Alembic next to its own
+(``target_metadata = [Base.metadata, websauna_tasks.schema.metadata]``),
+``ws-celery INI -- init`` creates the tables from it, and ``init --sql``
+prints their DDL. ``websauna_tasks.create_tables`` says whether the library
+may also create a missing table on first use (``auto``, the default) or
+must find it there (``never``): docs/schema.md.
+"""
+from __future__ import annotations
+
+import typing as t
+
+import sqlalchemy as sa
+from pyramid.exceptions import ConfigurationError
+
+#: The command that creates the tables, named by every "missing table" error.
+INIT_COMMAND = "ws-celery INI -- init"
+
+metadata = sa.MetaData()
+
+# -- the outbox (outbox/): a task message as a row of the request's transaction ------------------------
+
+OUTBOX_TABLE_NAME = "websauna_tasks_outbox"
+
+outbox_table = sa.Table(
+    OUTBOX_TABLE_NAME, metadata,
+    # The task id: known before the INSERT, returned by apply_async().
+    sa.Column("id", sa.String(64), primary_key=True),
+    # Celery app name: two apps sharing a database relay their own rows only.
+    sa.Column("app", sa.String(255), nullable=False),
+    sa.Column("task_name", sa.String(255), nullable=False),
+    sa.Column("args", sa.Text, nullable=False),
+    sa.Column("kwargs", sa.Text, nullable=False),
+    sa.Column("options", sa.Text, nullable=False),
+    # Epoch seconds, as in the names table: no time zone to get wrong between databases.
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("sent_at", sa.Float, nullable=True),
+    # Times sent again because its task never finished (redelivery); the
+    # maximum once a run failed for good.
+    sa.Column("redeliveries", sa.Integer, nullable=False, server_default="0"),
+)
+#: Unsent rows only, in claim order: the relay's query reads this and nothing else.
+outbox_pending_index = sa.Index(
+    "ix_websauna_tasks_outbox_pending", outbox_table.c.app, outbox_table.c.created_at,
+    postgresql_where=outbox_table.c.sent_at.is_(None), sqlite_where=outbox_table.c.sent_at.is_(None),
+)
+outbox_sent_index = sa.Index("ix_websauna_tasks_outbox_sent", outbox_table.c.sent_at)
+
+# -- done-rows (idempotency.py): one per committed run of an idempotent task ----------------------------
+
+DONE_TABLE_NAME = "websauna_tasks_done"
+
+done_table = sa.Table(
+    DONE_TABLE_NAME, metadata,
+    sa.Column("task_id", sa.String(255), primary_key=True),
+    sa.Column("task_name", sa.String(255), nullable=False),
+    sa.Column("done_at", sa.DateTime(timezone=True), nullable=False, index=True),
+)
+
+# -- task-name claims (names.py), when they live in the SQL database -----------------------------------
+
+NAMES_TABLE_NAME = "websauna_tasks_names"
+
+names_table = sa.Table(
+    NAMES_TABLE_NAME, metadata,
+    sa.Column("name", sa.String(255), primary_key=True),
+    sa.Column("task_id", sa.String(64), nullable=False),
+    # Epoch seconds: no time zone to get wrong between SQLite and PostgreSQL.
+    sa.Column("expires_at", sa.Float, nullable=False),
+)
+
+# -- sharded iteration's progress (iteration.py) -------------------------------------------------------
+
+ITERATIONS_TABLE_NAME = "websauna_tasks_iterations"
+SHARDS_TABLE_NAME = "websauna_tasks_iteration_shards"
+#: A shard's state while it has rows left.
+SHARD_RUNNING = "running"
+
+iterations_table = sa.Table(
+    ITERATIONS_TABLE_NAME, metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("callback", sa.Text, nullable=False),
+    sa.Column("finalize", sa.Text, nullable=False),
+    sa.Column("query", sa.Text, nullable=False),        # the JSON query spec
+    sa.Column("arguments", sa.Text, nullable=False),    # kombu JSON of {"args": [...], "kwargs": {...}}
+    sa.Column("queue", sa.String(255)),
+    sa.Column("batch_size", sa.Integer, nullable=False),
+    sa.Column("shard_count", sa.Integer, nullable=False),
+    # Incremented by each finishing shard on this row: see iteration.py's docstring.
+    sa.Column("shards_done", sa.Integer, nullable=False, default=0),
+    sa.Column("finalized", sa.Boolean, nullable=False, default=False),
+    sa.Column("finalize_task_id", sa.String(64)),
+    # Epoch seconds: no time zone to get wrong between SQLite and PostgreSQL.
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("finished_at", sa.Float),
+)
+shards_table = sa.Table(
+    SHARDS_TABLE_NAME, metadata,
+    sa.Column("iteration_id", sa.String(64), sa.ForeignKey(iterations_table.c.id, ondelete="CASCADE"),
+              primary_key=True),
+    sa.Column("shard_index", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("first_pk", sa.BigInteger, nullable=False),
+    sa.Column("last_pk", sa.BigInteger, nullable=False),
+    # The last primary key processed (first_pk - 1 before the first batch).
+    sa.Column("cursor_pk", sa.BigInteger, nullable=False),
+    sa.Column("rows_done", sa.BigInteger, nullable=False, default=0),
+    sa.Column("total", sa.BigInteger, nullable=False),
+    sa.Column("state", sa.String(16), nullable=False, default=SHARD_RUNNING),
+    sa.Column("run", sa.Integer, nullable=False, default=0),
+    sa.Column("redefers", sa.Integer, nullable=False, default=0),
+    sa.Column("failures", sa.Integer, nullable=False, default=0),
+    sa.Column("last_error", sa.Text),
+    sa.Column("updated_at", sa.Float, nullable=False),
+    sa.Column("finished_at", sa.Float),
+)
+
+#: Every table, parents before the tables that refer to them.
+TABLES: tuple[sa.Table, ...] = tuple(metadata.sorted_tables)
+
+
+# -- missing tables ----------------------------------------------------------------------------------
+
+class MissingTables(ConfigurationError):
+    """``websauna_tasks.create_tables = never`` and tables (or columns) of the library are not in the database."""
+
+    def __init__(self, missing: t.Sequence[str], url: str = ""):
+        self.missing = list(missing)
+        where = f" in {url}" if url else ""
+        super().__init__(
+            f"websauna_tasks.create_tables = never, and the database{where} lacks {', '.join(self.missing)}: "
+            f"run `{INIT_COMMAND}` (or your migrations; docs/schema.md) to create them")
+
+
+def masked_url(engine: sa.Engine) -> str:
+    """The engine's URL with its password hidden: it goes into errors and logs."""
+    return engine.url.render_as_string(hide_password=True)
+
+
+def missing_parts(engine: sa.Engine, tables: t.Iterable[sa.Table] = TABLES) -> list[str]:
+    """What the database lacks of ``tables``: ``table`` for a missing table, ``table.column`` for a column."""
+    inspector = sa.inspect(engine)
+    missing = []
+    for table in tables:
+        if not inspector.has_table(table.name, schema=table.schema):
+            missing.append(f"table {table.name}")
+            continue
+        present = {column["name"] for column in inspector.get_columns(table.name, schema=table.schema)}
+        missing.extend(f"column {table.name}.{column.name}" for column in table.columns if column.name not in present)
+    return missing
+
+
+def check_tables(engine: sa.Engine, tables: t.Iterable[sa.Table] = TABLES) -> None:
+    """Raise :class:`MissingTables` unless every table of ``tables``, with all its columns, exists."""
+    missing = missing_parts(engine, tables)
+    if missing:
+        raise MissingTables(missing, masked_url(engine))
+
+
+def create_missing(engine: sa.Engine, tables: t.Iterable[sa.Table] = TABLES) -> list[str]:
+    """Create those of ``tables`` (and their indexes) that do not exist; the names of what was created.
+
+    Several processes may get here at once: IF NOT EXISTS covers most of it,
+    and PostgreSQL can still fail one of two concurrent creates (on its
+    catalog's unique index), after which the table exists; such a failure is
+    taken as "created by the other one". One transaction per statement, so
+    that losing one race does not undo the others. Not an AUTOCOMMIT engine:
+    the outbox relay's engine already carries an isolation level, and
+    SQLAlchemy keeps the first of two chained ones.
+    """
+    created = []
+    for table in tables:
+        inspector = sa.inspect(engine)
+        if not inspector.has_table(table.name, schema=table.schema):
+            if _run_ddl(engine, sa.schema.CreateTable(table, if_not_exists=True),
+                        lambda table=table: sa.inspect(engine).has_table(table.name, schema=table.schema)):
+                created.append(table.name)
+            inspector = sa.inspect(engine)
+        for index in sorted(table.indexes, key=lambda index: str(index.name)):
+            if index.name in _index_names(inspector, table):
+                continue
+            if _run_ddl(engine, sa.schema.CreateIndex(index, if_not_exists=True),
+                        lambda table=table, index=index: index.name in _index_names(sa.inspect(engine), table)):
+                created.append(str(index.name))
+    return created
+
+
+def _index_names(inspector: sa.Inspector, table: sa.Table) -> set[str]:
+    return {index["name"] for index in inspector.get_indexes(table.name, schema=table.schema)}
+
+
+def _run_ddl(engine: sa.Engine, ddl: sa.schema.ExecutableDDLElement, exists: t.Callable[[], bool]) -> bool:
+    """Run ``ddl`` in its own transaction: True when it ran, False when another process got there first."""
+    try:
+        with engine.begin() as conn:
+            conn.execute(ddl)
+    except sa.exc.DBAPIError:
+        if not exists():
+            raise
+        return False
+    return True
+
+
+def ensure_tables(engine: sa.Engine, tables: t.Iterable[sa.Table], create: bool) -> None:
+    """Create what is missing of ``tables`` when ``create``; else check it is all there (:class:`MissingTables`)."""
+    if create:
+        create_missing(engine, tables)
+    else:
+        check_tables(engine, tables)
+
+
+def ddl_statements(dialect: sa.Dialect, tables: t.Iterable[sa.Table] = TABLES) -> list[str]:
+    """The ``CREATE TABLE`` and ``CREATE INDEX`` statements of ``tables`` in ``dialect``'s SQL, one per item."""
+    statements = []
+    for table in tables:
+        statements.append(str(sa.schema.CreateTable(table).compile(dialect=dialect)).strip())
+        for index in sorted(table.indexes, key=lambda index: str(index.name)):
+            statements.append(str(sa.schema.CreateIndex(index).compile(dialect=dialect)).strip())
+    return statements

@@ -77,6 +77,8 @@ OUTBOX_IN_WORKER_KEY = "websauna_tasks.outbox_relay_in_worker"
 OUTBOX_ON_COMMIT_KEY = "websauna_tasks.outbox_publish_on_commit"
 REDELIVER_AFTER_KEY = "websauna_tasks.outbox_redeliver_after_seconds"
 REDELIVER_MAX_KEY = "websauna_tasks.outbox_redeliver_max"
+HEALTH_OUTBOX_MAX_ROWS_KEY = "websauna_tasks.health_outbox_max_rows"
+HEALTH_OUTBOX_MAX_AGE_KEY = "websauna_tasks.health_outbox_max_age_seconds"
 MAX_PAYLOAD_KEY = "websauna_tasks.max_payload_bytes"
 MAX_MESSAGE_KEY = "websauna_tasks.max_message_bytes"
 DEADLETTER_QUEUE_KEY = "websauna_tasks.deadletter_queue"
@@ -109,6 +111,8 @@ DEFAULT_OUTBOX_POLL_SECONDS = 5.0
 DEFAULT_OUTBOX_BATCH_SIZE = 500
 DEFAULT_REDELIVER_AFTER_SECONDS = 300.0
 DEFAULT_REDELIVER_MAX = 3
+DEFAULT_HEALTH_OUTBOX_MAX_ROWS = 10_000
+DEFAULT_HEALTH_OUTBOX_MAX_AGE_SECONDS = 600.0
 DEFAULT_MAX_PAYLOAD_BYTES = 512 * 1024
 #: The floor of max_message_bytes' default: a chain or a group carries more than its arguments.
 MIN_DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
@@ -306,8 +310,8 @@ class SiteURL(Kind):
 _URL_PASSWORD = re.compile(r"(://[^:/@]*:)[^/]*@")
 
 
-def _masked(url: str) -> str:
-    """``url`` with its password replaced by ``**``: URLs are often pasted with one, and errors go to logs."""
+def mask_password(url: str) -> str:
+    """``url`` (or a line holding URLs) with each password replaced by ``**``: errors go to logs."""
     return _URL_PASSWORD.sub(r"\1**@", url)
 
 
@@ -324,7 +328,7 @@ class RedisURL(Kind):
 
     def parse(self, key: str, raw: t.Any, context: ParseContext) -> str:
         text = _text(key, raw)
-        shown = repr(_masked(text))
+        shown = repr(mask_password(text))
         if not text.startswith(REDIS_SCHEMES):
             raise ConfigurationError(f"{key}: expected a redis:// URL, got {shown}")
         if any(char.isspace() or not char.isprintable() for char in text):
@@ -634,6 +638,11 @@ SETTINGS: tuple[Setting, ...] = (
             "a sent row of an idempotent task without its done-row this long after publication is sent again "
             "(0: never)"),
     Setting(REDELIVER_MAX_KEY, _count(0, 1000), DEFAULT_REDELIVER_MAX, "times one row may be sent again"),
+    Setting(HEALTH_OUTBOX_MAX_ROWS_KEY, _count(1, 1_000_000_000, "rows", zero_means="no limit"),
+            DEFAULT_HEALTH_OUTBOX_MAX_ROWS, "healthcheck's readiness fails with more unsent outbox rows than this"),
+    Setting(HEALTH_OUTBOX_MAX_AGE_KEY, _seconds(1, _TEN_YEARS, zero_means="no limit"),
+            DEFAULT_HEALTH_OUTBOX_MAX_AGE_SECONDS,
+            "healthcheck's readiness fails when the oldest unsent outbox row is older than this"),
     Setting(MAX_PAYLOAD_KEY, _count(1, _ONE_GIB, "bytes", zero_means="no limit"), DEFAULT_MAX_PAYLOAD_BYTES,
             "largest JSON payload (args and kwargs) accepted at dispatch"),
     Setting(MAX_MESSAGE_KEY, _count(1, _ONE_GIB, "bytes", zero_means="no limit"), None,
@@ -707,6 +716,10 @@ class TaskSettings:
     outbox_publish_on_commit: bool
     outbox_redeliver_after_seconds: float
     outbox_redeliver_max: int
+    #: 0: no limit (health.py).
+    health_outbox_max_rows: int
+    #: 0: no limit (health.py).
+    health_outbox_max_age_seconds: float
     max_payload_bytes: int
     max_message_bytes: int
     deadletter_queue: str

@@ -25,7 +25,7 @@ import redis
 import sqlalchemy
 from sqlalchemy import text
 
-from tests.servers import PrivatePostgres, PrivateRedis
+from tests.servers import PrivatePostgres, PrivateRabbitMQ, PrivateRedis
 from tests.unit_guard.sitecustomize import ENVIRONMENT, UnitGuard
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -89,6 +89,7 @@ def _refused_in_unit_tests(cls: type, what: str) -> None:
 # Servers of a test's own are services too, even on ports of their own.
 _refused_in_unit_tests(PrivateRedis, "started a redis-server (tests/servers.py)")
 _refused_in_unit_tests(PrivatePostgres, "started a PostgreSQL server (tests/servers.py)")
+_refused_in_unit_tests(PrivateRabbitMQ, "started a RabbitMQ node (tests/servers.py)")
 
 
 @pytest.fixture(autouse=True)

@@ -293,6 +293,24 @@ def test_check_health_takes_the_registry_the_router_or_the_celery_app(sqlite_set
         assert [check.name for check in found.checks] == ["broker", "database", "outbox", "worker"]
 
 
+def test_in_eager_mode_there_is_no_worker_to_ask():
+    config = Configurator(settings={"websauna.celery_config": "{'broker_url': 'memory://', 'task_always_eager': True}"})
+    config.include("websauna_tasks")
+    found = check_health(config.make_wsgi_app().registry, readiness=True, timeout=2)
+    assert found.healthy, found.as_dict()
+    assert found.check("worker").status == SKIPPED and "task_always_eager" in found.check("worker").detail
+    assert found.check("database").status == SKIPPED and found.check("outbox").status == SKIPPED
+
+
+def test_check_health_refuses_what_is_not_an_app():
+    from pyramid.exceptions import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match="takes a Pyramid registry or a Celery app"):
+        check_health(object(), readiness=False, timeout=1)
+    with pytest.raises(ConfigurationError, match="no Celery app on this registry"):
+        check_health(Configurator().registry, readiness=False, timeout=1)
+
+
 # -- the JSON view ----------------------------------------------------------------------------------------------------
 
 def web_app(settings: dict[str, str], permission: t.Any = NO_PERMISSION_REQUIRED, **extra: str) -> webtest.TestApp:

@@ -360,62 +360,6 @@ def _healthcheck(app: t.Any, options: argparse.Namespace) -> int:
     return 0 if report.healthy else 1
 
 
-# -- health --------------------------------------------------------------------------------------------------------
-
-def _timeout(raw: str) -> float:
-    from .health import parse_timeout
-
-    try:
-        return parse_timeout(raw)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def healthcheck(app: t.Any, args: list[str]) -> int:
-    """Check the broker, the database, the outbox backlog and a worker, for probes: exit 0 healthy, 1 not.
-
-    ``ws-celery INI -- healthcheck [--liveness | --readiness] [--json] [--timeout SECONDS] [--worker NODE]``.
-    Exit status 0 healthy, 1 unhealthy (one line on stderr per failed check), 2 a mistake in the command line or
-    the configuration. The checks are websauna_tasks.health's, as the JSON view's.
-    """
-    from .health import DEFAULT_TIMEOUT
-
-    parser = _Parser(prog="ws-celery INI -- healthcheck",
-                     description="Exit 0 when healthy, 1 when a check failed (one line each on stderr), 2 for a "
-                                 "mistake: for liveness and readiness probes (docs/running.md#health-checks).")
-    probe = parser.add_mutually_exclusive_group()
-    probe.add_argument("--liveness", action="store_true", help="the broker and the database only (cheap)")
-    probe.add_argument("--readiness", action="store_true",
-                       help="those, the outbox backlog and a worker's ping (the default)")
-    parser.add_argument("--json", action="store_true", help="the report as one JSON object on stdout")
-    parser.add_argument("--timeout", type=_timeout, default=DEFAULT_TIMEOUT, metavar="SECONDS",
-                        help=f"how long each check may take; they run side by side (default {DEFAULT_TIMEOUT:g})")
-    parser.add_argument("--worker", metavar="NODE",
-                        help="ping this worker (node name, e.g. celery@$HOSTNAME) rather than any, in --liveness too")
-    return _run(parser, args, lambda options: _healthcheck(app, options))
-
-
-def _healthcheck(app: t.Any, options: argparse.Namespace) -> int:
-    from pyramid.exceptions import ConfigurationError
-
-    from .health import check_health
-
-    try:
-        report = check_health(app, readiness=not options.liveness, timeout=options.timeout, worker=options.worker)
-    except ConfigurationError as exc:
-        raise Failed(str(exc), code=2) from None
-    if options.json:
-        print(json.dumps(report.as_dict()))
-    else:
-        width = max(len(check.name) for check in report.checks)
-        for check in report.checks:
-            print(f"{check.name.ljust(width)}  {check.status}: {check.detail}")
-        print(f"{'healthy' if report.healthy else 'unhealthy'} ({report.probe}, {report.seconds:.2f} s)")
-    for check in report.failed:
-        print(f"ws-celery: healthcheck: {check.name} failed: {check.detail}", file=sys.stderr)
-    return 0 if report.healthy else 1
-
-
 COMMANDS: dict[str, t.Callable[[t.Any, list[str]], int]] = {
     "dead-letters": dead_letters,
     "outbox-status": outbox_status,

@@ -185,6 +185,18 @@ def test_a_retry_counts_as_a_retry_then_a_success(eager):
             value(before, "websauna_tasks_runs_total", task="observed.retries_once", queue="", state=state) == 1
 
 
+def test_a_conflict_retry_inside_a_run_is_counted(eager):
+    app = eager()
+    before = app.get("/metrics").text
+    assert observed_app.conflicts_once.apply_async(tm=None).get() == 2
+    text = app.get("/metrics").text
+    assert value(text, "websauna_tasks_conflict_retries_total", task="observed.conflicts_once") - \
+        value(before, "websauna_tasks_conflict_retries_total", task="observed.conflicts_once") == 1
+    # One run, which succeeded: the conflict was retried inside it.
+    assert value(text, "websauna_tasks_runs_total", task="observed.conflicts_once", queue="", state="SUCCESS") - \
+        value(before, "websauna_tasks_runs_total", task="observed.conflicts_once", queue="", state="SUCCESS") == 1
+
+
 def test_each_check_of_the_send_pipeline_counts_its_refusals(eager):
     app = eager(**{"websauna_tasks.queues": "[{'name': 'celery'}]", "websauna_tasks.name_store": "memory"})
     before = app.get("/metrics").text
@@ -341,6 +353,22 @@ def test_outbox_backlog_age_and_publish_latency(redis_url, database_url, queue_n
     assert published == 4
     assert value(after, "websauna_tasks_dispatches_total", task="observed.work", outcome="committed") - \
         value(before, "websauna_tasks_dispatches_total", task="observed.work", outcome="committed") == 4
+
+
+def test_a_countdown_past_the_visibility_timeout_is_counted_as_a_delay_refusal(redis_url, database_url,
+                                                                               queue_name, redis_client, built_apps):
+    # The delay check needs a Redis broker (its visibility timeout); the other checks are counted eagerly above.
+    router = observed_app.main({}, **settings_for(redis_url, database_url, queue_name))
+    built_apps.append(router)
+    app = webtest.TestApp(router)
+    before = app.get("/metrics").text
+    refused = app.get("/refuse", params={"delay": "1"}).json
+    assert refused[-1] == "VisibilityTimeoutExceeded"
+    text = app.get("/metrics").text
+    for check in ("payload", "tm", "call", "name", "delay"):
+        counted = value(text, "websauna_tasks_dispatch_refused_total", task="observed.work", check=check) - \
+            value(before, "websauna_tasks_dispatch_refused_total", task="observed.work", check=check)
+        assert counted == 1, check
 
 
 def test_a_scrape_during_a_database_outage_says_so(redis_url, queue_name, built_apps):

@@ -24,6 +24,7 @@ from . import dispatch
 from .dispatch import transaction_to_wait_for
 from .events import notify_task_finished
 from .idempotency import check_idempotent_class, claim_run
+from .observability import hooks
 from .outages import retry_after_outage
 from .outbox import note_failed_run
 from .queues import mark_gave_up, run_in_queue
@@ -409,8 +410,15 @@ class RetryableTransactionTask(TransactionalTask):
         # The loop of websauna_tasks.retryable (retry.py): one notion of transient, one back-off.
         retrying = Retrying(request.tm, attempts=self.get_retry_attempts(request),
                             backoff_base=self.retry_backoff_base, backoff_max=self.retry_backoff_max,
-                            on_retry=self.on_conflict_retry, name=self.name)
+                            on_retry=self._conflict_retry, name=self.name)
         return retrying.run(self._attempt, request, args, kwargs)
+
+    def _conflict_retry(self, attempt: int, exc: BaseException) -> None:
+        if hooks.watching:
+            observer = hooks.observer_of(self.app)
+            if observer is not None:
+                hooks.safely(observer.conflict_retried, self, attempt)
+        self.on_conflict_retry(attempt, exc)
 
     def _attempt(self, request: Request, args: tuple, kwargs: dict) -> t.Any:
         if self.idempotent and not claim_run(request, self):

@@ -19,8 +19,9 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
 from pyramid.config import Configurator
 from pyramid.response import Response
+from transaction.interfaces import TransientError
 
-from websauna_tasks import TransactionalTask, WebsaunaTask, get_redis, task
+from websauna_tasks import RetryableTransactionTask, TransactionalTask, WebsaunaTask, get_redis, task
 
 TRACER = "tests.observed_app"
 
@@ -178,3 +179,15 @@ def slow(self: WebsaunaTask, seconds: float) -> int:
     time.sleep(seconds)
     _record(self)
     return os.getpid()
+
+
+#: Attempts of observed.conflicts_once in this process, by task id.
+CONFLICTS: dict[str, int] = {}
+
+
+@task(name="observed.conflicts_once", base=RetryableTransactionTask, bind=True, retry_backoff_base=0.001)
+def conflicts_once(self: RetryableTransactionTask) -> int:
+    attempt = CONFLICTS[self.request.id] = CONFLICTS.get(self.request.id, 0) + 1
+    if attempt == 1:
+        raise TransientError("a conflict, as PostgreSQL would report a serialization failure")
+    return attempt

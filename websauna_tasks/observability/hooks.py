@@ -1,6 +1,6 @@
 """The one way the library tells an observer what happens: an app's :class:`Observer`, None when nobody watches.
 
-The send pipeline (dispatch.py), the run path (tasks.py), the outbox's
+The send pipeline (dispatch.py), the run path and its conflict retries (tasks.py), the outbox's
 publishing, the worker's intake and the queue limiter each call one method
 of the app's observer at the moment the thing happens. Metrics
 (``metrics.py``) and tracing (``tracing.py``) are observers; an app with
@@ -54,6 +54,9 @@ class Observer:
         """Run ``body`` (one run of ``task``, its request open) and return what it returns, raising what it raises."""
         return body()
 
+    def conflict_retried(self, task: Task, attempt: int) -> None:
+        """A ``RetryableTransactionTask``'s transaction hit a transient conflict; ``attempt`` runs again."""
+
     def published(self, created_at: t.Sequence[float], now: float) -> None:
         """Outbox rows written at ``created_at`` were handed to the broker at ``now`` (time.time())."""
 
@@ -86,6 +89,10 @@ class Observers(Observer):
         for observer in reversed(self.observers):
             body = _bind(observer, task, body)
         return body()
+
+    def conflict_retried(self, task: Task, attempt: int) -> None:
+        for observer in self.observers:
+            observer.conflict_retried(task, attempt)
 
     def published(self, created_at: t.Sequence[float], now: float) -> None:
         for observer in self.observers:

@@ -73,6 +73,10 @@ class ProcessMetrics:
         self.refused = Counter(
             "websauna_tasks_dispatch_refused", "Messages refused by a check of the send pipeline",
             ["task", "check"])
+        self.conflict_retries = Counter(
+            "websauna_tasks_conflict_retries",
+            "Transactions of a RetryableTransactionTask run again after a serialization failure or deadlock",
+            ["task"])
         self.publish_latency = Histogram(
             "websauna_tasks_outbox_publish_latency_seconds",
             "Time from an outbox row's write to its publication by the fast path or the relay",
@@ -155,6 +159,9 @@ class MetricsObserver(Observer):
         except Exception:
             # The run's outcome stands whatever the counting does.
             logger.exception("websauna_tasks: could not count a run of %s", task.name)
+
+    def conflict_retried(self, task: Task, attempt: int) -> None:
+        self.metrics.conflict_retries.labels(task.name).inc()
 
     def published(self, created_at: t.Sequence[float], now: float) -> None:
         histogram = self.metrics.publish_latency
@@ -267,8 +274,8 @@ class MetricsEndpointStep(bootsteps.StartStopStep):
             logger.error("websauna_tasks: cannot serve metrics on %s:%d (%s); the worker runs without its "
                          "metrics endpoint", settings.metrics_address, settings.metrics_port, exc)
             return
-        logger.info("websauna_tasks: metrics on http://%s:%d/%s", settings.metrics_address, settings.metrics_port,
-                    " (multiprocess: every child's counts)" if multiprocess_dir() else "")
+        logger.info("websauna_tasks: metrics on http://%s:%d/metrics%s", settings.metrics_address,
+                    settings.metrics_port, " (multiprocess: every child's counts)" if multiprocess_dir() else "")
 
     def stop(self, parent: t.Any) -> None:
         if self.server is not None:
@@ -276,7 +283,7 @@ class MetricsEndpointStep(bootsteps.StartStopStep):
             self.server.server_close()
             self.server = None
 
-    def shutdown(self, parent: t.Any) -> None:
+    def terminate(self, parent: t.Any) -> None:
         self.stop(parent)
 
 

@@ -281,6 +281,30 @@ def test_an_eager_run_on_commit_is_a_child_of_the_requests_span(eager, spans):
     assert {span.attributes["celery.task_id"] for span in ran} == set(response.json)
 
 
+def test_the_message_itself_carries_the_senders_traceparent_past_the_commit(eager, spans):
+    from websauna_tasks.dispatch import set_message_sink
+
+    eager()
+    captured = []
+
+    class Sink:
+        def capture(self, message):
+            captured.append(message)
+
+    previous = set_message_sink(Sink())
+    try:
+        with trace.get_tracer("test").start_as_current_span("sender") as sender:
+            with transaction.manager:
+                observed_app.work.apply_async((1,), tm=transaction.manager, headers={"mine": "kept"})
+    finally:
+        set_message_sink(previous)
+    [message] = captured
+    context = sender.get_span_context()
+    headers = message.options["headers"]
+    assert headers["traceparent"].split("-")[1:3] == [f"{context.trace_id:032x}", f"{context.span_id:016x}"]
+    assert headers["mine"] == "kept"
+
+
 def test_a_failed_run_is_an_error_span_and_a_retry_is_not(eager, spans):
     spans.clear()
     app = eager()

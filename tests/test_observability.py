@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import typing as t
 import urllib.request
 import uuid
 
@@ -52,15 +53,37 @@ def value(text: str, name: str, **labels: str) -> float:
     return samples(text).get((name, tuple(sorted(labels.items()))), 0.0)
 
 
+class Gate(SimpleSpanProcessor):
+    """Exports only while a test that reads spans runs: the other tests' runs leave nothing in memory."""
+
+    open = False
+
+    def on_end(self, span) -> None:
+        if self.open:
+            super().on_end(span)
+
+
 @pytest.fixture(scope="session")
-def spans() -> InMemorySpanExporter:
+def span_gate() -> tuple[Gate, InMemorySpanExporter]:
     """This process's tracer provider, exporting to memory (OpenTelemetry allows one provider per process)."""
     exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    trace.set_tracer_provider(provider)
-    assert trace.get_tracer_provider() is provider, "another test set this process's tracer provider first"
-    return exporter
+    gate = Gate(exporter)
+    provider = trace.get_tracer_provider()
+    if not isinstance(provider, TracerProvider):
+        provider = TracerProvider()
+        trace.set_tracer_provider(provider)
+    provider.add_span_processor(gate)
+    return gate, exporter
+
+
+@pytest.fixture
+def spans(span_gate) -> t.Iterator[InMemorySpanExporter]:
+    gate, exporter = span_gate
+    exporter.clear()
+    gate.open = True
+    yield exporter
+    gate.open = False
+    exporter.clear()
 
 
 @pytest.fixture

@@ -15,14 +15,18 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import shutil
+import subprocess
 import tempfile
 import textwrap
 import typing as t
+import urllib.parse
 import uuid
 
 import pytest
 import redis
 import sqlalchemy
+from kombu.utils.url import maybe_sanitize_url
 from sqlalchemy import text
 
 from tests.servers import PrivatePostgres, PrivateRabbitMQ, PrivateRedis
@@ -31,12 +35,14 @@ from tests.unit_guard.sitecustomize import ENVIRONMENT, UnitGuard
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 REDIS_URL = os.environ.get("WS_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 DATABASE_URL = os.environ.get("WS_TEST_DATABASE_URL", "postgresql+psycopg://root@127.0.0.1:5432/test")
+#: The machine's RabbitMQ, without a vhost: each test gets a vhost of its own (``rabbitmq_url``).
+RABBITMQ_URL = os.environ.get("WS_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672").rstrip("/")
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 #: Fixtures that reach Redis, PostgreSQL or a broker, or start processes that do: a test that
 #: uses one (``item.fixturenames`` includes fixtures used through other fixtures) is integration.
 SERVICE_FIXTURES = frozenset({
-    "redis_url", "database_url", "redis_client", "db", "ws_celery_worker_factory", "fault_servers",
+    "redis_url", "database_url", "redis_client", "db", "ws_celery_worker_factory", "fault_servers", "rabbitmq_url",
 })
 TIERS = ("unit", "integration", "fault")
 
@@ -66,8 +72,9 @@ def _port(url: str, default: int) -> int:
         return default
 
 
-#: Redis, PostgreSQL, AMQP, and wherever WS_TEST_* moved the first two.
-SERVICE_PORTS = frozenset({6379, 5432, 5672, _port(REDIS_URL, 6379), _port(DATABASE_URL, 5432)})
+#: Redis, PostgreSQL, AMQP, and wherever WS_TEST_* moved them.
+SERVICE_PORTS = frozenset({6379, 5432, 5672, _port(REDIS_URL, 6379), _port(DATABASE_URL, 5432),
+                           _port(RABBITMQ_URL, 5672)})
 UNIT_GUARD_PATH = ROOT / "tests" / "unit_guard"
 UNIT_GUARD = UnitGuard(SERVICE_PORTS, f"use a service fixture ({', '.join(sorted(SERVICE_FIXTURES))}) or mark "
                                       "the test @pytest.mark.integration(reason=...), so that it runs in the "
@@ -153,6 +160,38 @@ def database_url() -> str:
     with admin.connect() as conn:
         conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
     admin.dispose()
+
+
+def _rabbitmqctl(*args: str) -> None:
+    subprocess.run([shutil.which("rabbitmqctl") or "rabbitmqctl", *args], check=True, capture_output=True, text=True,
+                   timeout=60)
+
+
+@pytest.fixture
+def rabbitmq_url() -> t.Iterator[str]:
+    """An AMQP URL of the machine's RabbitMQ on a vhost of this test's own, deleted afterwards.
+
+    The vhost is made with ``rabbitmqctl`` (add_vhost, set_permissions for
+    the URL's user): its queues and exchanges vanish with it, whatever the
+    test left behind.
+    """
+    import kombu
+
+    try:
+        with kombu.Connection(RABBITMQ_URL + "//", connect_timeout=2) as connection:
+            connection.ensure_connection(max_retries=1)
+        if shutil.which("rabbitmqctl") is None:
+            raise FileNotFoundError("rabbitmqctl is not on PATH (needed to make the test's vhost)")
+    except Exception as exc:
+        service_missing(f"RabbitMQ at {maybe_sanitize_url(RABBITMQ_URL)}", exc)
+    vhost = f"wstest-{uuid.uuid4().hex[:12]}"
+    user = urllib.parse.urlsplit(RABBITMQ_URL).username or "guest"
+    _rabbitmqctl("add_vhost", vhost)
+    try:
+        _rabbitmqctl("set_permissions", "-p", vhost, user, ".*", ".*", ".*")
+        yield f"{RABBITMQ_URL}/{vhost}"
+    finally:
+        _rabbitmqctl("delete_vhost", vhost)
 
 
 @pytest.fixture

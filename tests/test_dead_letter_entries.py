@@ -14,7 +14,7 @@ import subprocess
 import kombu
 import pytest
 
-import websauna_tasks.deadletter
+import websauna_tasks.deadletters
 from websauna_tasks import drop_dead_letter, list_dead_letters, prune_dead_letters, requeue_dead_letter
 from websauna_tasks.deadletter import UNREADABLE_ENTRY, dead_letter, get_dead_letters
 from websauna_tasks.operator_commands import COMMANDS
@@ -272,10 +272,10 @@ def test_an_empty_list_says_so_except_as_json(celery, ini, run_cli, dead_key):
 
 
 def test_an_unexpected_error_is_one_line(celery, run_here, monkeypatch):
-    def broken(app):
+    def broken(app, **options):
         raise RuntimeError("something\nbroke")
 
-    monkeypatch.setattr(websauna_tasks.deadletter, "list_dead_letters", broken)
+    monkeypatch.setattr(websauna_tasks.deadletters, "list_dead_letters", broken)
     assert run_here(celery, "dead-letters", "list") == (
         1, "", "ws-celery: dead-letters failed: RuntimeError: something broke\n")
 

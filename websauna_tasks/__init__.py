@@ -15,7 +15,7 @@ from ._version import __version__ as __version__
 from .after_response import AFTER_RESPONSE_OVER, run_after_response
 from .app import make_celery
 from .db import configure_dbsession
-from .deadletter import (
+from .deadletters import (
     configure_deadletter,
     drop_dead_letter,
     list_dead_letters,
@@ -109,7 +109,7 @@ def includeme(config: Configurator) -> None:
     configure_secrets(config.registry, app)  # websauna.secrets_file, read once (secrets.py)
     configure_queues(config.registry, app)
     configure_payload_limit(config.registry, app)  # websauna_tasks.max_payload_bytes (payload.py)
-    configure_deadletter(config.registry, app)  # where refused messages are kept (deadletter.py)
+    configure_deadletter(config.registry, app)  # where refused messages are kept (deadletters/)
     configure_intake(config.registry, app)  # worker: every message checked before it runs (intake.py)
     configure_idempotency(config.registry, app)  # workers prune websauna_tasks_done (idempotency.py)
     configure_outages(task_settings, app)  # a run that lost its database is sent again later (outages.py)

@@ -314,3 +314,41 @@ def _celerys_own(func: t.Any, module: t.Any) -> bool:
     # replace these to see or change every message: then they must run.
     code = getattr(func, "__code__", None)
     return code is not None and not hasattr(func, "__wrapped__") and code.co_filename == module.__file__
+
+
+# -- a message back on a queue, as it came (a dead letter's requeue) ---------------------------------------------
+
+#: Envelope properties that travel as AMQP message properties; kombu's own bookkeeping
+#: (delivery_tag, delivery_info, body_encoding) is the transport's to make again.
+_REPUBLISHED_PROPERTIES = ("correlation_id", "reply_to", "priority", "delivery_mode", "expiration", "message_id",
+                           "type", "app_id")
+
+
+def republish(app: Celery, envelope: t.Mapping[str, t.Any], queue_name: str) -> None:
+    """Publish the message of kombu's ``envelope`` (body, headers, content type, properties) to ``queue_name``.
+
+    The body goes as its bytes, not re-serialized: a compressed body stays
+    compressed, with its ``compression`` header. The queue is the app's own
+    declaration of it when it has one (exchange, routing key, arguments), so
+    that the declare on the way matches what workers declared; otherwise
+    the one Celery would create for a queue of that name.
+    """
+    import base64
+
+    properties = envelope.get("properties") or {}
+    body = envelope.get("body")
+    if isinstance(body, str) and properties.get("body_encoding") == "base64":
+        body = base64.b64decode(body)
+    elif isinstance(body, str):
+        body = body.encode(envelope.get("content-encoding") or "utf-8")
+    elif body is None:
+        body = b""
+    queues = app.amqp.queues
+    queue = queues.get(queue_name) or queues.new_missing(queue_name)
+    extra = {key: properties[key] for key in _REPUBLISHED_PROPERTIES if properties.get(key) is not None}
+    headers = envelope.get("headers")
+    with app.producer_or_acquire() as producer:
+        producer.publish(body, exchange=queue.exchange, routing_key=queue.routing_key or queue_name,
+                         declare=[queue], headers=dict(headers) if isinstance(headers, dict) else {},
+                         content_type=envelope.get("content-type") or "application/json",
+                         content_encoding=envelope.get("content-encoding") or "utf-8", retry=True, **extra)

@@ -4,7 +4,7 @@ Every way of sending comes here: ``apply_async`` (with ``tm``, without it,
 ``tm=None``), ``delay``, ``task.defer``, ``defer()``, the shards of an
 iteration and beat (all through ``apply_async``), Celery's own retries, the
 outbox relay and its redelivery (:func:`publish` with ``strict=True``), a
-dead letter's requeue (:func:`check_requeue`), and the test client's
+dead letter's requeue (:func:`check_requeue`, :func:`requeue`), and the test client's
 capture. :func:`send` runs the checks once, in this order, and stops at the
 first that fails, before anything is claimed or written:
 
@@ -67,7 +67,7 @@ if t.TYPE_CHECKING:
 __all__ = [
     "PendingMessage", "Publisher", "BrokerPublisher", "CapturingPublisher", "MessageSink", "send", "schedule",
     "publish", "publisher_of", "set_publisher", "transaction_to_wait_for", "set_message_sink", "has_sink",
-    "captured", "check_payload", "check_task_payload", "check_requeue", "EagerTaskError", "outbox_of",
+    "captured", "check_payload", "check_task_payload", "check_requeue", "requeue", "EagerTaskError", "outbox_of",
 ]
 
 logger = logging.getLogger(__name__)
@@ -179,13 +179,24 @@ def _observe_refusal(app: Celery, task_name: str, check: str) -> None:
 
 
 def check_requeue(app: Celery, queue: str) -> None:
-    """The checks a dead letter meets on its way back to ``queue`` (``deadletter.requeue_dead_letter``).
+    """The checks a dead letter meets on its way back to ``queue`` (``deadletters.requeue_dead_letter``).
 
-    It goes back as the bytes it came with, moved in one Redis step, so of
-    the numbered checks only the queue (2) applies here; its body meets the
-    worker's intake (intake.py) again when it is taken.
+    It goes back as the bytes it came with (moved in one Redis step on a
+    Redis broker, else published by :func:`requeue`), so of the numbered
+    checks only the queue (2) applies here; its body meets the worker's
+    intake (intake.py) again when it is taken.
     """
     check_queue(app, queue)
+
+
+def requeue(app: Celery, envelope: t.Mapping[str, t.Any], queue: str) -> None:
+    """A dead letter kept outside the broker goes back to ``queue``: the queue check, then the raw publish.
+
+    As in :func:`check_requeue`, the body is not checked here: it travels as
+    the bytes it came with and meets the worker's intake again.
+    """
+    check_requeue(app, queue)
+    broker.republish(app, envelope, queue)
 
 
 def send_now(task: Task, args: t.Any, kwargs: t.Any, options: dict[str, t.Any]) -> AsyncResult:

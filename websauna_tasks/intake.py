@@ -21,7 +21,7 @@ consumer, before Celery's strategy builds a request:
 5. a deferred call (``websauna_tasks.deferred``) must name a function that
    ``defer()`` itself would send (:func:`~websauna_tasks.defer.resolve_deferred`).
 
-A message that fails goes to the dead letters (deadletter.py) with a reason,
+A message that fails goes to the dead letters (deadletters/) with a reason,
 and is acknowledged: it never runs and never comes back. Whatever else goes
 wrong while Celery takes the message in is caught the same way, so nothing
 arriving through the broker can end the worker process. Messages that pass
@@ -44,7 +44,7 @@ from celery import bootsteps
 from celery.backends.base import DisabledBackend
 from celery.utils.time import maybe_iso8601
 
-from .deadletter import DeadLetters, dead_letter, get_dead_letters
+from .deadletters import DeadLetters, dead_letter, get_dead_letters
 from .defer import DEFERRED_TASK_NAME, DeferNotAllowed, allowed_prefixes, resolve_deferred
 from .observability import hooks
 from .payload import MAX_NESTING_DEPTH, nesting_exceeds

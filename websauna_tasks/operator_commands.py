@@ -1,16 +1,17 @@
 """``ws-celery INI -- dead-letters ...``, ``ws-celery INI -- outbox-status`` and ``ws-celery INI -- init``.
 
 Ours, not Celery's subcommands (like ``outbox-relay``): they look after what
-this package keeps aside, the dead-letter list (deadletter.py), the outbox
+this package keeps aside, the dead letters (deadletters/), the outbox
 table (outbox/) and the library's tables (schema.py), with the app loaded
 from the same INI as the workers.
 
 Exit status: 0 done; 1 the entry asked for is not there or cannot be used,
 Redis or the database could not be read, or anything else went wrong; 2 a
-mistake in the command line or in the configuration (the outbox is off, the
-broker keeps no dead-letter list). Every message is one line on stderr, as
-ws-celery's own, for service logs: never a traceback, whatever the
-dead-letter list holds (an entry that cannot be read is listed as such).
+mistake in the command line or in the configuration (the outbox is off, no
+Redis broker and no database to keep dead letters in). Every message is one
+line on stderr, as ws-celery's own, for service logs: never a traceback,
+whatever the dead letters hold (an entry that cannot be read is listed as
+such).
 """
 from __future__ import annotations
 
@@ -21,9 +22,6 @@ import sys
 import typing as t
 
 from kombu.utils.url import maybe_sanitize_url
-
-NO_LIST = ("no dead-letter list: the broker ({broker}) is not Redis, so workers write the messages they cannot run "
-           "to their ERROR log only")
 
 
 class Failed(Exception):
@@ -82,6 +80,7 @@ def dead_letters_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="{list,requeue,drop,prune}")
     listing = commands.add_parser("list", help="one line per dead letter, oldest first")
     listing.add_argument("--json", action="store_true", help="whole entries as JSON lines, raw message included")
+    listing.add_argument("--kind", help="only dead letters of this kind (unknown_task, malformed, ...)")
     requeue = commands.add_parser("requeue", help="put a dead letter back on its queue and remove it from the list")
     requeue.add_argument("id", help="the task id")
     requeue.add_argument("--queue", help="another queue than the one it came from")
@@ -103,22 +102,25 @@ def dead_letters(app: t.Any, args: list[str]) -> int:
 
 def _dead_letters(app: t.Any, options: argparse.Namespace) -> int:
     import redis
+    import sqlalchemy as sa
 
-    from .deadletter import get_dead_letters
+    from .deadletters import NoDeadLetterStore, SQLStore, get_dead_letters
 
     letters = get_dead_letters(app)
-    if letters.client is None:
-        note = NO_LIST.format(broker=maybe_sanitize_url(str(app.conf.broker_url)))
-        if options.command != "list":
-            raise Failed(note, code=2)
-        # Not a failure: there is simply nothing kept to show.
-        print(f"ws-celery: {note}", file=sys.stderr)
-        return 0
     try:
-        return _DEAD_LETTER_COMMANDS[options.command](app, letters.key, options)
+        store = letters.backend
+    except NoDeadLetterStore as exc:
+        # An empty listing would claim a list that does not exist.
+        raise Failed(str(exc), code=2) from None
+    try:
+        return _DEAD_LETTER_COMMANDS[options.command](app, store.where, options)
     except redis.RedisError as exc:
         raise Failed(f"cannot read the dead-letter list {letters.key} at "
                      f"{maybe_sanitize_url(letters.redis_url)}: {exc}") from None
+    except sa.exc.SQLAlchemyError as exc:
+        url = store.engine.url.render_as_string(hide_password=True) if isinstance(store, SQLStore) else "?"
+        reason = " ".join(str(getattr(exc, "orig", None) or exc).split())
+        raise Failed(f"cannot read the dead letters in {store.where} at {url}: {reason}") from None
 
 
 def _cell(value: t.Any, limit: int = 200) -> str:
@@ -133,7 +135,7 @@ def _cell(value: t.Any, limit: int = 200) -> str:
 
 
 def _line(entry: dict[str, t.Any]) -> str:
-    from .deadletter import UNREADABLE_ENTRY
+    from .deadletters import UNREADABLE_ENTRY
 
     if entry["kind"] == UNREADABLE_ENTRY:
         what = f"unreadable entry of {entry['size']} bytes ({entry['reason']}): {json.dumps(entry['raw'][:80])}"
@@ -142,9 +144,9 @@ def _line(entry: dict[str, t.Any]) -> str:
 
 
 def _list(app: t.Any, key: str, options: argparse.Namespace) -> int:
-    from .deadletter import list_dead_letters
+    from .deadletters import list_dead_letters
 
-    entries = list_dead_letters(app)
+    entries = list_dead_letters(app, kind=options.kind)
     if options.json:
         for entry in entries:
             print(json.dumps(entry))
@@ -157,11 +159,11 @@ def _list(app: t.Any, key: str, options: argparse.Namespace) -> int:
 
 
 def _requeue(app: t.Any, key: str, options: argparse.Namespace) -> int:
-    from .deadletter import UNREADABLE_ENTRY, list_dead_letters, requeue_dead_letter
+    from .deadletters import UNREADABLE_ENTRY, get_dead_letters, requeue_dead_letter
 
     # Looked up first to name the queue it goes to, and to refuse a letter
     # that cannot go back before anything is touched.
-    found = [entry for entry in list_dead_letters(app) if entry.get("id") == options.id]
+    found = get_dead_letters(app).find(options.id)
     entry = next((entry for entry in found if entry["kind"] != UNREADABLE_ENTRY), None)
     if entry is None and found:
         raise Failed(f"dead letter {options.id} in {key} is an unreadable entry ({found[0]['reason']}): it cannot be "
@@ -179,7 +181,7 @@ def _requeue(app: t.Any, key: str, options: argparse.Namespace) -> int:
 
 
 def _drop(app: t.Any, key: str, options: argparse.Namespace) -> int:
-    from .deadletter import drop_dead_letter
+    from .deadletters import drop_dead_letter
 
     if not drop_dead_letter(app, options.id):
         raise Failed(f"no dead letter with id {options.id} in {key}")
@@ -188,7 +190,7 @@ def _drop(app: t.Any, key: str, options: argparse.Namespace) -> int:
 
 
 def _prune(app: t.Any, key: str, options: argparse.Namespace) -> int:
-    from .deadletter import prune_dead_letters
+    from .deadletters import prune_dead_letters
 
     removed = prune_dead_letters(app, options.older_than)
     print(f"removed {removed} dead letter(s) older than {options.older_than:g} s from {key}")

@@ -4,7 +4,8 @@ Every table websauna_tasks keeps in the application's database is defined
 here, once; the modules that use one import it from here (and still export
 it under the name they always had: ``outbox.outbox_table``,
 ``idempotency.done_table``, ``names.names_table``,
-``iteration.iterations_table`` / ``shards_table``).
+``iteration.iterations_table`` / ``shards_table``; ``deadletters``
+uses ``dead_letters_table``).
 
 :data:`metadata` is what an application hands to Alembic next to its own
 (``target_metadata = [Base.metadata, websauna_tasks.schema.metadata]``),
@@ -120,6 +121,36 @@ shards_table = sa.Table(
     sa.Column("updated_at", sa.Float, nullable=False),
     sa.Column("finished_at", sa.Float),
 )
+
+# -- dead letters (deadletters/), when the broker is not Redis --------------------------------------------
+
+DEAD_LETTERS_TABLE_NAME = "websauna_tasks_dead_letters"
+
+dead_letters_table = sa.Table(
+    DEAD_LETTERS_TABLE_NAME, metadata,
+    # Oldest first: the order of the list, and the key its indexes page by.
+    sa.Column("seq", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True, autoincrement=True),
+    # websauna_tasks.deadletter_queue: apps sharing a database keep their letters apart, as on Redis.
+    sa.Column("list_name", sa.String(255), nullable=False),
+    sa.Column("task_id", sa.String(512)),
+    sa.Column("kind", sa.String(64), nullable=False),
+    # Epoch seconds, the entry's own time: what prune compares.
+    sa.Column("recorded_at", sa.Float),
+    # The entry's JSON text, as the Redis list keeps it: the truth the columns above only find.
+    sa.Column("entry", sa.Text, nullable=False),
+)
+#: A list's rows in order: listing and pages, from either end.
+dead_letters_list_index = sa.Index("ix_websauna_tasks_dead_letters_list", dead_letters_table.c.list_name,
+                                   dead_letters_table.c.seq)
+#: requeue and drop by task id.
+dead_letters_task_index = sa.Index("ix_websauna_tasks_dead_letters_task", dead_letters_table.c.list_name,
+                                   dead_letters_table.c.task_id)
+#: A list's rows of one kind, in order: the kind filter.
+dead_letters_kind_index = sa.Index("ix_websauna_tasks_dead_letters_kind", dead_letters_table.c.list_name,
+                                   dead_letters_table.c.kind, dead_letters_table.c.seq)
+#: prune: the rows older than a time.
+dead_letters_time_index = sa.Index("ix_websauna_tasks_dead_letters_time", dead_letters_table.c.list_name,
+                                   dead_letters_table.c.recorded_at)
 
 #: Every table, parents before the tables that refer to them.
 TABLES: tuple[sa.Table, ...] = tuple(metadata.sorted_tables)

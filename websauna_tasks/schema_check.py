@@ -25,8 +25,18 @@ import sqlalchemy as sa
 from pyramid.exceptions import ConfigurationError
 
 from .db import get_engine
+from .deadletters import redis_broker_url
 from .names import store_choice
-from .schema import check_tables, done_table, iterations_table, masked_url, names_table, outbox_table, shards_table
+from .schema import (
+    check_tables,
+    dead_letters_table,
+    done_table,
+    iterations_table,
+    masked_url,
+    names_table,
+    outbox_table,
+    shards_table,
+)
 from .settings import CREATE_TABLES_KEY, get_task_settings
 
 if t.TYPE_CHECKING:
@@ -57,6 +67,8 @@ def tables_in_use(registry: Registry, app: Celery) -> list[sa.Table]:
     - the done-table, when a task is idempotent (the outbox's redelivery reads
       it for those tasks only);
     - the names table, when task-name claims live in the SQL database;
+    - the dead letters' table, when the broker is not Redis (a Redis broker
+      keeps them in a list): a worker refusing a message must have it;
     - sharded iteration's two tables, always: any code may call
       ``defer_iteration_with_finalize()``, and its worker would otherwise
       find them missing long after startup.
@@ -73,6 +85,8 @@ def tables_in_use(registry: Registry, app: Celery) -> list[sa.Table]:
         name_store = ""  # no store at all: unique names fail on use, with their own error
     if name_store == "sql":
         tables.append(names_table)
+    if redis_broker_url(app) is None:
+        tables.append(dead_letters_table)
     return sorted(tables, key=lambda table: table.name)
 
 

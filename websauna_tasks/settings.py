@@ -649,7 +649,8 @@ SETTINGS: tuple[Setting, ...] = (
             "largest message body a worker takes in (decoded and inflated)",
             default_text="twice max_payload_bytes, at least 4194304 (67108864 when max_payload_bytes is 0)"),
     Setting(DEADLETTER_QUEUE_KEY, RedisKey(), DEFAULT_DEADLETTER_QUEUE,
-            "Redis list for messages a worker cannot run"),
+            "where messages a worker cannot run are kept: this Redis list on a Redis broker, else the rows of this "
+            "list name in the table websauna_tasks_dead_letters"),
     Setting(IDEMPOTENCY_RETENTION_KEY, _seconds(0, _TEN_YEARS), DEFAULT_IDEMPOTENCY_RETENTION_SECONDS,
             "age after which done-rows are deleted"),
     Setting(IDEMPOTENCY_CREATE_TABLE_KEY, Boolean(), True, "create websauna_tasks_done on first use"),

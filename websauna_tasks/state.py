@@ -36,7 +36,7 @@ class AppState:
     # The parts below are typed loosely on purpose: the modules that make them
     # look their part up here, so importing their classes would tie this
     # bottom layer to the ones above it. Each module's accessor is typed.
-    #: Where refused messages are kept: a ``deadletter.DeadLetters`` (``get_dead_letters``).
+    #: Where refused messages are kept: a ``deadletters.DeadLetters`` (``get_dead_letters``).
     dead_letters: t.Any = None
     #: The worker's gate: an ``intake.Intake``.
     intake: t.Any = None

@@ -13,6 +13,9 @@ def main(global_config, **settings):
     config.include("pyramid_retry")
     config.include("websauna_tasks")
     config.scan("tests.apps.sample_tasks")
+    # More task modules, scanned after the include (pyramid.includes run before it): a deploy in a test.
+    for module in settings.get("tests.scan", "").split():
+        config.scan(module)
     config.add_route("home", "/")
     config.add_route("write", "/write/{value}")
     config.add_route("write_fail", "/write-fail/{value}")

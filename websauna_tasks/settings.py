@@ -95,6 +95,10 @@ METRICS_PORT_KEY = "websauna_tasks.metrics_port"
 METRICS_ADDRESS_KEY = "websauna_tasks.metrics_address"
 METRICS_BUCKETS_KEY = "websauna_tasks.metrics_duration_buckets"
 TRACING_KEY = "websauna_tasks.tracing"
+CONSOLE_PREFIX_KEY = "websauna_tasks.console_prefix"
+CONSOLE_PERMISSION_KEY = "websauna_tasks.console_permission"
+CONSOLE_INSECURE_KEY = "websauna_tasks.console_insecure"
+CONSOLE_RECENT_RUNS_KEY = "websauna_tasks.console_recent_runs"
 
 # -- defaults the modules use by name --------------------------------------------------------------
 
@@ -122,6 +126,9 @@ DEFAULT_IDEMPOTENCY_PRUNE_INTERVAL_SECONDS = 3600.0
 DEFAULT_DB_OUTAGE_RETRIES = 10
 DEFAULT_DB_OUTAGE_BACKOFF_MAX_SECONDS = 60.0
 DEFAULT_METRICS_PATH = "/metrics"
+DEFAULT_CONSOLE_PREFIX = "/_tasks"
+DEFAULT_CONSOLE_PERMISSION = "websauna_tasks.console"
+DEFAULT_CONSOLE_RECENT_RUNS = 1000
 DEFAULT_METRICS_ADDRESS = "127.0.0.1"
 #: prometheus_client's own default buckets for a histogram of seconds, without its +Inf.
 DEFAULT_METRICS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
@@ -675,6 +682,14 @@ SETTINGS: tuple[Setting, ...] = (
             "bucket bounds of the run duration histogram", default_text="prometheus_client's, 0.005 to 10"),
     Setting(TRACING_KEY, Boolean(), True,
             "carry the trace context through dispatch, the outbox and the run when opentelemetry-api is installed"),
+    Setting(CONSOLE_PREFIX_KEY, URLPath(), DEFAULT_CONSOLE_PREFIX, "where config.include('websauna_tasks.console') "
+            "mounts the operator console"),
+    Setting(CONSOLE_PERMISSION_KEY, Word("text", "a permission name"), DEFAULT_CONSOLE_PERMISSION,
+            "the permission every console page and action requires, checked by the app's security policy"),
+    Setting(CONSOLE_INSECURE_KEY, Boolean(), False,
+            "development only: mount the console without a security policy, open to anyone, with a banner"),
+    Setting(CONSOLE_RECENT_RUNS_KEY, _count(1, 100_000, "runs", zero_means="none kept"), DEFAULT_CONSOLE_RECENT_RUNS,
+            "task runs the console keeps in Redis for its Tasks page (the newest)"),
 )
 
 SETTINGS_BY_KEY: t.Mapping[str, Setting] = types.MappingProxyType({setting.key: setting for setting in SETTINGS})
@@ -740,7 +755,12 @@ class TaskSettings:
     metrics_address: str
     metrics_duration_buckets: tuple[float, ...]
     tracing: bool
-
+    console_prefix: str
+    #: Never empty: the console is always guarded, unless console_insecure.
+    console_permission: str
+    console_insecure: bool
+    #: 0: the console records no runs.
+    console_recent_runs: int
 
 
 def _is_blank(raw: t.Any) -> bool:

@@ -1,0 +1,118 @@
+"""Page times of the operator console (docs/console.md): figures to read, not timed tests.
+
+    .venv/bin/python bench/console.py [--letters 100000] [--queues 10] [--rounds 20]
+
+Needs Redis (WS_TEST_REDIS_URL, default redis://127.0.0.1:6379/15) and
+PostgreSQL (WS_TEST_DATABASE_URL) for the outbox figures. Keys of its own,
+deleted at the end. Each page is requested through WebTest (the WSGI app,
+no HTTP), ``--rounds`` times; the median and the slowest are printed.
+
+- dead letters: the first page, a middle page and the last page of a list
+  of ``--letters`` entries (real entries, as a worker writes them);
+- the overview with ``--queues`` declared queues (each with a rate and a
+  concurrency limit, so every part of a queue row is read), with and without
+  the broadcast to workers (which waits its full timeout, 1 s, when no
+  worker is running: Celery cannot know how many would answer).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import statistics
+import sys
+import time
+import uuid
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+REDIS_URL = os.environ.get("WS_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+DATABASE_URL = os.environ.get("WS_TEST_DATABASE_URL", "postgresql+psycopg://root@127.0.0.1:5432/test")
+OPERATOR = {"X-Test-User": "operator"}
+
+
+def timed(app, path: str, rounds: int) -> tuple[float, float]:
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        response = app.get(path, headers=OPERATOR)
+        times.append(time.perf_counter() - start)
+        assert response.status_int == 200, path
+    return statistics.median(times), max(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--letters", type=int, default=100_000)
+    parser.add_argument("--queues", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=20)
+    options = parser.parse_args()
+
+    import kombu
+    import redis
+    from webtest import TestApp
+
+    from tests.apps.console_app import main as console_main
+    from websauna_tasks import get_celery
+    from websauna_tasks.console import overview
+    from websauna_tasks.deadletter import dead_letter, get_dead_letters
+
+    run = uuid.uuid4().hex[:8]
+    queues = [f"bench-{run}-q{n}" for n in range(options.queues)]
+    dead_key = f"bench-{run}.dead"
+    celery_config = {"broker_url": REDIS_URL, "task_default_queue": queues[0]}
+    settings = {"websauna.celery_config": repr(celery_config), "sqlalchemy.url": DATABASE_URL,
+                "websauna_tasks.deadletter_queue": dead_key, "websauna_tasks.outbox": "true",
+                "websauna_tasks.queues": repr([{"name": name, "rate_per_second": 10, "max_concurrent": 4}
+                                               for name in queues])}
+    router = console_main({}, **settings)
+    app, celery = TestApp(router), get_celery(router.registry)
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        # One real entry, as a worker writes it; the others are copies under ids of their own.
+        task_id = celery.send_task("bench.no_such_task", args=("x" * 40,), queue=queues[0]).id
+        with celery.connection_for_read() as connection:
+            message = kombu.Queue(queues[0])(connection.default_channel).get(no_ack=True)
+        entry = dead_letter(get_dead_letters(celery), message, "unknown_task", KeyError("bench.no_such_task"))
+        client.delete(dead_key)
+        started = time.perf_counter()
+        pipe = client.pipeline(transaction=False)
+        for number in range(options.letters):
+            pipe.rpush(dead_key, json.dumps(dict(entry, id=f"{task_id}-{number}")))
+            if number % 5000 == 4999:
+                pipe.execute()
+        pipe.execute()
+        print(f"{options.letters} dead letters written in {time.perf_counter() - started:.1f} s "
+              f"(Redis list {dead_key})")
+        pages = -(-options.letters // 50)
+        for label, path in (("first page", "/_tasks/dead-letters"),
+                            ("middle page", f"/_tasks/dead-letters?page={pages // 2}"),
+                            ("last page", f"/_tasks/dead-letters?page={pages}")):
+            median, slowest = timed(app, path, options.rounds)
+            print(f"dead letters, {label} of {pages}: median {median * 1000:.1f} ms, slowest {slowest * 1000:.1f} ms")
+        for queue in queues:
+            for _ in range(3):
+                celery.send_task("bench.no_such_task", queue=queue)
+        median, slowest = timed(app, "/_tasks/", max(3, options.rounds // 4))
+        print(f"overview, {options.queues} queues, {options.letters} dead letters, workers asked "
+              f"(no worker running: the broadcast waits its {overview.INSPECT_TIMEOUT:g} s): "
+              f"median {median * 1000:.1f} ms, slowest {slowest * 1000:.1f} ms")
+        original = overview.workers
+        overview.workers = lambda app, timeout=0.0: {"notice": "not asked", "rows": []}
+        try:
+            median, slowest = timed(app, "/_tasks/", options.rounds)
+        finally:
+            overview.workers = original
+        print(f"overview, {options.queues} queues, without the broadcast (queues, leases, outbox, dead letters "
+              f"by kind over the newest 500, periodic): median {median * 1000:.1f} ms, slowest {slowest * 1000:.1f} ms")
+    finally:
+        client.delete(dead_key, *queues, *(f"_kombu.binding.{queue}" for queue in queues))
+        for key in client.scan_iter(match=f"websauna_tasks:queue:{celery.main}:bench-{run}-*"):
+            client.delete(key)
+
+
+if __name__ == "__main__":
+    main()

@@ -10,19 +10,28 @@ counts the messages, ``/tasks/{id}`` shows any task's result, and a
 """
 from __future__ import annotations
 
+import datetime
 import os
+import socket
 import typing as t
 
 from pyramid.config import Configurator
+from pyramid.csrf import CookieCSRFStoragePolicy
 from pyramid.router import Router
+from pyramid.settings import asbool
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError
 
-from websauna_tasks import get_celery
+from websauna_tasks import TaskFinished, get_celery
 from websauna_tasks.db import get_engine
 from websauna_tasks.unreachable import database_unreachable
 
-from .models import AFTER_RESPONSE_LOG, AfterResponseLog, create_tables
+from .models import AFTER_RESPONSE_LOG, AfterResponseLog, TaskRun, create_tables, utcnow
+
+#: ``example.console = true`` (conf/example.ini) mounts the operator console at /_tasks.
+CONSOLE_KEY = "example.console"
+#: Rows of example_task_runs kept: the page shows the newest tasks only.
+KEEP_RUNS = datetime.timedelta(hours=1)
 
 
 def sqlite_file(url: str | None) -> str | None:
@@ -57,6 +66,21 @@ def main(global_config: t.Mapping[str, str], **settings: str) -> Router:
             from None
 
 
+def record_run(event: TaskFinished) -> None:
+    """Note which worker process ran each task, for the home page: TaskFinished comes after every run."""
+    if event.task_id is None:
+        return
+    context = event.task.request
+    hostname = getattr(context, "hostname", None) or f"eager@{socket.gethostname()}"
+    request = event.request
+    # The run's own transaction has ended: this write is one of its own.
+    with request.tm:
+        dbsession = request.dbsession
+        dbsession.merge(TaskRun(task_id=event.task_id, task_name=event.task.name, hostname=hostname,
+                                pid=os.getpid(), state=event.state, finished_at=utcnow()))
+        dbsession.query(TaskRun).filter(TaskRun.finished_at < utcnow() - KEEP_RUNS).delete()
+
+
 def make_app(settings: dict[str, str]) -> Router:
     config = Configurator(settings=settings)
     config.include("pyramid_tm")
@@ -71,6 +95,13 @@ def make_app(settings: dict[str, str]) -> Router:
     config.scan(".tasks")
     config.scan(".views")
     config.registry[AFTER_RESPONSE_LOG] = AfterResponseLog()
+    config.add_subscriber(record_run, TaskFinished)
+    if asbool(settings.get(CONSOLE_KEY)):
+        # The console's forms carry a CSRF token; the example has no sessions, so it lives in a cookie.
+        config.set_csrf_storage_policy(CookieCSRFStoragePolicy())
+        # Without a security policy the console refuses to mount unless the INI sets
+        # websauna_tasks.console_insecure = true: a development machine only (docs/console.md).
+        config.include("websauna_tasks.console")
 
     celery_conf = get_celery(config.registry).conf
     result_backend = celery_conf.result_backend

@@ -99,6 +99,20 @@ class MessageStats(Base):
     last_task_id: Mapped[str | None] = mapped_column(String(64))
 
 
+class TaskRun(Base):
+    """Which worker process ran a task: written after each run by a ``TaskFinished`` subscriber (__init__.py)."""
+
+    __tablename__ = "example_task_runs"
+
+    task_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    task_name: Mapped[str] = mapped_column(String(200))
+    #: The worker's node name (celery@host), or "eager@host" when the web process ran it.
+    hostname: Mapped[str] = mapped_column(String(200))
+    pid: Mapped[int] = mapped_column(Integer)
+    state: Mapped[str] = mapped_column(String(20))
+    finished_at: Mapped[datetime.datetime] = mapped_column(DateTime, default=utcnow, index=True)
+
+
 def create_tables(engine: Engine) -> None:
     """Create the tables if missing; a real application would use migrations.
 

@@ -19,13 +19,15 @@ body {{ font-family: sans-serif; max-width: 70rem; margin: 2rem auto; padding: 0
 table {{ border-collapse: collapse; width: 100%; }}
 th, td {{ border-bottom: 1px solid #ddd; padding: .3rem; text-align: left; font-size: .9rem; vertical-align: top; }}
 .pending {{ color: #a60; }} .processed {{ color: #070; }} .error {{ color: #b00; }}
-code {{ font-size: .85rem; }} td form {{ margin: 0; }} td ul {{ margin: .2rem 0; padding-left: 1rem; }}
+code {{ font-size: .85rem; }} .ran-by {{ color: #555; }}
+td form {{ margin: 0; }} td ul {{ margin: .2rem 0; padding-left: 1rem; }}
 </style>
 </head>
 <body>
 <h1>websauna_tasks example</h1>
 <p id="mode">{mode}</p>
 <p id="results">{results}</p>
+{console}
 {error}
 <form method="post" action="{post_url}">
   <label>Message <input name="text" maxlength="200" required autofocus></label>
@@ -85,11 +87,27 @@ def _time(value: datetime.datetime | None) -> str:
     return value.strftime("%H:%M:%S UTC") if value else ""
 
 
+class TaskLinks:
+    """How the page links task ids: the /tasks/{id} URL, and the worker process that ran each, when known."""
+
+    def __init__(self, url: t.Callable[[str], str], ran_by: t.Mapping[str, str]):
+        self.url = url
+        #: task id -> "celery@host, pid 1234"
+        self.ran_by = ran_by
+
+    def __call__(self, task_id: str) -> str:
+        return self.url(task_id)
+
+
 def task_link(task_id: str | None, task_url: t.Callable[[str], str]) -> str:
-    """A task id as shown everywhere on the page: a link to its /tasks/{id} page."""
+    """A task id as shown everywhere on the page: a link to its /tasks/{id} page, and who ran it."""
     if not task_id:
         return "<code></code>"
-    return f'<a class="task" href="{escape(task_url(task_id))}"><code>{escape(task_id)}</code></a>'
+    link = f'<a class="task" href="{escape(task_url(task_id))}"><code>{escape(task_id)}</code></a>'
+    ran_by = task_url.ran_by.get(task_id) if isinstance(task_url, TaskLinks) else None
+    if ran_by:
+        link += f' <small class="ran-by">ran on {escape(ran_by)}</small>'
+    return link
 
 
 def mode_text(eager: bool, broker: str) -> str:
@@ -185,7 +203,7 @@ def message_row(message: Message, words: str, task_url: t.Callable[[str], str]) 
 def home_page(*, rows: list[str], heartbeat: Heartbeat | None, stats: MessageStats | None,
               after_response: AfterResponseLog, eager: bool, broker: str, backend: str | None, store_eager: bool,
               post_url: str, fail_url: str, home_url: str, task_url: t.Callable[[str], str], error: str = "",
-              refresh: bool = False) -> str:
+              refresh: bool = False, console_url: str | None = None) -> str:
     after_count, after_text, after_lines = after_response_parts(after_response)
     return PAGE.format(
         # Reload by itself while a task it just scheduled has not run yet.
@@ -193,6 +211,8 @@ def home_page(*, rows: list[str], heartbeat: Heartbeat | None, stats: MessageSta
         mode=mode_text(eager, broker),
         results=results_text(backend, eager, store_eager),
         error=f'<p class="error">{escape(error)}</p>' if error else "",
+        console=(f'<p id="console">The <a href="{escape(console_url)}">operator console</a> shows the queues, workers, '
+                 "dead letters, runs and the periodic schedule.</p>") if console_url else "",
         post_url=escape(post_url), fail_url=escape(fail_url), home_url=escape(home_url),
         beats=heartbeat.beats if heartbeat is not None else 0,
         heartbeat=heartbeat_text(heartbeat, eager, task_url),

@@ -22,6 +22,7 @@ from .models import (
     Heartbeat,
     Message,
     MessageStats,
+    TaskRun,
     WordCount,
     WordCountRequest,
     after_response_log,
@@ -48,6 +49,14 @@ def backend_url(request: Request) -> str | None:
     return maybe_sanitize_url(str(celery.conf.result_backend))
 
 
+def console_url(request: Request) -> str | None:
+    """The operator console's overview, when the app mounted it."""
+    try:
+        return request.route_url("websauna_tasks.console.overview")
+    except KeyError:
+        return None
+
+
 def render_home(request: Request, error: str = "") -> Response:
     dbsession = request.dbsession
     messages = list(dbsession.scalars(select(Message).order_by(Message.id.desc()).limit(LIMIT)))
@@ -58,8 +67,15 @@ def render_home(request: Request, error: str = "") -> Response:
                                   .order_by(WordCountRequest.id)):
         requests[item.message_id].append(item)
 
-    def task_url(task_id: str) -> str:
-        return request.route_url("task", id=task_id)
+    heartbeat = dbsession.get(Heartbeat, 1)
+    stats = dbsession.get(MessageStats, 1)
+    shown = {m.scheduled_task_id for m in messages} | {m.processed_by_task_id for m in messages}
+    shown |= {c.task_id for c in counts.values()} | {r.task_id for rs in requests.values() for r in rs}
+    shown |= {row.last_task_id for row in (heartbeat, stats) if row is not None}
+    shown.discard(None)
+    ran_by = {run.task_id: f"{run.hostname}, pid {run.pid}"
+              for run in dbsession.scalars(select(TaskRun).where(TaskRun.task_id.in_(shown)))}
+    task_url = pages.TaskLinks(lambda task_id: request.route_url("task", id=task_id), ran_by)
 
     celery_conf = request.celery.conf
     eager = bool(celery_conf.task_always_eager)
@@ -77,8 +93,8 @@ def render_home(request: Request, error: str = "") -> Response:
             refresh = refresh or clicks[-1].requested_at >= recent
     html = pages.home_page(
         rows=rows,
-        heartbeat=dbsession.get(Heartbeat, 1),
-        stats=dbsession.get(MessageStats, 1),
+        heartbeat=heartbeat,
+        stats=stats,
         after_response=after_response_log(request.registry),
         eager=eager,
         broker=maybe_sanitize_url(celery_conf.broker_url or ""),
@@ -90,6 +106,7 @@ def render_home(request: Request, error: str = "") -> Response:
         task_url=task_url,
         error=error,
         refresh=refresh,
+        console_url=console_url(request),
     )
     return Response(html, status=400 if error else 200)
 

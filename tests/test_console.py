@@ -396,3 +396,40 @@ def test_an_unreadable_entry_is_listed_refused_for_requeue_and_dropped(console, 
     dropped = app.post("/_tasks/dead-letters/act?action=drop", {"csrf_token": token, "id": entry["id"],
                                                                  "confirmed": "yes"}, headers=OPERATOR)
     assert "dropped=1" in dropped.location and redis_client.llen(dead_key) == 0
+
+
+def test_dead_letters_kept_in_the_database_page_and_act_the_same(database_url, queue_name):
+    """A broker that is not Redis keeps dead letters in websauna_tasks_dead_letters: same pages, same actions."""
+    celery_config = {"broker_url": "memory://", "task_default_queue": queue_name}
+    router = console_main({}, **{"websauna.celery_config": repr(celery_config), "sqlalchemy.url": database_url,
+                                 "websauna_tasks.deadletter_queue": f"{queue_name}.dead"})
+    app, celery = TestApp(router), get_celery(router.registry)
+    try:
+        ids = [make_dead_letter(celery, queue_name) for _ in range(55)]
+        first = app.get("/_tasks/dead-letters", headers=OPERATOR).text
+        assert "websauna_tasks_dead_letters" in first and "page 1 of 2 · 55 in all" in first
+        assert ids[-1] in first and ids[0] not in first
+        second = app.get("/_tasks/dead-letters?page=2", headers=OPERATOR).text
+        assert ids[0] in second and ids[-1] not in second
+        token = csrf_token(app)
+        done = app.post("/_tasks/dead-letters/act?action=requeue", {"csrf_token": token, "id": ids[0]},
+                        headers=OPERATOR)
+        assert "requeued=1" in done.location
+        with celery.connection_for_read() as connection:
+            message = kombu.Queue(queue_name)(connection.default_channel).get(no_ack=True)
+        assert message.headers["id"] == ids[0]
+        asked = app.post("/_tasks/dead-letters/act", [("csrf_token", token), ("action", "drop")]
+                         + [("ids", task_id) for task_id in ids[1:4]], headers=OPERATOR)
+        assert "dropped=3" in asked.forms[0].submit(headers=OPERATOR).location
+        assert len(list_dead_letters(celery)) == 51
+        assert '<dt>in all</dt><dd class="bad">51</dd>' in app.get("/_tasks/", headers=OPERATOR).text
+    finally:
+        from websauna_tasks.db import get_engine
+
+        engine = get_engine(router.registry)
+        with engine.begin() as conn:
+            from sqlalchemy import text
+
+            conn.execute(text("DELETE FROM websauna_tasks_dead_letters WHERE list_name = :name"),
+                         {"name": f"{queue_name}.dead"})
+        engine.dispose()

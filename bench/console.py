@@ -8,7 +8,8 @@ deleted at the end. Each page is requested through WebTest (the WSGI app,
 no HTTP), ``--rounds`` times; the median and the slowest are printed.
 
 - dead letters: the first page, a middle page and the last page of a list
-  of ``--letters`` entries (real entries, as a worker writes them);
+  of ``--letters`` entries (real entries, as a worker writes them), in the
+  Redis list and in the table of a non-Redis broker's app (PostgreSQL);
 - the overview with ``--queues`` declared queues (each with a rate and a
   concurrency limit, so every part of a queue row is read), with and without
   the broadcast to workers (which waits its full timeout, 1 s, when no
@@ -108,10 +109,55 @@ def main() -> None:
             overview.workers = original
         print(f"overview, {options.queues} queues, without the broadcast (queues, leases, outbox, dead letters "
               f"by kind over the newest 500, periodic): median {median * 1000:.1f} ms, slowest {slowest * 1000:.1f} ms")
+        sql_pages(options, entry, task_id, run)
     finally:
         client.delete(dead_key, *queues, *(f"_kombu.binding.{queue}" for queue in queues))
         for key in client.scan_iter(match=f"websauna_tasks:queue:{celery.main}:bench-{run}-*"):
             client.delete(key)
+
+
+def sql_pages(options: argparse.Namespace, entry: dict, task_id: str, run: str) -> None:
+    """The same pages over the table websauna_tasks_dead_letters (a broker that is not Redis), on PostgreSQL."""
+    import sqlalchemy as sa
+    from webtest import TestApp
+
+    from tests.apps.console_app import main as console_main
+    from websauna_tasks.db import get_engine
+    from websauna_tasks.schema import dead_letters_table
+
+    list_name = f"bench-{run}-sql.dead"
+    settings = {"websauna.celery_config": repr({"broker_url": "memory://", "task_always_eager": True}),
+                "sqlalchemy.url": DATABASE_URL, "websauna_tasks.deadletter_queue": list_name}
+    router = console_main({}, **settings)
+    app, engine = TestApp(router), get_engine(router.registry)
+    app.get("/_tasks/dead-letters", headers=OPERATOR)  # the store creates its table on first use
+    try:
+        started = time.perf_counter()
+        rows = []
+        with engine.begin() as conn:
+            for number in range(options.letters):
+                letter = dict(entry, id=f"{task_id}-{number}")
+                # The columns say what the entry says, or the store would list the row as unreadable.
+                rows.append({"list_name": list_name, "task_id": letter["id"], "kind": letter["kind"],
+                             "recorded_at": letter["timestamp"], "entry": json.dumps(letter)})
+                if len(rows) == 5000:
+                    conn.execute(dead_letters_table.insert(), rows)
+                    rows = []
+            if rows:
+                conn.execute(dead_letters_table.insert(), rows)
+        print(f"{options.letters} dead letters written in {time.perf_counter() - started:.1f} s "
+              f"(table websauna_tasks_dead_letters, PostgreSQL)")
+        pages = -(-options.letters // 50)
+        for label, path in (("first page", "/_tasks/dead-letters"),
+                            ("middle page", f"/_tasks/dead-letters?page={pages // 2}"),
+                            ("last page", f"/_tasks/dead-letters?page={pages}")):
+            median, slowest = timed(app, path, options.rounds)
+            print(f"dead letters in SQL, {label} of {pages}: median {median * 1000:.1f} ms, "
+                  f"slowest {slowest * 1000:.1f} ms")
+    finally:
+        with engine.begin() as conn:
+            conn.execute(sa.delete(dead_letters_table).where(dead_letters_table.c.list_name == list_name))
+        engine.dispose()
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 - Queue limits need a Redis on every broker that is not Redis: the start is
   refused naming ``websauna_tasks.limits_redis_url``, and a Redis named
-  there is enough.
+  there is enough (on RabbitMQ, with a real worker).
 - Every "tested in CI" names tests that exist in this repository, and the
   README's table says the same as the docs' one.
 """
@@ -71,3 +71,39 @@ def test_the_readme_and_the_services_page_claim_the_same():
     assert list(readme) == ["dispatch", "outbox", "limits (rate, concurrency)", "dead letters",
                             "remote control (`inspect`, `status`)", "results"]
     assert [ci(cells) for cells in readme.values()] == [ci(cells) for cells in docs.values()]
+
+
+@pytest.mark.slow
+def test_limits_hold_on_rabbitmq_with_limits_redis_url(rabbitmq_url, redis_url, database_url, db, queue_name,
+                                                       tmp_path, ws_celery_worker_factory, subprocess_env):
+    import redis
+    from sqlalchemy import text
+
+    from tests.apps import queue_tasks
+    from tests.test_queues import make_queue_app, max_overlap, runs, wait_all, write_queue_ini
+
+    with db.begin() as conn:
+        conn.execute(text(f"DROP TABLE IF EXISTS {queue_tasks.RUNS_TABLE}"))
+        conn.execute(text(queue_tasks.CREATE_RUNS_TABLE))
+    queue = f"{queue_name}-limited"
+    celery = {"broker_url": rabbitmq_url, "result_backend": "rpc://", "task_default_queue": f"{queue_name}-default"}
+    settings = {"websauna.celery_config": repr(celery), "sqlalchemy.url": database_url,
+                "websauna_tasks.queues": repr([{"name": queue, "max_concurrent": 1}]),
+                "websauna_tasks.limits_redis_url": redis_url, "websauna_tasks.queue_wait_seconds": "0.3"}
+    ini = write_queue_ini(tmp_path, settings)
+    try:
+        ws_celery_worker_factory(ini, "worker", "-l", "info", "-c", "3", "--without-gossip", "--without-mingle",
+                                 env=subprocess_env)
+        make_queue_app(settings)
+        results = [queue_tasks.timed.apply_async((f"r{i}", 0.3), queue=queue, tm=None) for i in range(6)]
+        assert sorted(wait_all(results, timeout=60)) == sorted(f"r{i}" for i in range(6))
+        rows = [row for row in runs(db) if row["ended"] is not None]
+        assert len(rows) == 6
+        # Three processes, one slot in Redis: the runs on RabbitMQ never overlap.
+        assert max_overlap([(row["started"], row["ended"]) for row in rows]) == 1
+        assert max(row["ended"] for row in rows) - min(row["started"] for row in rows) >= 6 * 0.3 - 0.05
+    finally:
+        client = redis.Redis.from_url(redis_url)
+        for key in client.scan_iter(match=f"*{queue_name}*", count=1000):
+            client.delete(key)
+        client.close()

@@ -78,7 +78,10 @@ def rabbit_servers(tmp_path):
             engine.dispose()
         broker.cleanup()
         database.cleanup()
-    assert broker.leftovers() == [], "processes of the private RabbitMQ node outlived it"
+    stray = broker.leftovers()
+    for line in stray:
+        os.kill(int(line.split(":", 1)[0]), signal.SIGKILL)
+    assert stray == [], "processes of the private RabbitMQ node outlived it"
 
 
 @pytest.fixture

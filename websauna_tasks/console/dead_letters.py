@@ -2,7 +2,7 @@
 
 Built on the public functions ``ws-celery INI -- dead-letters`` uses
 (``list_dead_letters``, ``requeue_dead_letter``, ``drop_dead_letter``) and on
-the count of deadletter_summary.py. A page is one ranged read from the end
+the count of deadletters/_summary.py. A page is one ranged read from the end
 of the list (Redis LRANGE with negative indexes, an indexed SQL offset), so
 the newest pages cost the same at 100 or 100,000 entries.
 
@@ -23,7 +23,7 @@ from ..deadletter import (
     list_dead_letters,
     requeue_dead_letter,
 )
-from ..deadletter_summary import count_dead_letters
+from ..deadletters import count_dead_letters
 from ._common import MAX_BULK, RENDERER, Pager, app_of, failure, page, preview, route, task_id_param
 
 if t.TYPE_CHECKING:

@@ -16,7 +16,7 @@ import time
 import typing as t
 
 from ..deadletter import NoDeadLetterStore
-from ..deadletter_summary import summarize_dead_letters
+from ..deadletters import summarize_dead_letters
 from ..outbox import find_outbox, outbox_table
 from ..queues import enforced_queues
 from ._common import RENDERER, app_of, failure, page, route

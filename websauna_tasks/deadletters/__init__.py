@@ -15,6 +15,7 @@ the application's database); ``_letters`` which one an app uses, and the
 operator functions over either: :func:`list_dead_letters`,
 :func:`requeue_dead_letter`, :func:`drop_dead_letter`,
 :func:`prune_dead_letters` (also ``ws-celery INI -- dead-letters``).
+``_summary`` the count and the kinds, for the console's overview and pager.
 ``websauna_tasks.deadletter``, this package's name before, still exports
 the same names.
 """
@@ -35,10 +36,12 @@ from ._letters import (
 )
 from ._redis import RedisStore
 from ._sql import SQLStore
+from ._summary import DeadLetterSummary, count_dead_letters, summarize_dead_letters
 
 __all__ = [
     "DeadLetters", "NoDeadLetterStore", "RedisStore", "SQLStore", "UNREADABLE_ENTRY", "configure_deadletter",
     "dead_letter", "drop_dead_letter", "get_dead_letters", "list_dead_letters", "prune_dead_letters",
-    "raw_message", "read_entry", "redis_broker_url", "requeue_dead_letter",
+    "raw_message", "read_entry",
+    "DeadLetterSummary", "count_dead_letters", "summarize_dead_letters", "redis_broker_url", "requeue_dead_letter",
     "DEADLETTER_QUEUE_KEY", "DEFAULT_DEADLETTER_QUEUE",
 ]

@@ -1,8 +1,8 @@
 """How many dead letters there are, and of which kinds: figures for the console's overview and pager.
 
-Apart from the dead letters themselves (deadletters/), over their public
-functions, so that the stores stay the only code that knows how letters are
-kept. A count is one cheap call on either store (Redis LLEN, an indexed SQL
+Built over the stores' common interface (``count``) and
+:func:`list_dead_letters`, so that the stores stay the only code that knows
+how letters are kept. A count is one cheap call on either store (Redis LLEN, an indexed SQL
 count); the kinds are counted over the newest entries only, since a Redis
 list has no index by kind and reading 100,000 entries would make every
 overview slow.
@@ -13,7 +13,7 @@ import collections
 import dataclasses
 import typing as t
 
-from .deadletter import get_dead_letters, list_dead_letters
+from ._letters import get_dead_letters, list_dead_letters
 
 if t.TYPE_CHECKING:
     from celery import Celery

@@ -22,7 +22,7 @@ from .deadletters import (
     prune_dead_letters,
     requeue_dead_letter,
 )
-from .defer import DeferNotAllowed, configure_allowed_modules, defer, deferrable, run_deferred
+from .defer import DeferNotAllowed, configure_allowed_modules, defer, defer_async, deferrable, run_deferred
 from .events import TaskFinished
 from .idempotency import configure_idempotency, prune_done
 from .intake import configure_intake
@@ -64,6 +64,7 @@ __all__ = [
     "get_deferred_shard_index",
     "iteration_progress",
     "defer",
+    "defer_async",
     "deferrable",
     "DeferNotAllowed",
     "AlreadyEnqueued",

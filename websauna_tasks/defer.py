@@ -31,6 +31,7 @@ from pyramid.exceptions import ConfigurationError
 from pyramid.registry import Registry
 from pyramid.threadlocal import get_current_registry
 
+from .async_dispatch import off_loop, running_loop
 from .dispatch import send, transaction_to_wait_for
 from .registry import ICeleryApp
 from .request import current_task_request
@@ -234,6 +235,36 @@ def defer(fn: t.Callable[..., t.Any], *args: t.Any, _queue: str | None = "defaul
     if sent.id != task_id:
         logger.info("defer(%s): a task named %r is already enqueued as %s", path, _name, sent.id)
     return sent.id
+
+
+def defer_async(fn: t.Callable[..., t.Any], *args: t.Any, _queue: str | None = "default",
+                _countdown: float | None = None, _eta: datetime | None = None, _name: str | None = None,
+                _transactional: bool | None = None, _tm: t.Any = None, _raise_if_enqueued: bool = False,
+                _registry: Registry | None = None, **kwargs: t.Any) -> t.Coroutine[t.Any, t.Any, str]:
+    """``await defer_async(fn, *args, **kwargs)``: :func:`defer` from a coroutine, returns the task id.
+
+    The same options and refusals, raised from the ``await``. The app and the
+    transaction are looked up at the call, on the loop's thread (both may be
+    thread locals); a message sent now then goes through :func:`defer`, and
+    so the send pipeline, in the publisher thread, off the event loop
+    (websauna_tasks/async_dispatch.py). RuntimeError at the call when no
+    event loop is running.
+    """
+    loop = running_loop("defer_async()", "defer()")
+    registry = _app_of(_registry)[1]
+    manager = transaction_to_wait_for(_transactional, _tm)
+    call = functools.partial(
+        defer, fn, *args, _queue=_queue, _countdown=_countdown, _eta=_eta, _name=_name,
+        _transactional=manager is not None, _tm=manager, _raise_if_enqueued=_raise_if_enqueued,
+        _registry=registry, **kwargs)
+    return _defer_when_awaited(loop, call, held=manager is not None)
+
+
+async def _defer_when_awaited(loop: t.Any, call: t.Callable[[], str], held: bool) -> str:
+    if held:
+        # Held for the commit on this thread, whose transaction.manager it may be: nothing is published yet.
+        return call()
+    return await off_loop(loop, call)
 
 
 # dont_autoretry_for: a refused path stays refused, whatever a declared queue's max_attempts says.

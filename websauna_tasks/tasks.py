@@ -20,7 +20,7 @@ from pyramid.request import Request
 from pyramid.threadlocal import get_current_registry
 from pyramid.threadlocal import manager as threadlocal_manager
 
-from . import dispatch
+from . import async_dispatch, dispatch
 from .dispatch import transaction_to_wait_for
 from .events import notify_task_finished
 from .idempotency import check_idempotent_class, claim_run
@@ -318,6 +318,18 @@ class WebsaunaTask(celery.Task):
         otherwise. For options, use :meth:`apply_async`.
         """
         return self.apply_async(args, kwargs, tm=transaction_to_wait_for(None)).id
+
+    #: Taiga's name for the sync call (``sample_task.defer_sync(1, 2)``), where ``defer`` is the async one.
+    defer_sync = defer
+
+    def defer_async(self, *args: t.Any, **kwargs: t.Any) -> t.Coroutine[t.Any, t.Any, str]:
+        """``await task.defer_async(*args, **kwargs)``: :meth:`defer` from a coroutine, returns the task id.
+
+        The transaction is the one active at the call; a message sent now is
+        published off the event loop (websauna_tasks/async_dispatch.py).
+        RuntimeError at the call when no event loop is running.
+        """
+        return async_dispatch.defer_task(self, args, kwargs)
 
     def _check_arguments(self, args: tuple, kwargs: dict) -> None:
         check = getattr(self, "__header__", None)

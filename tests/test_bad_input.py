@@ -35,7 +35,9 @@ def settings_for(redis_url, database_url, queue_name, **extra):
     celery = {"broker_url": redis_url, "task_default_queue": queue_name}
     settings = {"websauna.celery_config": repr(celery), "sqlalchemy.url": database_url,
                 "websauna.site_url": "https://example.com/app",
-                "websauna_tasks.deadletter_queue": f"{queue_name}.dead"}
+                "websauna_tasks.deadletter_queue": f"{queue_name}.dead",
+                # Unknown tasks are dead letters at once here; the grace of a deploy: tests/test_rolling_deploys.py.
+                "websauna_tasks.unknown_task_grace_seconds": "0"}
     settings.update(extra)
     return settings
 

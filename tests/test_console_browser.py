@@ -95,6 +95,7 @@ def console_ini(tmp_path, redis_url, database_url, queue_name, dead_key, redis_c
         "[app:main]", "use = call:tests.apps.console_app:main",
         f"websauna.celery_config = {celery!r}", f"sqlalchemy.url = {database_url}",
         f"websauna_tasks.deadletter_queue = {dead_key}", "websauna_tasks.outbox = true",
+        "websauna_tasks.unknown_task_grace_seconds = 0",
         f"websauna_tasks.app_name = console-{queue_name}", ""]))
     yield str(path)
     redis_client.delete(f"websauna_tasks:console:runs:console-{queue_name}")

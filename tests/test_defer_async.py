@@ -336,3 +336,26 @@ def test_a_real_worker_runs_what_was_deferred_after_the_request_commits(
     values = {json.loads(v)["value"] for k, v in seen.items() if k.startswith("fn")}
     assert values == {"fn-on-commit", "fn-now"}
     assert not any("aborted" in key or "aborted" in value for key, value in seen.items())
+
+
+# -- inside an async task body: the run's transaction, found through a context variable -----------------
+
+@pytest.mark.parametrize("fail", [False, True], ids=["commits", "fails"])
+def test_an_async_body_defers_after_its_runs_commit(make_app, task_client, fail):
+    from websauna_tasks.testing import DrainLimitExceeded
+
+    router = make_app(**memory_settings(**{"tests.scan": "tests.apps.async_defer_tasks"}))
+    parent = get_celery(router.registry).tasks["tests.async_defer.fan_out"]
+    parent.apply_async((3,), {"fail": fail}, tm=None)
+    if fail:
+        # The run's transaction aborts: what its body deferred is dropped with it.
+        task_client.drain_pending_jobs(None, max_runs=1, failure_behaviour="continue")
+        assert [job.task_name for job in task_client.failed_jobs] == ["tests.async_defer.fan_out"]
+        assert task_client.pending_jobs == []
+        return
+    with pytest.raises(DrainLimitExceeded):
+        task_client.drain_pending_jobs(None, max_runs=1)
+    (run,) = task_client.succeeded_jobs
+    children = task_client.pending_jobs
+    assert sorted(job.args[0] for job in children) == ["child-0", "child-1", "child-2", "child-fn"]
+    assert {job.id for job in children} == set(run.result), "the ids the body was given are the ones sent"

@@ -36,7 +36,9 @@ def settings_for(redis_url, database_url, queue_name):
             "websauna.site_url": "https://example.com/app",
             "websauna_tasks.deadletter_queue": f"{queue_name}.dead",
             "websauna_tasks.max_message_bytes": str(LIMIT),
-            "websauna_tasks.defer_allowed_modules": "tests"}
+            "websauna_tasks.defer_allowed_modules": "tests",
+            # The unknown task of the battery is a dead letter at once, not given back for a deploy's grace.
+            "websauna_tasks.unknown_task_grace_seconds": "0"}
 
 
 def template_entry(celery, redis_client, queue_name):

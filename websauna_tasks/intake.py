@@ -19,7 +19,11 @@ consumer, before Celery's strategy builds a request:
    :data:`MAX_BODY_DEPTH` deep, so the pool's pickling only ever sees
    payloads of a bounded depth;
 5. a deferred call (``websauna_tasks.deferred``) must name a function that
-   ``defer()`` itself would send (:func:`~websauna_tasks.defer.resolve_deferred`).
+   ``defer()`` itself would send (:func:`~websauna_tasks.defer.resolve_deferred`);
+6. the arguments must fit the task's signature (``signature_mismatch``);
+7. a task this worker does not know is given back to the broker for
+   ``websauna_tasks.unknown_task_grace_seconds`` before it is a dead letter:
+   in a rolling deploy a newer worker knows it (rolling.py).
 
 A message that fails goes to the dead letters (deadletters/) with a reason,
 and is acknowledged: it never runs and never comes back. Whatever else goes
@@ -49,6 +53,7 @@ from .defer import DEFERRED_TASK_NAME, DeferNotAllowed, allowed_prefixes, resolv
 from .observability import hooks
 from .payload import MAX_NESTING_DEPTH, nesting_exceeds
 from .redis_transport import QUARANTINE_HEADER
+from .rolling import UnknownTasks, signature_problem
 from .settings import MAX_MESSAGE_KEY, get_task_settings
 from .state import app_state, find_state
 
@@ -81,6 +86,8 @@ class Intake:
         # Verdicts on deferred paths: the same few functions arrive again and
         # again, and resolving one imports and inspects.
         self._deferred: OrderedDict[str, str | None] = OrderedDict()
+        #: None: an unknown task goes to the dead letters at once, through Celery's own refusal.
+        self.unknown: UnknownTasks | None = None
 
     @property
     def letters(self) -> DeadLetters:
@@ -114,6 +121,11 @@ class Intake:
             return "malformed", problem
         if name == DEFERRED_TASK_NAME:
             return self._deferred_problem(payload[0], payload[1])
+        task = self.app.tasks.get(name)
+        if task is not None:
+            mismatch = signature_problem(task, payload[0], payload[1])
+            if mismatch is not None:
+                return "signature_mismatch", mismatch
         return None
 
     def _deferred_problem(self, args: list, kwargs: dict) -> tuple[str, str] | None:
@@ -317,7 +329,7 @@ class IntakeStep(bootsteps.Step):
         # the Tasks step hands on_decode_error to kombu after this runs.
         for attribute, kind in _CELERY_REFUSALS:
             setattr(parent, attribute, _copying(intake, getattr(parent, attribute), kind))
-        parent.create_task_handler = _gated(intake, parent.create_task_handler)
+        parent.create_task_handler = _gated(intake, parent.create_task_handler, parent)
 
 
 def _copying(intake: Intake, original: t.Callable[..., t.Any], kind: str) -> t.Callable[..., t.Any]:
@@ -342,7 +354,8 @@ def _copying(intake: Intake, original: t.Callable[..., t.Any], kind: str) -> t.C
     return handler
 
 
-def _gated(intake: Intake, create: t.Callable[..., t.Callable[[t.Any], t.Any]]) -> t.Callable[..., t.Any]:
+def _gated(intake: Intake, create: t.Callable[..., t.Callable[[t.Any], t.Any]],
+           consumer: t.Any = None) -> t.Callable[..., t.Any]:
     def create_task_handler(*args: t.Any, **kwargs: t.Any) -> t.Callable[[t.Any], t.Any]:
         on_task_received = create(*args, **kwargs)
 
@@ -353,6 +366,15 @@ def _gated(intake: Intake, create: t.Callable[..., t.Callable[[t.Any], t.Any]]) 
                 problem = "intake_error", f"checking the message failed: {type(exc).__name__}: {exc}"
             if problem is not None:
                 intake.refuse(message, *problem)
+                return None
+            name = _unknown_task(intake, message, consumer)
+            if name is not None:
+                try:
+                    intake.unknown.take(message, name, consumer)  # type: ignore[union-attr]
+                except Exception as exc:
+                    logger.exception("websauna_tasks: giving back message %s failed", _id_of(message))
+                    intake.refuse(message, "intake_error",
+                                  f"giving back an unknown task failed: {type(exc).__name__}: {exc}"[:1000])
                 return None
             try:
                 return on_task_received(message)
@@ -368,6 +390,17 @@ def _gated(intake: Intake, create: t.Callable[..., t.Callable[[t.Any], t.Any]]) 
     return create_task_handler
 
 
+def _unknown_task(intake: Intake, message: t.Any, consumer: t.Any) -> str | None:
+    """The name of ``message``'s task when the grace applies to it: a protocol-2 task this worker does not know."""
+    if intake.unknown is None or consumer is None or not intake.unknown.grace:
+        return None
+    headers = message.headers
+    name = headers.get("task") if isinstance(headers, dict) else None
+    if not isinstance(name, str) or name in consumer.strategies:
+        return None
+    return name
+
+
 def _id_of(message: t.Any) -> t.Any:
     headers = getattr(message, "headers", None)
     return headers.get("id") if isinstance(headers, dict) else None
@@ -378,9 +411,12 @@ def configure_intake(registry: Registry, app: Celery, max_bytes: int | None = No
 
     ``max_bytes`` defaults to ``websauna_tasks.max_message_bytes`` (settings.py).
     """
+    settings = get_task_settings(registry)
     if max_bytes is None:
-        max_bytes = get_task_settings(registry).max_message_bytes
+        max_bytes = settings.max_message_bytes
     intake = Intake(app, registry, max_bytes)
+    intake.unknown = UnknownTasks(app, settings.unknown_task_grace_seconds, settings.unknown_task_retry_seconds,
+                                  intake.refuse)
     app_state(app).intake = intake
     app.steps["consumer"].add(IntakeStep)
     return intake

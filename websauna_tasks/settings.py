@@ -84,6 +84,8 @@ MAX_MESSAGE_KEY = "websauna_tasks.max_message_bytes"
 DEADLETTER_QUEUE_KEY = "websauna_tasks.deadletter_queue"
 IDEMPOTENCY_RETENTION_KEY = "websauna_tasks.idempotency_retention_seconds"
 IDEMPOTENCY_CREATE_TABLE_KEY = "websauna_tasks.idempotency_create_table"
+UNKNOWN_TASK_GRACE_KEY = "websauna_tasks.unknown_task_grace_seconds"
+UNKNOWN_TASK_RETRY_KEY = "websauna_tasks.unknown_task_retry_seconds"
 IDEMPOTENCY_PRUNE_INTERVAL_KEY = "websauna_tasks.idempotency_prune_interval_seconds"
 DB_OUTAGE_RETRIES_KEY = "websauna_tasks.db_outage_retries"
 DB_OUTAGE_BACKOFF_MAX_KEY = "websauna_tasks.db_outage_backoff_max_seconds"
@@ -127,6 +129,10 @@ DEFAULT_DB_OUTAGE_RETRIES = 10
 DEFAULT_DB_OUTAGE_BACKOFF_MAX_SECONDS = 60.0
 DEFAULT_METRICS_PATH = "/metrics"
 DEFAULT_CONSOLE_PREFIX = "/_tasks"
+#: Five minutes: a rolling deploy of a few workers is over by then (docs/deploying.md).
+DEFAULT_UNKNOWN_TASK_GRACE_SECONDS = 300.0
+#: Each give-back of an unknown task costs a publish; every 15 s keeps that cheap and a new worker's wait short.
+DEFAULT_UNKNOWN_TASK_RETRY_SECONDS = 15.0
 DEFAULT_CONSOLE_PERMISSION = "websauna_tasks.console"
 DEFAULT_CONSOLE_RECENT_RUNS = 1000
 DEFAULT_METRICS_ADDRESS = "127.0.0.1"
@@ -668,6 +674,12 @@ SETTINGS: tuple[Setting, ...] = (
             "times a transactional run that lost its database is sent again (0: never)"),
     Setting(DB_OUTAGE_BACKOFF_MAX_KEY, _seconds(0.01, _ONE_DAY), DEFAULT_DB_OUTAGE_BACKOFF_MAX_SECONDS,
             "longest countdown between those runs"),
+    Setting(UNKNOWN_TASK_GRACE_KEY, _seconds(1, _ONE_DAY, zero_means="dead letter at once"),
+            DEFAULT_UNKNOWN_TASK_GRACE_SECONDS,
+            "how long a message for a task this worker does not know is given back to the broker before it is a "
+            "dead letter"),
+    Setting(UNKNOWN_TASK_RETRY_KEY, _seconds(0.1, 3600), DEFAULT_UNKNOWN_TASK_RETRY_SECONDS,
+            "the delay of each give-back of a message for an unknown task"),
     Setting(CREATE_TABLES_KEY, Choice(("auto", "never")), "auto",
             "auto: create the library's tables on first use; never: startup checks they exist"),
     Setting(METRICS_KEY, Boolean(), False, "count dispatches, runs, the outbox and dead letters for Prometheus"),
@@ -751,6 +763,9 @@ class TaskSettings:
     #: "": the route needs no permission.
     metrics_permission: str
     #: 0: no worker endpoint.
+    #: 0: an unknown task is a dead letter at once.
+    unknown_task_grace_seconds: float
+    unknown_task_retry_seconds: float
     metrics_port: int
     metrics_address: str
     metrics_duration_buckets: tuple[float, ...]

@@ -1,0 +1,198 @@
+"""Rolling deploys at the worker's intake: tasks this worker does not know yet, and arguments that do not fit.
+
+During a deploy old and new workers take from the same queues (docs/deploying.md).
+A message for a task added in the new code can reach an old worker: that is
+not an error, so :class:`UnknownTasks` gives it back to the broker with a
+delay (the existing :func:`~websauna_tasks.broker.republish`, with an ``eta``)
+until a worker that knows it takes it, for up to
+``websauna_tasks.unknown_task_grace_seconds``. The time a worker first saw it
+travels in :data:`FIRST_SEEN_HEADER`, so the grace is measured across
+workers and give-backs, and only then is the message a dead letter.
+
+A message whose arguments do not fit the task's signature would fail with a
+``TypeError`` at every run; :func:`signature_problem` finds that before the
+request is built, so it is a dead letter (``signature_mismatch``) at once.
+"""
+from __future__ import annotations
+
+import datetime
+import inspect
+import logging
+import math
+import time
+import typing as t
+
+from . import broker
+from .reliability import check_delay
+
+if t.TYPE_CHECKING:
+    from celery import Celery, Task
+
+logger = logging.getLogger(__name__)
+
+#: Unix time at which a worker first found the message's task unknown; kept on every give-back.
+FIRST_SEEN_HEADER = "websauna_unknown_since"
+
+
+def first_seen(headers: t.Mapping[str, t.Any], now: float) -> float:
+    """When the grace of a message began: its header, or ``now`` when the header is absent or not believable.
+
+    Anybody can write the header. A value that is not a finite number, or
+    lies in the future, starts the grace now rather than extending it.
+    """
+    value = headers.get(FIRST_SEEN_HEADER)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return now
+    try:
+        value = float(value)  # an int of 400 digits is JSON too
+    except OverflowError:
+        return now
+    if not math.isfinite(value) or value > now:
+        return now
+    return value
+
+
+def _eta_timestamp(headers: t.Mapping[str, t.Any]) -> float | None:
+    eta = headers.get("eta")
+    if not isinstance(eta, str):
+        return None
+    try:
+        parsed = datetime.datetime.fromisoformat(eta)
+    except ValueError:
+        return None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=datetime.timezone.utc)
+    try:
+        return parsed.timestamp()
+    except (OverflowError, ValueError, OSError):
+        return None
+
+
+class UnknownTasks:
+    """Gives messages for tasks this worker does not know back to the broker, until the grace is over.
+
+    ``refuse(message, kind, reason)`` is the intake's way to the dead letters.
+    ``timer`` and ``qos`` are the worker consumer's: a message due later is
+    held unacknowledged on the timer, as Celery holds a countdown, so that
+    old workers do not pass it back and forth without pause.
+    """
+
+    def __init__(self, app: Celery, grace: float, retry: float,
+                 refuse: t.Callable[[t.Any, str, str], None]) -> None:
+        self.app = app
+        self.grace = grace
+        self.retry = min(retry, grace) if grace else retry
+        self.refuse = refuse
+        if grace:
+            # A give-back is a message held by the next worker until its eta:
+            # Redis must not hand it out again meanwhile.
+            check_delay(app, "websauna_tasks.unknown_task_retry_seconds", {"countdown": self.retry}, self.retry)
+
+    def take(self, message: t.Any, name: str, consumer: t.Any, since: float | None = None) -> None:
+        """Decide on ``message`` for the unknown task ``name``: hold it, give it back, or dead-letter it.
+
+        ``since``: the start of the grace when this worker already held the
+        message, so that holding never restarts it.
+        """
+        headers = message.headers
+        now = time.time()
+        if since is None:
+            since = first_seen(headers, now)
+        waited = now - since
+        if not self.grace or waited >= self.grace:
+            self.refuse(message, "unknown_task", self._reason(name, waited))
+            return
+        due = _eta_timestamp(headers)
+        if due is not None and due > now + 0.05:
+            # At most one retry at a time, and never past the grace: a forged eta far ahead cannot park it.
+            self._hold(message, name, consumer, since, min(due - now, self.retry, since + self.grace - now))
+            return
+        self._give_back(message, name, consumer, since, now)
+
+    def _reason(self, name: str, waited: float) -> str:
+        if not self.grace:
+            return f"unknown task {name!r} (not registered in this worker)"
+        return (f"unknown task {name!r} (not registered in this worker), still unknown after waiting {waited:.0f} s "
+                f"(websauna_tasks.unknown_task_grace_seconds = {self.grace:g})")
+
+    def _hold(self, message: t.Any, name: str, consumer: t.Any, since: float, seconds: float) -> None:
+        qos = getattr(consumer, "qos", None)
+        if qos is not None:
+            # Held unacknowledged, it still counts against the prefetch: make room as Celery does for an eta.
+            qos.increment_eventually()
+
+        def again() -> None:
+            if qos is not None:
+                qos.decrement_eventually()
+            try:
+                self.take(message, name, consumer, since)
+            except Exception as exc:
+                logger.exception("websauna_tasks: deciding on held message %s failed", headers_id(message))
+                self.refuse(message, "intake_error", f"deciding on an unknown task failed: {type(exc).__name__}: "
+                                                     f"{exc}"[:1000])
+
+        consumer.timer.call_after(max(seconds, 0.0), again, priority=6)
+
+    def _give_back(self, message: t.Any, name: str, consumer: t.Any, since: float, now: float) -> None:
+        delay = min(self.retry, since + self.grace - now)
+        eta = datetime.datetime.fromtimestamp(now + delay, datetime.timezone.utc)
+        headers = {key: value for key, value in message.headers.items() if key != "compression"}
+        headers["eta"] = eta.isoformat()
+        headers[FIRST_SEEN_HEADER] = since
+        delivery_info = getattr(message, "delivery_info", None) or {}
+        queue = delivery_info.get("routing_key") or self.app.conf.task_default_queue
+        envelope = {"body": message.body, "headers": headers, "content-type": message.content_type,
+                    "content-encoding": message.content_encoding, "properties": dict(message.properties or {})}
+        try:
+            broker.republish(self.app, envelope, queue)
+        except Exception:
+            # Not acknowledged, so not lost: held and tried again after a retry.
+            logger.exception("websauna_tasks: could not give message %s for unknown task %r back to the broker",
+                             headers_id(message), name)
+            self._hold(message, name, consumer, since, delay)
+            return
+        # Published first, acknowledged second: a crash in between leaves a copy, never nothing.
+        message.ack()
+        logger.info("websauna_tasks: message %s for unknown task %r given back to queue %s for %.1f s "
+                    "(unknown for %.0f s of %g s)", headers_id(message), name, queue, delay, now - since, self.grace)
+
+
+def headers_id(message: t.Any) -> t.Any:
+    headers = getattr(message, "headers", None)
+    return headers.get("id") if isinstance(headers, dict) else None
+
+
+def signature_problem(task: Task, args: t.Sequence[t.Any], kwargs: t.Mapping[str, t.Any]) -> str | None:
+    """Why ``args``/``kwargs`` cannot call ``task`` (both signatures named), or None.
+
+    Celery's ``__header__`` (a function of the task's own signature, built
+    once per task) makes the check a single call for a message that fits;
+    tasks with ``typing = False`` opted out of argument checks and are
+    passed as they are.
+    """
+    if not getattr(task, "typing", True):
+        return None
+    check = getattr(task, "__header__", None)
+    if check is None:
+        return None
+    try:
+        check(*args, **kwargs)
+    except TypeError as exc:
+        return (f"{exc}: the message carries {carried_signature(args, kwargs)}, "
+                f"{task.name} takes {task_signature(task)}")
+    return None
+
+
+def carried_signature(args: t.Sequence[t.Any], kwargs: t.Mapping[str, t.Any]) -> str:
+    """The call a message makes, by shape: ``(2 positional, y=..., z=...)``."""
+    parts = [f"{len(args)} positional"] + [f"{key}=..." for key in kwargs]
+    text = ", ".join(parts)
+    return f"({text[:300]})"
+
+
+def task_signature(task: Task) -> str:
+    """The signature of ``task``'s ``run`` (without ``self`` for a bound task), or ``(?)``."""
+    try:
+        return str(inspect.signature(task.run))[:300]
+    except (TypeError, ValueError):
+        return "(?)"

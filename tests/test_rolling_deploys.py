@@ -239,7 +239,7 @@ def test_signature_problem_names_both_signatures_and_respects_typing_off():
 def test_the_signature_check_costs_microseconds():
     app = Celery("sig", broker="memory://", set_as_current=False)
 
-    @app.task(name="t.a", bind=True)
+    @app.task(name="t.cost", bind=True)
     def a(self, x, y="default"):
         return x
 

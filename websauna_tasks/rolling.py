@@ -152,7 +152,13 @@ class UnknownTasks:
             self._hold(message, name, consumer, since, delay)
             return
         # Published first, acknowledged second: a crash in between leaves a copy, never nothing.
-        message.ack()
+        try:
+            message.ack()
+        except Exception:
+            # The copy is out; the broker hands the original out again and it is given back once more.
+            logger.exception("websauna_tasks: could not acknowledge message %s after giving it back",
+                             headers_id(message))
+            return
         logger.info("websauna_tasks: message %s for unknown task %r given back to queue %s for %.1f s "
                     "(unknown for %.0f s of %g s)", headers_id(message), name, queue, delay, now - since, self.grace)
 

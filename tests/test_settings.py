@@ -97,6 +97,7 @@ def test_every_websauna_tasks_key_constant_in_the_package_is_declared():
         "websauna_tasks.engine", "websauna_tasks.sessionmaker", "websauna_tasks.transaction_events",
         "websauna_tasks.defer_allowed_prefixes", "websauna_tasks.dispatch_queue",
         "websauna_tasks.iteration_tables_ready", "websauna_tasks.name_store_instance",
+        "websauna_tasks.cancel_store_instance",
         "websauna_tasks.queues_config", "websauna_tasks.request_template", "websauna_tasks.task_settings",
         "websauna_tasks.health_timeout", "websauna_tasks.console_mounted",
     }

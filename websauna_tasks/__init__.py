@@ -14,6 +14,7 @@ from pyramid.tweens import INGRESS
 from ._version import __version__ as __version__
 from .after_response import AFTER_RESPONSE_OVER, run_after_response
 from .app import make_celery
+from .cancel import cancel, cancel_name
 from .db import configure_dbsession
 from .deadletters import (
     configure_deadletter,
@@ -85,6 +86,8 @@ __all__ = [
     "get_redis",
     "get_secrets",
     "TaskFinished",
+    "cancel",
+    "cancel_name",
 ]
 
 

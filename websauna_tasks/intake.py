@@ -25,6 +25,9 @@ consumer, before Celery's strategy builds a request:
    ``websauna_tasks.unknown_task_grace_seconds`` before it is a dead letter:
    in a rolling deploy a newer worker knows it (rolling.py).
 
+A message that passes but whose id was cancelled (cancel.py) is acknowledged
+as revoked and does not run either.
+
 A message that fails goes to the dead letters (deadletters/) with a reason,
 and is acknowledged: it never runs and never comes back. Whatever else goes
 wrong while Celery takes the message in is caught the same way, so nothing
@@ -48,6 +51,7 @@ from celery import bootsteps
 from celery.backends.base import DisabledBackend
 from celery.utils.time import maybe_iso8601
 
+from .cancel import skip_cancelled
 from .deadletters import DeadLetters, dead_letter, get_dead_letters
 from .defer import DEFERRED_TASK_NAME, DeferNotAllowed, allowed_prefixes, resolve_deferred
 from .observability import hooks
@@ -366,6 +370,8 @@ def _gated(intake: Intake, create: t.Callable[..., t.Callable[[t.Any], t.Any]],
                 problem = "intake_error", f"checking the message failed: {type(exc).__name__}: {exc}"
             if problem is not None:
                 intake.refuse(message, *problem)
+                return None
+            if skip_cancelled(intake.app, intake.registry, message):  # cancel.py: marks outlive workers
                 return None
             name = _unknown_task(intake, message, consumer)
             if name is not None:

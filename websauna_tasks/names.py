@@ -68,6 +68,9 @@ class NameStore(t.Protocol):
     def keep(self, name: str, task_id: str, seconds: float) -> None:
         """Let ``task_id``'s claim of ``name`` expire after ``seconds`` (now when 0)."""
 
+    def holder(self, name: str) -> str | None:
+        """The id of the task holding ``name``, None when it is free."""
+
 
 class RedisNameStore:
     # Compare-and-act in one script: a claim that expired and was taken by
@@ -106,6 +109,10 @@ class RedisNameStore:
             self.release(name, task_id)
         else:
             self._keep(keys=[self._key(name)], args=[task_id, max(1, int(seconds * 1000))])
+
+    def holder(self, name: str) -> str | None:
+        held = self.client.get(self._key(name))
+        return held.decode() if held is not None else None
 
 
 class SQLNameStore:
@@ -162,6 +169,12 @@ class SQLNameStore:
                          .where(table.c.name == self.prefix + name, table.c.task_id == task_id)
                          .values(expires_at=time.time() + seconds))
 
+    def holder(self, name: str) -> str | None:
+        table = names_table
+        with self._connect() as conn:
+            return conn.execute(sa.select(table.c.task_id).where(
+                table.c.name == self.prefix + name, table.c.expires_at > time.time())).scalar()
+
 
 class MemoryNameStore:
     """For ``memory://`` brokers, which cannot reach another process either."""
@@ -192,6 +205,11 @@ class MemoryNameStore:
                     del self.claims[name]
                 else:
                     self.claims[name] = (task_id, time.monotonic() + seconds)
+
+    def holder(self, name: str) -> str | None:
+        with self.lock:
+            held = self.claims.get(name)
+        return held[0] if held is not None and held[1] > time.monotonic() else None
 
 
 def get_name_store(registry: Registry, app: Celery) -> NameStore:

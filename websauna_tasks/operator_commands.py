@@ -362,9 +362,46 @@ def _healthcheck(app: t.Any, options: argparse.Namespace) -> int:
     return 0 if report.healthy else 1
 
 
+# -- cancellation --------------------------------------------------------------------------------------------------
+
+def cancel(app: t.Any, args: list[str]) -> int:
+    """Cancel a pending task by id, or the one holding a name: it will not run, whichever worker takes it.
+
+    ``ws-celery INI -- cancel ID`` or ``cancel --name NAME`` (websauna_tasks.cancel).
+    """
+    parser = _Parser(prog="ws-celery INI -- cancel",
+                     description="Mark a task id cancelled for websauna_tasks.cancel_retention_seconds; workers "
+                                 "acknowledge its message as REVOKED without running it (docs/cancel_and_progress.md).")
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("task_id", nargs="?", help="the task id")
+    target.add_argument("--name", help="the name a pending task claimed (unique_name= / _name=)")
+    return _run(parser, args, lambda options: _cancel(app, options))
+
+
+def _cancel(app: t.Any, options: argparse.Namespace) -> int:
+    from pyramid.exceptions import ConfigurationError
+
+    from .cancel import cancel as cancel_id
+    from .cancel import cancel_name
+
+    try:
+        if options.name is not None:
+            held = cancel_name(options.name, app)
+            if held is None:
+                raise Failed(f"cancel: no pending task holds the name {options.name[:200]!r}")
+            print(f"cancelled {held} (name {options.name})")
+            return 0
+        removed = cancel_id(options.task_id, app)
+    except (TypeError, ValueError, ConfigurationError) as exc:
+        raise Failed(f"cancel: {exc}", code=2) from None
+    print(f"cancelled {options.task_id}" + (" (its unsent outbox row deleted)" if removed else ""))
+    return 0
+
+
 COMMANDS: dict[str, t.Callable[[t.Any, list[str]], int]] = {
     "dead-letters": dead_letters,
     "outbox-status": outbox_status,
     "init": init,
     "healthcheck": healthcheck,
+    "cancel": cancel,
 }

@@ -5,7 +5,7 @@ here, once; the modules that use one import it from here (and still export
 it under the name they always had: ``outbox.outbox_table``,
 ``idempotency.done_table``, ``names.names_table``,
 ``iteration.iterations_table`` / ``shards_table``; ``deadletters``
-uses ``dead_letters_table``).
+uses ``dead_letters_table``, ``cancel`` ``cancellations_table``).
 
 :data:`metadata` is what an application hands to Alembic next to its own
 (``target_metadata = [Base.metadata, websauna_tasks.schema.metadata]``),
@@ -151,6 +151,19 @@ dead_letters_kind_index = sa.Index("ix_websauna_tasks_dead_letters_kind", dead_l
 #: prune: the rows older than a time.
 dead_letters_time_index = sa.Index("ix_websauna_tasks_dead_letters_time", dead_letters_table.c.list_name,
                                    dead_letters_table.c.recorded_at)
+
+# -- cancellations (cancel.py), when there is no Redis to keep them in ---------------------------------------
+
+CANCELLATIONS_TABLE_NAME = "websauna_tasks_cancellations"
+
+cancellations_table = sa.Table(
+    CANCELLATIONS_TABLE_NAME, metadata,
+    # The Celery app's name and the task id, as the Redis key holds them: apps sharing a database stay apart.
+    sa.Column("app", sa.String(255), primary_key=True),
+    sa.Column("task_id", sa.String(255), primary_key=True),
+    # Epoch seconds: the mark is ignored, then pruned, after this.
+    sa.Column("expires_at", sa.Float, nullable=False, index=True),
+)
 
 #: Every table, parents before the tables that refer to them.
 TABLES: tuple[sa.Table, ...] = tuple(metadata.sorted_tables)

@@ -61,6 +61,7 @@ DEFER_ALLOWED_MODULES_KEY = "websauna_tasks.defer_allowed_modules"
 NAME_STORE_KEY = "websauna_tasks.name_store"
 NAME_RETENTION_KEY = "websauna_tasks.name_retention_seconds"
 NAME_PENDING_KEY = "websauna_tasks.name_pending_seconds"
+CANCEL_RETENTION_KEY = "websauna_tasks.cancel_retention_seconds"
 QUEUES_KEY = "websauna_tasks.queues"
 ALLOW_UNDECLARED_KEY = "websauna_tasks.allow_undeclared_queues"
 LIMITS_REDIS_URL_KEY = "websauna_tasks.limits_redis_url"
@@ -108,6 +109,8 @@ DEFAULT_APP_NAME = "websauna_tasks"
 DEFAULT_SITE_URL = "http://localhost"
 DEFAULT_RETRY_ATTEMPTS = 3
 DEFAULT_NAME_PENDING_SECONDS = 24 * 3600.0
+#: A week: longer than any message waits in a queue, short enough not to pile up marks.
+DEFAULT_CANCEL_RETENTION_SECONDS = 7 * 24 * 3600.0
 DEFAULT_QUEUE_WAIT_SECONDS = 1.0
 DEFAULT_ITERATION_TIME_BUDGET = 570.0
 DEFAULT_ITERATION_BATCH_SIZE = 100
@@ -623,6 +626,8 @@ SETTINGS: tuple[Setting, ...] = (
             "how long a name stays taken after its task ran"),
     Setting(NAME_PENDING_KEY, _seconds(0, _TEN_YEARS), DEFAULT_NAME_PENDING_SECONDS,
             "how long a claim of a task that never runs is kept, plus any countdown"),
+    Setting(CANCEL_RETENTION_KEY, _seconds(1, _TEN_YEARS), DEFAULT_CANCEL_RETENTION_SECONDS,
+            "how long cancel() keeps a task id marked cancelled"),
     Setting(QUEUES_KEY, Queues(), None, "the declared queues", default_text="none declared"),
     Setting(ALLOW_UNDECLARED_KEY, Boolean(), False, "let tasks go to queues that are not declared"),
     Setting(LIMITS_REDIS_URL_KEY, RedisURL(), "",
@@ -725,6 +730,7 @@ class TaskSettings:
     name_store: str
     name_retention_seconds: float
     name_pending_seconds: float
+    cancel_retention_seconds: float
     #: None: no queue declared, so none is enforced.
     queues: tuple[QueueConfig, ...] | None
     allow_undeclared_queues: bool

@@ -21,6 +21,7 @@ from pyramid.threadlocal import get_current_registry
 from pyramid.threadlocal import manager as threadlocal_manager
 
 from . import async_dispatch, dispatch
+from .cancel import cancelled_message
 from .dispatch import transaction_to_wait_for
 from .events import notify_task_finished
 from .idempotency import check_idempotent_class, claim_run
@@ -243,6 +244,12 @@ class WebsaunaTask(celery.Task):
                 "(in a worker or in eager mode), not when it is called to be scheduled"
             )
         return request
+
+    def is_cancelled(self) -> bool:
+        """Whether this run's task id was cancelled (``websauna_tasks.cancel``): poll it to stop cooperatively."""
+        state = find_state(self.app)
+        task_id = self.request.id
+        return bool(task_id) and state is not None and cancelled_message(state.registry, task_id)
 
     def retry(self, *args: t.Any, **kwargs: t.Any) -> t.Any:
         """Celery's ``retry``; an error it raises because the task's retries ran out stays final.

@@ -1,0 +1,234 @@
+"""cancel() and cancel_name(): marks every worker reads, kept across restarts; real Redis, PostgreSQL and workers."""
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+import uuid
+
+import pytest
+import sqlalchemy as sa
+from celery.result import AsyncResult
+
+from tests.apps import deferred_functions, sample_tasks
+from tests.outbox_helpers import outbox_rows
+from tests.test_cli import ws_celery_argv
+from websauna_tasks import cancel, cancel_name, defer, get_celery
+from websauna_tasks.cancel import (
+    MAX_TASK_ID_LENGTH,
+    RedisCancelStore,
+    SQLCancelStore,
+    cancelled_message,
+    check_task_id,
+    get_cancel_store,
+    is_cancelled,
+)
+from websauna_tasks.request import task_request
+from websauna_tasks.schema import cancellations_table
+from websauna_tasks.settings import CANCEL_RETENTION_KEY
+from websauna_tasks.testing import wait_for
+
+SCAN = "tests.apps.cancel_tasks"
+
+
+def redis_settings(redis_url, database_url, queue_name, **extra):
+    celery = {"broker_url": redis_url, "task_default_queue": queue_name, "result_backend": redis_url,
+              "result_expires": 600}
+    return {"websauna.celery_config": repr(celery), "sqlalchemy.url": database_url, "tests.scan": SCAN, **extra}
+
+
+def effects(db) -> set[str]:
+    """What ran: sample_tasks.record keeps its value in ``value``, deferred_functions.record in ``task_id``."""
+    with db.connect() as conn:
+        rows = conn.execute(sa.text("SELECT task_id, value FROM ws_test_effects")).all()
+    return {row[0] for row in rows} | {row[1] for row in rows}
+
+
+def run_cli(*args, env):
+    return subprocess.run([*ws_celery_argv(), *args], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, **env})
+
+
+# -- the ids a cancel accepts (no service) --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("forged", [12345, None, b"abc", ["id"], 1.5])
+def test_a_task_id_that_is_not_a_string_is_a_type_error(forged):
+    with pytest.raises(TypeError):
+        check_task_id(forged)
+
+
+@pytest.mark.parametrize("forged", ["", "x" * (MAX_TASK_ID_LENGTH + 1), "a\nb", " padded", "x" * 10_000_000])
+def test_an_empty_huge_or_unprintable_task_id_is_a_value_error(forged):
+    with pytest.raises(ValueError):
+        check_task_id(forged)
+
+
+@pytest.mark.parametrize("header", [None, 5, "", "x" * (MAX_TASK_ID_LENGTH + 1), ["a"]])
+def test_the_intake_never_looks_up_a_header_that_cannot_be_an_id(header):
+    # No registry is needed: the check stops before the store.
+    assert cancelled_message(None, header) is False
+
+
+# -- Redis --------------------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_cancelled_before_a_fresh_worker_starts_never_runs(
+        make_app, redis_url, database_url, queue_name, db, redis_client, write_ini, ws_celery_worker_factory,
+        subprocess_env):
+    settings = redis_settings(redis_url, database_url, queue_name, **{CANCEL_RETENTION_KEY: "120"})
+    router = make_app(**settings)
+    registry = router.registry
+    app = get_celery(registry)
+    # One worker takes and runs a task first, then is gone: what it knew dies with it.
+    worker = ws_celery_worker_factory(write_ini(settings), "worker", "-c", "1", env=subprocess_env)
+    warm = sample_tasks.record.apply_async(args=("warm",), tm=None)
+    AsyncResult(warm.id, app=app).get(timeout=30)
+    worker.stop()
+
+    sent = sample_tasks.record.apply_async(args=("sent-then-cancelled",), tm=None)
+    assert cancel(sent.id, registry) is False
+    # Cancelled before any message carries the id: the mark waits for it.
+    early = str(uuid.uuid4())
+    assert cancel(early, app) is False
+    sample_tasks.record.apply_async(args=("cancelled-before-sent",), task_id=early, tm=None)
+    name = f"cancel-job-{uuid.uuid4().hex[:8]}"
+    named = defer(deferred_functions.record, "named-cancelled", _name=name, _registry=registry)
+    assert cancel_name(name, registry) == named
+    assert cancel_name(name, registry) is None  # the name is free again
+    renamed = defer(deferred_functions.record, "named-after", _name=name, _registry=registry)
+    assert renamed != named
+    last = sample_tasks.record.apply_async(args=("runs",), tm=None)
+
+    key = f"websauna_tasks:cancel:{app.main}:{sent.id}"
+    assert 110_000 < redis_client.pttl(key) <= 120_000
+
+    fresh = ws_celery_worker_factory(write_ini(settings, "fresh.ini"), "worker", "-c", "1", env=subprocess_env)
+    AsyncResult(last.id, app=app).get(timeout=30)
+    AsyncResult(renamed, app=app).get(timeout=30)
+    for task_id in (sent.id, early, named):
+        assert wait_for(lambda task_id=task_id: AsyncResult(task_id, app=app).state == "REVOKED", timeout=15,
+                        describe=fresh.output)
+    ran = effects(db)
+    assert {"warm", "runs", "named-after"} <= ran
+    assert not {"sent-then-cancelled", "cancelled-before-sent", "named-cancelled"} & ran
+    assert fresh.output().count("was cancelled: acknowledged without running") == 3
+    assert not redis_client.llen(queue_name)
+
+
+@pytest.mark.slow
+def test_a_running_task_stops_when_it_polls_is_cancelled(
+        make_app, redis_url, database_url, queue_name, db, redis_client, write_ini, ws_celery_worker_factory,
+        subprocess_env):
+    from tests.apps import cancel_tasks
+
+    settings = redis_settings(redis_url, database_url, queue_name)
+    router = make_app(**settings)
+    app = get_celery(router.registry)
+    ws_celery_worker_factory(write_ini(settings), "worker", "-c", "1", env=subprocess_env)
+    started = f"wstest-started-{uuid.uuid4().hex}"
+    try:
+        result = cancel_tasks.until_cancelled.apply_async(args=(started,))
+        wait_for(lambda: redis_client.exists(started), timeout=30)
+        assert not is_cancelled(result.id, router.registry)
+        cancel(result.id, router.registry)
+        assert is_cancelled(result.id, router.registry)
+        assert AsyncResult(result.id, app=app).get(timeout=30) == "stopped"
+    finally:
+        redis_client.delete(started)
+
+
+def test_the_intake_check_is_one_round_trip(make_app, redis_url, database_url, queue_name, db):
+    """The per-message cost on the hot path, printed: one EXISTS against the local Redis."""
+    router = make_app(**redis_settings(redis_url, database_url, queue_name))
+    registry = router.registry
+    store = get_cancel_store(registry)
+    assert isinstance(store, RedisCancelStore)
+    cancelled = str(uuid.uuid4())
+    cancel(cancelled, registry)
+    ids = [str(uuid.uuid4()) for _ in range(2000)]
+    cancelled_message(registry, ids[0])  # connect first
+    started = time.perf_counter()
+    hits = sum(cancelled_message(registry, task_id) for task_id in ids)
+    per_message = (time.perf_counter() - started) / len(ids)
+    print(f"\ncancel check (Redis EXISTS): {per_message * 1e6:.0f} us per message")
+    assert hits == 0 and cancelled_message(registry, cancelled)
+    assert per_message < 0.005
+
+
+# -- PostgreSQL, when there is no Redis -----------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_without_redis_the_marks_are_rows_of_the_database(
+        make_app, tmp_path, database_url, db, write_ini, ws_celery_worker_factory, subprocess_env):
+    celery = {"broker_url": f"sqla+sqlite:///{tmp_path}/broker.sqlite"}
+    settings = {"websauna.celery_config": repr(celery), "sqlalchemy.url": database_url, "tests.scan": SCAN}
+    router = make_app(**settings)
+    registry = router.registry
+    store = get_cancel_store(registry)
+    assert isinstance(store, SQLCancelStore)
+    cancelled = sample_tasks.record.apply_async(args=("sql-cancelled",), tm=None)
+    cancel(cancelled.id, registry)
+    cancel(cancelled.id, registry)  # twice: still one row
+    with db.connect() as conn:
+        rows = conn.execute(sa.select(cancellations_table).where(
+            cancellations_table.c.task_id == cancelled.id)).all()
+    assert len(rows) == 1 and rows[0].expires_at > time.time() + 600_000
+    sample_tasks.record.apply_async(args=("sql-runs",), tm=None)
+    worker = ws_celery_worker_factory(write_ini(settings), "worker", "-c", "1", env=subprocess_env)
+    wait_for(lambda: "sql-runs" in effects(db), timeout=60, describe=worker.output)
+    wait_for(lambda: "was cancelled" in worker.output(), timeout=15, describe=worker.output)
+    assert "sql-runs" in effects(db) and "sql-cancelled" not in effects(db)
+
+
+# -- the outbox ---------------------------------------------------------------------------------------------------
+
+def test_an_unsent_outbox_row_is_deleted(make_app, redis_url, database_url, queue_name, db, redis_client):
+    settings = redis_settings(redis_url, database_url, queue_name, **{
+        "websauna_tasks.outbox": "true", "websauna_tasks.outbox_publish_on_commit": "false",
+        "websauna_tasks.outbox_relay_in_worker": "false"})
+    router = make_app(**settings)
+    registry = router.registry
+    app = get_celery(registry)
+    with task_request(registry) as request:
+        with request.tm:
+            kept = sample_tasks.record.apply_async(args=("outbox-kept",), tm=request.tm)
+            dropped = sample_tasks.record.apply_async(args=("outbox-dropped",), tm=request.tm)
+    ids = {row[0] for row in outbox_rows(db, app.main)}
+    assert {kept.id, dropped.id} <= ids
+    assert cancel(dropped.id, registry) is True
+    assert cancel(dropped.id, registry) is False  # gone already; the mark stays
+    ids = {row[0] for row in outbox_rows(db, app.main)}
+    assert kept.id in ids and dropped.id not in ids
+    assert is_cancelled(dropped.id, registry)
+    with db.begin() as conn:
+        conn.execute(sa.text("DELETE FROM websauna_tasks_outbox WHERE app = :app"), {"app": app.main})
+
+
+# -- the command line ---------------------------------------------------------------------------------------------
+
+def test_ws_celery_cancel_by_id_and_by_name(make_app, redis_url, database_url, queue_name, db, redis_client,
+                                            write_ini, subprocess_env):
+    settings = redis_settings(redis_url, database_url, queue_name)
+    router = make_app(**settings)
+    registry = router.registry
+    ini = write_ini(settings)
+    task_id = str(uuid.uuid4())
+    result = run_cli(ini, "--", "cancel", task_id, env=subprocess_env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"cancelled {task_id}"
+    assert is_cancelled(task_id, registry)
+
+    name = f"cli-job-{uuid.uuid4().hex[:8]}"
+    named = defer(deferred_functions.record, "cli-named", _name=name, _registry=registry)
+    result = run_cli(ini, "--", "cancel", "--name", name, env=subprocess_env)
+    assert result.returncode == 0, result.stderr
+    assert named in result.stdout and is_cancelled(named, registry)
+    result = run_cli(ini, "--", "cancel", "--name", name, env=subprocess_env)
+    assert result.returncode == 1 and "no pending task holds the name" in result.stderr
+
+    for forged in ("x" * 300, " "):
+        result = run_cli(ini, "--", "cancel", forged, env=subprocess_env)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        assert result.stderr.startswith("ws-celery: cancel: not a task id")
+    result = run_cli(ini, "--", "cancel", env=subprocess_env)
+    assert result.returncode == 2 and "usage" in result.stderr

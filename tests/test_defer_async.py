@@ -168,13 +168,20 @@ def test_refusals_are_raised_from_the_await_and_send_nothing(make_app, task_clie
     assert task_client.pending_job_count() == 0
 
 
-def test_a_call_that_does_not_fit_the_signature_is_refused_from_the_await(unit_app, task_client):
+@pytest.mark.parametrize("in_transaction", [True, False], ids=["on commit", "sent now"])
+def test_a_call_that_does_not_fit_the_signature_is_refused_from_the_await(unit_app, task_client, in_transaction):
     async def caller():
-        with transaction.manager:
+        if in_transaction:
+            with transaction.manager:
+                await record_task(unit_app.registry).defer_async(1, 2, 3, nonsense=True)
+        else:
             await record_task(unit_app.registry).defer_async(1, 2, 3, nonsense=True)
 
     with pytest.raises(TypeError, match="tests.record"):
         asyncio.run(caller())
+    # The sync call is refused alike, also when a test client captures instead of Celery's apply_async.
+    with pytest.raises(TypeError, match="tests.record"):
+        record_task(unit_app.registry).defer(1, 2, 3, nonsense=True)
     assert task_client.pending_job_count() == 0
 
 

@@ -51,8 +51,8 @@ def release(make_app, write_ini, redis_url, database_url, queue_name, db, dead_k
 
 @pytest.fixture
 def start(ws_celery_worker_factory, subprocess_env, queue_name):
-    def factory(ini, name):
-        return ws_celery_worker_factory(ini, "worker", "-c", "1", "-n", f"{name}-{queue_name}@%h",
+    def factory(ini, name, pool="prefork"):
+        return ws_celery_worker_factory(ini, "worker", "-P", pool, "-c", "1", "-n", f"{name}-{queue_name}@%h",
                                         "--without-gossip", "--without-mingle", "--without-heartbeat",
                                         env=subprocess_env)
 
@@ -111,12 +111,14 @@ def test_two_releases_on_one_queue_run_every_message_exactly_once(release, start
     print(f"\n{len(sent)} messages over two releases in {elapsed:.1f} s; old worker gave back b {given_back} times")
 
 
+# The hold runs on the consumer's timer: the event loop's under prefork, a thread of its own under solo and threads.
+@pytest.mark.parametrize("pool", ["prefork", "solo", "threads"])
 def test_an_unknown_task_is_a_dead_letter_after_the_grace_and_given_back_at_the_retry_pace(
-        release, start, db, redis_client, queue_name):
+        pool, release, start, db, redis_client, queue_name):
     grace, retry = 3.0, 0.5
     old, old_ini = release(V1, **{"websauna_tasks.unknown_task_grace_seconds": str(grace),
                                   "websauna_tasks.unknown_task_retry_seconds": str(retry)})
-    v1 = start(old_ini, "v1")
+    v1 = start(old_ini, "v1", pool)
     sent = time.time()
     task_id = old.send_task("tests.deploy.b", args=("never",), queue=queue_name).id
     letter = wait_for(lambda: letters(old).get(task_id), timeout=30, describe=v1.output)
@@ -151,6 +153,31 @@ def test_arguments_that_do_not_fit_are_a_dead_letter_with_both_signatures(releas
     assert "given back" not in v1.output()
     # Not run, and not retried: each is in the dead letters once.
     assert [letter["id"] for letter in list_dead_letters(old)].count(early) == 1
+
+
+@pytest.mark.slow
+def test_on_rabbitmq_a_new_task_waits_for_the_new_worker(rabbitmq_url, database_url, db, queue_name, make_app,
+                                                        write_ini, start):
+    def release(scan):
+        config = {"broker_url": rabbitmq_url, "task_default_queue": queue_name}
+        settings = {"websauna.celery_config": repr(config), "sqlalchemy.url": database_url,
+                    "websauna_tasks.deadletter_queue": f"{queue_name}.dead", "tests.scan": scan,
+                    "websauna_tasks.unknown_task_retry_seconds": "0.5"}
+        return get_celery(make_app(**settings).registry), write_ini(settings, f"{scan.rsplit('.', 1)[-1]}.ini")
+
+    old, old_ini = release(V1)
+    new, new_ini = release(V2)
+    v1 = start(old_ini, "v1")
+    sent = {}
+    for index in range(5):
+        sent[new.send_task("tests.deploy.b", args=(f"rabbit-{index}",), queue=queue_name).id] = "b"
+        sent[old.send_task("tests.deploy.a", args=(f"rabbit-{index}",), queue=queue_name).id] = "a"
+    wait_for(lambda: GIVEN_BACK in v1.output(), timeout=60, describe=v1.output)
+    v2 = start(new_ini, "v2")
+    done = wait_for(lambda: len(effects(db)) >= len(sent) and effects(db), timeout=90, describe=v2.output)
+    assert sorted(task_id for task_id, _value in done) == sorted(sent), "a message was lost or ran twice"
+    assert all(value.startswith("v2:b:") for task_id, value in done if sent[task_id] == "b")
+    assert list_dead_letters(old) == []
 
 
 def template_entry(celery, redis_client, queue_name):

@@ -30,7 +30,8 @@ from websauna_tasks.deadletter import dead_letter, get_dead_letters, list_dead_l
 OPERATOR = {"X-Test-User": "operator"}
 PAGES = ("/_tasks/", "/_tasks/dead-letters", "/_tasks/outbox", "/_tasks/outbox?show=redelivered", "/_tasks/tasks",
          "/_tasks/tasks/some-task-id", "/_tasks/periodic", "/_tasks/names")
-ACTIONS = ("/_tasks/dead-letters/act", "/_tasks/outbox/send", "/_tasks/names/release")
+ACTIONS = ("/_tasks/dead-letters/act", "/_tasks/outbox/send", "/_tasks/names/release", "/_tasks/names/cancel",
+           "/_tasks/tasks/some-task-id/cancel")
 
 
 def memory_settings(**extra: str) -> dict[str, str]:
@@ -335,6 +336,41 @@ def test_name_claims_are_listed_and_released_after_confirmation(console):
     app.post("/_tasks/names/release", {"csrf_token": csrf_token(app), "name": name, "task_id": "task-1",
                                        "confirmed": "yes"}, headers=OPERATOR)
     assert claim_name(celery, name, "task-4") == "task-3"
+
+
+def test_a_task_is_cancelled_from_its_page_after_confirmation(console):
+    app, celery, router = console
+    from websauna_tasks.cancel import is_cancelled
+
+    task_id = f"console-{uuid.uuid4().hex}"
+    page = app.get(f"/_tasks/tasks/{task_id}", headers=OPERATOR)
+    assert "Cancel this task" in page.text and not is_cancelled(task_id, router.registry)
+    form = next(form for form in page.forms.values() if form.action.endswith("/cancel"))
+    asked = form.submit(headers=OPERATOR)
+    assert "Cancel this task?" in asked.text and task_id in asked.text
+    assert not is_cancelled(task_id, router.registry)  # asked, not done
+    done = asked.forms[0].submit(headers=OPERATOR)
+    assert done.status_int == 303 and "cancelled=1" in done.location and is_cancelled(task_id, router.registry)
+    shown = done.follow(headers=OPERATOR).text
+    assert "Cancelled: no worker will run it." in shown and "This task is cancelled" in shown
+    assert "Cancel this task</button>" not in shown
+
+
+def test_a_named_task_is_cancelled_from_the_names_page(console):
+    app, celery, router = console
+    from websauna_tasks.cancel import is_cancelled
+    from websauna_tasks.names import claim_name
+
+    name = f"cancel-me-{uuid.uuid4().hex[:8]}"
+    holder = f"holder-{uuid.uuid4().hex}"
+    assert claim_name(celery, name, holder) is None
+    page = app.get("/_tasks/names", headers=OPERATOR)
+    form = next(form for form in page.forms.values() if form.action.endswith("/names/cancel"))
+    asked = form.submit(headers=OPERATOR)
+    assert "Cancel this task?" in asked.text and not is_cancelled(holder, router.registry)
+    done = asked.forms[0].submit(headers=OPERATOR)
+    assert "cancelled=1" in done.location and is_cancelled(holder, router.registry)
+    assert claim_name(celery, name, "next") is None  # the name was freed
 
 
 def test_runs_are_recorded_and_a_task_has_its_page(console):

@@ -33,6 +33,7 @@ from .observability.configure import configure_observability
 from .outages import configure_outages
 from .outbox import configure_outbox
 from .payload import PayloadTooLarge, configure_payload_limit
+from .progress import TaskProgress, task_progress
 from .queues import QueueConfig, UndeclaredQueue, backoff_seconds, configure_queues, get_queues
 from .redis_client import get_redis
 from .registry import get_celery, set_celery
@@ -88,6 +89,8 @@ __all__ = [
     "TaskFinished",
     "cancel",
     "cancel_name",
+    "task_progress",
+    "TaskProgress",
 ]
 
 

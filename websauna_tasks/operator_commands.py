@@ -398,10 +398,48 @@ def _cancel(app: t.Any, options: argparse.Namespace) -> int:
     return 0
 
 
+# -- progress -----------------------------------------------------------------------------------------------------
+
+def progress(app: t.Any, args: list[str]) -> int:
+    """Show the progress a running task reported with set_progress: done, total, note.
+
+    ``ws-celery INI -- progress ID [--json]`` (websauna_tasks.task_progress).
+    """
+    parser = _Parser(prog="ws-celery INI -- progress",
+                     description="The last figures a task's run reported with self.set_progress(), from the "
+                                 "result backend.")
+    parser.add_argument("task_id", help="the task id")
+    parser.add_argument("--json", action="store_true", help="one JSON object")
+    return _run(parser, args, lambda options: _progress(app, options))
+
+
+def _progress(app: t.Any, options: argparse.Namespace) -> int:
+    from .progress import task_progress
+
+    try:
+        figures = task_progress(options.task_id, app)
+    except (TypeError, ValueError) as exc:
+        raise Failed(f"progress: {exc}", code=2) from None
+    if figures is None:
+        state = app.AsyncResult(options.task_id).state
+        if options.json:
+            print(json.dumps({"task_id": options.task_id, "state": state, "progress": None}))
+            return 0
+        raise Failed(f"progress: task {options.task_id} reports none (state {state})")
+    if options.json:
+        print(json.dumps({"task_id": options.task_id, "state": "PROGRESS", "progress": figures.as_meta()}))
+        return 0
+    percent = "" if figures.fraction is None else f" ({figures.fraction:.1%})"
+    note = f": {_cell(figures.note)}" if figures.note else ""
+    print(f"{options.task_id}: {figures.done:g} of {figures.total:g}{percent}{note}")
+    return 0
+
+
 COMMANDS: dict[str, t.Callable[[t.Any, list[str]], int]] = {
     "dead-letters": dead_letters,
     "outbox-status": outbox_status,
     "init": init,
     "healthcheck": healthcheck,
     "cancel": cancel,
+    "progress": progress,
 }

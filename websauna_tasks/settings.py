@@ -62,6 +62,7 @@ NAME_STORE_KEY = "websauna_tasks.name_store"
 NAME_RETENTION_KEY = "websauna_tasks.name_retention_seconds"
 NAME_PENDING_KEY = "websauna_tasks.name_pending_seconds"
 CANCEL_RETENTION_KEY = "websauna_tasks.cancel_retention_seconds"
+PROGRESS_INTERVAL_KEY = "websauna_tasks.progress_interval_seconds"
 QUEUES_KEY = "websauna_tasks.queues"
 ALLOW_UNDECLARED_KEY = "websauna_tasks.allow_undeclared_queues"
 LIMITS_REDIS_URL_KEY = "websauna_tasks.limits_redis_url"
@@ -111,6 +112,8 @@ DEFAULT_RETRY_ATTEMPTS = 3
 DEFAULT_NAME_PENDING_SECONDS = 24 * 3600.0
 #: A week: longer than any message waits in a queue, short enough not to pile up marks.
 DEFAULT_CANCEL_RETENTION_SECONDS = 7 * 24 * 3600.0
+#: Two writes a second at most per run: a loop reporting every item costs the backend nothing noticeable.
+DEFAULT_PROGRESS_INTERVAL_SECONDS = 0.5
 DEFAULT_QUEUE_WAIT_SECONDS = 1.0
 DEFAULT_ITERATION_TIME_BUDGET = 570.0
 DEFAULT_ITERATION_BATCH_SIZE = 100
@@ -628,6 +631,8 @@ SETTINGS: tuple[Setting, ...] = (
             "how long a claim of a task that never runs is kept, plus any countdown"),
     Setting(CANCEL_RETENTION_KEY, _seconds(1, _TEN_YEARS), DEFAULT_CANCEL_RETENTION_SECONDS,
             "how long cancel() keeps a task id marked cancelled"),
+    Setting(PROGRESS_INTERVAL_KEY, _seconds(0, 3600), DEFAULT_PROGRESS_INTERVAL_SECONDS,
+            "least time between two progress writes of one run (the last one is always written)"),
     Setting(QUEUES_KEY, Queues(), None, "the declared queues", default_text="none declared"),
     Setting(ALLOW_UNDECLARED_KEY, Boolean(), False, "let tasks go to queues that are not declared"),
     Setting(LIMITS_REDIS_URL_KEY, RedisURL(), "",
@@ -731,6 +736,7 @@ class TaskSettings:
     name_retention_seconds: float
     name_pending_seconds: float
     cancel_retention_seconds: float
+    progress_interval_seconds: float
     #: None: no queue declared, so none is enforced.
     queues: tuple[QueueConfig, ...] | None
     allow_undeclared_queues: bool

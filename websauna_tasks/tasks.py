@@ -28,6 +28,7 @@ from .idempotency import check_idempotent_class, claim_run
 from .observability import hooks
 from .outages import retry_after_outage
 from .outbox import note_failed_run
+from .progress import report_progress
 from .queues import mark_gave_up, run_in_queue
 from .registry import ICeleryApp, get_celery
 from .request import current_task_request, task_request
@@ -250,6 +251,10 @@ class WebsaunaTask(celery.Task):
         state = find_state(self.app)
         task_id = self.request.id
         return bool(task_id) and state is not None and cancelled_message(state.registry, task_id)
+
+    def set_progress(self, done: float, total: float, note: str | None = None) -> bool:
+        """Report ``done`` of ``total`` for ``task_progress``; throttled, True when written (progress.py)."""
+        return report_progress(self, done, total, note)
 
     def retry(self, *args: t.Any, **kwargs: t.Any) -> t.Any:
         """Celery's ``retry``; an error it raises because the task's retries ran out stays final.

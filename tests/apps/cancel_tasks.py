@@ -1,4 +1,4 @@
-"""Tasks of tests/test_cancel.py: a run that stops when cancelled."""
+"""Tasks of tests/test_cancel.py and tests/test_progress.py: a run that stops when cancelled, one that reports."""
 from __future__ import annotations
 
 import time
@@ -16,3 +16,17 @@ def until_cancelled(self, started_key: str, limit: float = 60.0) -> str:
             return "stopped"
         time.sleep(0.05)
     return "never cancelled"
+
+
+@task(name="tests.progress.count", base=WebsaunaTask, bind=True)
+def count(self, items: int, gate_key: str = "", limit: float = 60.0) -> int:
+    """Report every item, then hold the last figures until ``gate_key`` is set; the number of writes."""
+    written = 0
+    for done in range(items + 1):
+        written += bool(self.set_progress(done, items, note=f"item {done}"))
+    if gate_key:
+        client = get_redis(self.get_request())
+        deadline = time.monotonic() + limit
+        while time.monotonic() < deadline and not client.exists(gate_key):
+            time.sleep(0.02)
+    return written

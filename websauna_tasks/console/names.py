@@ -13,6 +13,7 @@ import typing as t
 
 from pyramid.httpexceptions import HTTPBadRequest, HTTPSeeOther
 
+from ..cancel import cancel
 from ..names import MemoryNameStore, RedisNameStore, SQLNameStore, get_name_store, names_table, release_name
 from ._common import RENDERER, app_of, failure, page, route, task_id_param
 
@@ -32,6 +33,9 @@ def add_views(config: Configurator, console: ConsoleConfig) -> None:
     config.add_view(list_view, route_name=route("names"), request_method=("GET", "HEAD"),
                     permission=console.permission, renderer=f"names{RENDERER}")
     config.add_view(release_view, route_name=route("names_release"), request_method="POST", require_csrf=True,
+                    permission=console.permission, renderer=f"confirm{RENDERER}")
+    config.add_route(route("names_cancel"), f"{console.prefix}/names/cancel")
+    config.add_view(cancel_view, route_name=route("names_cancel"), request_method="POST", require_csrf=True,
                     permission=console.permission, renderer=f"confirm{RENDERER}")
 
 
@@ -86,7 +90,7 @@ def _glob(text: str) -> str:
 def list_view(request: Request) -> dict[str, t.Any]:
     app = app_of(request)
     values: dict[str, t.Any] = {"rows": [], "more": False, "error": "", "released": request.params.get("released")
-                                == "1", "limit": MAX_CLAIMS}
+                                == "1", "cancelled": request.params.get("cancelled") == "1", "limit": MAX_CLAIMS}
     try:
         values["rows"], values["more"] = claims(get_name_store(request.registry, app))
     except Exception as exc:
@@ -106,3 +110,23 @@ def release_view(request: Request) -> t.Any:
             target=request.route_path(route("names_release")), field="name")
     release_name(app_of(request), name, task_id)
     return HTTPSeeOther(request.route_path(route("names"), _query={"released": "1"}))
+
+
+def cancel_view(request: Request) -> t.Any:
+    """POST name and task_id: confirmation first, then the holder is cancelled and the name freed.
+
+    The task id shown is the one cancelled, not whoever holds the name by
+    the time the operator confirms: a claim that changed hands meanwhile is
+    not cancelled by mistake.
+    """
+    name = request.POST.get("name")
+    if not isinstance(name, str) or not name or len(name) > 200:
+        raise HTTPBadRequest("name: not a task name")
+    task_id = task_id_param(request.POST.get("task_id"), "task_id")
+    if request.POST.get("confirmed") != "yes":
+        return page(request, "names", "Cancel this task?", action="cancel", rows=[], claim={
+            "name": name, "task_id": task_id}, back=request.route_path(route("names")),
+            target=request.route_path(route("names_cancel")), field="name")
+    cancel(task_id, request.registry)
+    release_name(app_of(request), name, task_id)
+    return HTTPSeeOther(request.route_path(route("names"), _query={"cancelled": "1"}))

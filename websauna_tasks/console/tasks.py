@@ -11,6 +11,8 @@ import typing as t
 
 from pyramid.httpexceptions import HTTPSeeOther
 
+from ..cancel import cancel, is_cancelled
+from ..progress import task_progress
 from ._common import RENDERER, app_of, failure, page, preview, route, task_id_param
 from .runs import recent_runs
 
@@ -31,6 +33,9 @@ def add_views(config: Configurator, console: ConsoleConfig) -> None:
                     permission=console.permission, renderer=f"tasks{RENDERER}")
     config.add_view(task_view, route_name=route("task"), request_method=("GET", "HEAD"),
                     permission=console.permission, renderer=f"task{RENDERER}")
+    config.add_route(route("task_cancel"), f"{console.prefix}/tasks/{{task_id}}/cancel")
+    config.add_view(cancel_view, route_name=route("task_cancel"), request_method="POST", require_csrf=True,
+                    permission=console.permission, renderer=f"confirm{RENDERER}")
 
 
 def has_result_backend(app: t.Any) -> bool:
@@ -61,6 +66,28 @@ def task_view(request: Request) -> dict[str, t.Any]:
                       "result": preview(meta.get("result"), 1000)}
         except Exception as exc:
             error = f"the result backend could not be read: {failure(exc)}"
+        try:
+            figures = task_progress(task_id, app)
+        except Exception:
+            figures = None  # the state above already says what the backend holds
+        if result is not None and figures is not None:
+            result["progress"] = figures
+    try:
+        cancelled = is_cancelled(task_id, request.registry)
+    except Exception:
+        cancelled = None  # no store to keep cancellations: no button either
     runs = recent_runs(request, limit=50, task_id=task_id)
     return page(request, "tasks", f"Task {task_id}", task_id=task_id, result=result, error=error, runs=runs,
-                backend=has_result_backend(app))
+                backend=has_result_backend(app), cancelled=cancelled,
+                cancelled_now=request.params.get("cancelled") == "1")
+
+
+def cancel_view(request: Request) -> t.Any:
+    """POST: confirmation first, then ``cancel(task_id)``; the task page says it is cancelled."""
+    task_id = task_id_param(request.matchdict["task_id"])
+    if request.POST.get("confirmed") != "yes":
+        return page(request, "tasks", "Cancel this task?", action="cancel", rows=[], cancel_task={"task_id": task_id},
+                    back=request.route_path(route("task"), task_id=task_id),
+                    target=request.route_path(route("task_cancel"), task_id=task_id), field="task")
+    cancel(task_id, request.registry)
+    return HTTPSeeOther(request.route_path(route("task"), task_id=task_id, _query={"cancelled": "1"}))

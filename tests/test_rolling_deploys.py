@@ -279,3 +279,30 @@ def test_the_signature_check_costs_microseconds():
     per_message = (time.perf_counter() - began) / rounds
     print(f"\nsignature check: {per_message * 1e6:.2f} µs per message")
     assert per_message < 20e-6
+
+
+# -- the retry delay against a short Redis visibility timeout --------------------------------------------------------
+
+def _built_with(visibility: float, **settings: str):
+    from pyramid.config import Configurator
+
+    from websauna_tasks import get_celery
+    from websauna_tasks.state import app_state
+
+    celery = {"broker_url": "redis://127.0.0.1:9/0", "broker_transport_options": {"visibility_timeout": visibility}}
+    config = Configurator(settings={"websauna.celery_config": repr(celery), **settings})
+    config.include("websauna_tasks")
+    return app_state(get_celery(config.registry)).intake.unknown
+
+
+def test_the_default_retry_fits_a_short_visibility_timeout():
+    # A broker tuned so that crashed runs come back within seconds must still start with the default.
+    assert _built_with(3).retry == 1.5
+    assert _built_with(3600).retry == 15.0
+
+
+def test_a_retry_set_by_hand_past_the_visibility_timeout_stops_startup():
+    from websauna_tasks.reliability import VisibilityTimeoutExceeded
+
+    with pytest.raises(VisibilityTimeoutExceeded, match="unknown_task_retry_seconds"):
+        _built_with(3, **{"websauna_tasks.unknown_task_retry_seconds": "20"})

@@ -23,7 +23,8 @@ import time
 import typing as t
 
 from . import broker
-from .reliability import check_delay
+from .reliability import check_delay, visibility_timeout
+from .settings import DEFAULT_UNKNOWN_TASK_RETRY_SECONDS
 
 if t.TYPE_CHECKING:
     from celery import Celery, Task
@@ -81,6 +82,11 @@ class UnknownTasks:
                  refuse: t.Callable[[t.Any, str, str], None]) -> None:
         self.app = app
         self.grace = grace
+        timeout = visibility_timeout(app)
+        if retry == DEFAULT_UNKNOWN_TASK_RETRY_SECONDS and timeout is not None and retry >= timeout:
+            # The default must start on any broker: a short visibility timeout (set so that crashed runs
+            # come back sooner) gets give-backs at half of it. A value set by hand is checked below instead.
+            retry = timeout / 2
         self.retry = min(retry, grace) if grace else retry
         self.refuse = refuse
         if grace:

@@ -689,7 +689,9 @@ SETTINGS: tuple[Setting, ...] = (
             "how long a message for a task this worker does not know is given back to the broker before it is a "
             "dead letter"),
     Setting(UNKNOWN_TASK_RETRY_KEY, _seconds(0.1, 3600), DEFAULT_UNKNOWN_TASK_RETRY_SECONDS,
-            "the delay of each give-back of a message for an unknown task"),
+            "the delay of each give-back of a message for an unknown task (a value set by hand must be shorter "
+            "than the Redis visibility timeout)",
+            default_text="15, or half the Redis visibility timeout when that is shorter"),
     Setting(CREATE_TABLES_KEY, Choice(("auto", "never")), "auto",
             "auto: create the library's tables on first use; never: startup checks they exist"),
     Setting(METRICS_KEY, Boolean(), False, "count dispatches, runs, the outbox and dead letters for Prometheus"),

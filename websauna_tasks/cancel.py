@@ -19,14 +19,27 @@ known before its message reaches a worker, and must be cancelled then too.
 With the outbox on, an unsent row of that id is deleted as well, so it is
 never published at all.
 
-The intake's check is one Redis ``EXISTS`` (or one primary-key SELECT) per
-message; when the store cannot be read the message runs (a cancel is a
-request, an outage of its store must not stop every task) and the failure
-is logged.
+With Redis, the intake does not ask the store for each message: each
+worker keeps the live marks in memory (:class:`RedisCancelWatch`). A cancel
+writes its key, an index entry and a pub/sub announcement in one script, so
+the announcement is never seen before the key exists. The worker subscribes
+first and then loads the index, so a cancel is either in what it loaded or
+announced after it subscribed; it reads the announcements waiting on its
+socket before each message (a poll, no round trip), and checks the
+subscription with a PING once a second. While the subscription is down,
+unconfirmed, or the marks are too many to keep (:data:`MAX_LOCAL_MARKS`),
+each message is looked up with one ``EXISTS``, as without the watch.
+
+With only a database, the intake's check is one primary-key SELECT per
+message (see docs/cancel_and_progress.md for why it stays so). When the
+store cannot be read the message runs (a cancel is a request, an outage of
+its store must not stop every task) and the failure is logged.
 """
 from __future__ import annotations
 
 import logging
+import os
+import select
 import threading
 import time
 import typing as t
@@ -41,7 +54,7 @@ from .db import get_engine
 from .names import NAME_HEADER, get_name_store, release_name
 from .outbox import find_outbox, outbox_table
 from .redis_client import get_redis, redis_url
-from .registry import get_celery
+from .registry import as_registry, get_celery
 from .request import get_current_request
 from .schema import cancellations_table, ensure_tables
 from .settings import get_task_settings
@@ -56,6 +69,14 @@ logger = logging.getLogger(__name__)
 
 #: Longest id a cancel accepts: Celery's ids are 36-character UUIDs; a longer header is never looked up.
 MAX_TASK_ID_LENGTH = 255
+#: Most live marks a worker keeps in memory; with more, its intake looks each message up in the store instead.
+MAX_LOCAL_MARKS = 50_000
+#: Least time between two PINGs on the watch's subscription: a subscription confirmed longer ago is checked first.
+WATCH_CONFIRM_SECONDS = 1.0
+#: How long the watch waits before subscribing again after a failure (each message is looked up meanwhile).
+WATCH_RETRY_SECONDS = 1.0
+#: The client name of the watch's connection, followed by ``-PID``: operators (and tests) find it in CLIENT LIST.
+WATCH_CLIENT_NAME = "websauna_tasks-cancel-watch"
 
 _STORE_KEY = "websauna_tasks.cancel_store_instance"
 _LOCK = threading.Lock()
@@ -69,10 +90,31 @@ class CancelStore(t.Protocol):
         """Whether ``task_id`` is marked cancelled now."""
 
 
+# KEYS: the mark, the index, ARGV: id, milliseconds, channel. One script, so the announcement never precedes
+# the mark, and the index's scores are the server's clock, the same clock the mark's TTL runs on.
+_CANCEL_SCRIPT = """
+local now = redis.call('TIME')
+local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local ms = tonumber(ARGV[2])
+redis.call('SET', KEYS[1], '1', 'PX', ms)
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now_ms)
+redis.call('ZADD', KEYS[2], now_ms + ms, ARGV[1])
+if redis.call('PTTL', KEYS[2]) < ms then
+    redis.call('PEXPIRE', KEYS[2], ms)
+end
+redis.call('PUBLISH', ARGV[3], ARGV[2] .. ' ' .. ARGV[1])
+"""
+
+
 class RedisCancelStore:
-    def __init__(self, registry: Registry, prefix: str):
+    def __init__(self, registry: Registry, prefix: str, app_name: str = ""):
         self.registry = registry
         self.prefix = prefix
+        # Outside the marks' prefix, so that no task id can name them.
+        self.index = f"websauna_tasks:cancels:{app_name}"
+        self.channel = f"websauna_tasks:cancels:{app_name}"
+        self._script: t.Any = None
+        self._watch: tuple[int, RedisCancelWatch] | None = None
 
     @property
     def client(self) -> t.Any:
@@ -80,10 +122,182 @@ class RedisCancelStore:
         return get_redis(self.registry)
 
     def add(self, task_id: str, seconds: float) -> None:
-        self.client.set(self.prefix + task_id, b"1", px=max(1, int(seconds * 1000)))
+        client = self.client
+        if self._script is None:
+            self._script = client.register_script(_CANCEL_SCRIPT)
+        self._script(keys=[self.prefix + task_id, self.index],
+                     args=[task_id, max(1, int(seconds * 1000)), self.channel], client=client)
 
     def contains(self, task_id: str) -> bool:
         return bool(self.client.exists(self.prefix + task_id))
+
+    def watch(self) -> RedisCancelWatch:
+        """This process's watch (the intake's check); a new one after a fork, whose socket is not the parent's."""
+        made = self._watch
+        pid = os.getpid()
+        if made is None or made[0] != pid:
+            with _LOCK:
+                made = self._watch
+                if made is None or made[0] != pid:
+                    made = self._watch = (pid, RedisCancelWatch(self))
+        return made[1]
+
+
+def _nothing() -> int:
+    return 0
+
+
+class RedisCancelWatch:
+    """One worker's copy of the live marks, kept current by the store's announcements (see the module's docstring).
+
+    Used by one thread at a time, the consumer's: another thread that finds
+    it busy looks its id up in the store.
+    """
+
+    def __init__(self, store: RedisCancelStore, max_marks: int = MAX_LOCAL_MARKS):
+        self.store = store
+        self.max_marks = max_marks
+        self.marks: dict[str, float] = {}  # id -> time.monotonic() at which the mark expires
+        self.connection: t.Any = None
+        self.confirmed_at = 0.0
+        self.next_attempt = 0.0
+        self.failures = 0
+        self.client_id: int | None = None  # the subscription's CLIENT ID, for CLIENT KILL ID in tests
+        self.lock = threading.Lock()
+
+    @property
+    def live(self) -> bool:
+        """Whether the intake answers from memory now (False: each message is looked up in the store)."""
+        return self.connection is not None
+
+    def contains(self, task_id: str) -> bool:
+        if not self.lock.acquire(blocking=False):
+            return self.store.contains(task_id)
+        try:
+            if self.connection is None and not self._start():
+                return self.store.contains(task_id)
+            try:
+                if time.monotonic() - self.confirmed_at > WATCH_CONFIRM_SECONDS:
+                    self._confirm()
+                else:
+                    self._drain()
+            except Exception as exc:
+                self._stop(f"the subscription failed: {type(exc).__name__}: {exc}")
+                return self.store.contains(task_id)
+            if self.connection is None:  # too many marks arrived: back to the store
+                return self.store.contains(task_id)
+            until = self.marks.get(task_id)
+            return until is not None and until > time.monotonic()
+        finally:
+            self.lock.release()
+
+    def _start(self) -> bool:
+        now = time.monotonic()
+        if now < self.next_attempt:
+            return False
+        # Doubling up to 30 s: a Redis that refuses the watch is not asked again on every message.
+        self.next_attempt = now + min(30.0, WATCH_RETRY_SECONDS * 2 ** min(self.failures, 5))
+        self.failures += 1
+        import redis
+
+        connection = None
+        try:
+            # A connection of its own, RESP2 and without redis-py's reconnects: a silent reconnect would
+            # resubscribe and hide the announcements missed meanwhile; here any failure is seen and stops the watch.
+            pool = redis.ConnectionPool.from_url(
+                redis_url(self.store.registry), protocol=2, socket_timeout=2.0, socket_connect_timeout=2.0,
+                retry=redis.retry.Retry(redis.backoff.NoBackoff(), 0))
+            connection = pool.make_connection()
+            connection.connect()
+            connection.send_command("CLIENT", "SETNAME", f"{WATCH_CLIENT_NAME}-{os.getpid()}")
+            connection.read_response()
+            connection.send_command("CLIENT", "ID")
+            self.client_id = connection.read_response()
+            connection.send_command("SUBSCRIBE", self.store.channel)
+            reply = connection.read_response()
+            if not (isinstance(reply, list) and reply and reply[0] == b"subscribe"):
+                raise ValueError(f"unexpected reply to SUBSCRIBE: {reply!r}"[:200])
+            # Subscribed first, loaded second: a cancel is in what is loaded, or announced after this point.
+            marks = self._load()
+        except Exception as exc:
+            if connection is not None:
+                connection.disconnect()
+            logger.warning("websauna_tasks: cancel watch not started, each message is looked up: %s: %s",
+                           type(exc).__name__, exc)
+            return False
+        if marks is None:
+            connection.disconnect()
+            self.next_attempt = now + 60.0
+            logger.warning("websauna_tasks: more than %d tasks are cancelled: each message is looked up in Redis",
+                           self.max_marks)
+            return False
+        self.marks = marks
+        self.connection = connection
+        self.failures = 0
+        self.confirmed_at = time.monotonic()
+        logger.info("websauna_tasks: cancel watch subscribed as client %s (%d live marks)", self.client_id, len(marks))
+        return True
+
+    def _load(self) -> dict[str, float] | None:
+        client = self.store.client
+        seconds, micros = client.time()
+        now_ms = seconds * 1000 + micros // 1000
+        found = client.zrangebyscore(self.store.index, now_ms, "+inf", start=0, num=self.max_marks + 1,
+                                     withscores=True)
+        if len(found) > self.max_marks:
+            return None
+        now = time.monotonic()
+        return {member.decode(): now + (score - now_ms) / 1000 for member, score in found}
+
+    def _drain(self) -> None:
+        """Take the announcements waiting on the socket: one poll when there are none."""
+        connection = self.connection
+        sock = connection._sock
+        # An SSL socket may hold decrypted bytes select() does not see.
+        if not getattr(sock, "pending", _nothing)() and not select.select([sock], [], [], 0)[0]:
+            return
+        while connection.can_read(timeout=0):
+            self._take(connection.read_response())
+
+    def _confirm(self) -> None:
+        """PING through the subscription and read up to its answer: everything announced before is then taken."""
+        connection = self.connection
+        connection.send_command("PING")
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline:
+            reply = connection.read_response()
+            if isinstance(reply, list) and reply and reply[0] == b"pong":
+                self.confirmed_at = time.monotonic()
+                return
+            self._take(reply)
+        raise TimeoutError("no answer to PING within 2 s")
+
+    def _take(self, reply: t.Any) -> None:
+        if not (isinstance(reply, list) and len(reply) == 3 and reply[0] == b"message"
+                and isinstance(reply[2], bytes)):
+            return  # a confirmation or a PONG
+        ms, _, task_id = reply[2].decode("utf-8", "replace").partition(" ")
+        if not ms.isdigit() or not task_id or len(task_id) > MAX_TASK_ID_LENGTH:
+            return  # not what the script announces: anybody may PUBLISH
+        until = time.monotonic() + int(ms[:15]) / 1000
+        self.marks[task_id] = max(until, self.marks.get(task_id, 0.0))
+        if len(self.marks) > self.max_marks:
+            now = time.monotonic()
+            self.marks = {key: when for key, when in self.marks.items() if when > now}
+            if len(self.marks) > self.max_marks:
+                self._stop(f"more than {self.max_marks} tasks are cancelled")
+                self.next_attempt = time.monotonic() + 60.0
+
+    def _stop(self, why: str) -> None:
+        if self.connection is not None:
+            try:
+                self.connection.disconnect()
+            except Exception:
+                pass
+            logger.warning("websauna_tasks: cancel watch stopped, each message is looked up until it is back: %s",
+                           why)
+        self.connection = None
+        self.marks = {}
 
 
 class SQLCancelStore:
@@ -159,7 +373,7 @@ def _make_store(registry: Registry) -> CancelStore:
     except ConfigurationError:
         pass
     else:
-        return RedisCancelStore(registry, f"websauna_tasks:cancel:{app.main}:")
+        return RedisCancelStore(registry, f"websauna_tasks:cancel:{app.main}:", app.main or "")
     engine = get_engine(registry)
     if engine is not None:
         return SQLCancelStore(engine, app.main or "", get_task_settings(registry).create_tables == "auto")
@@ -183,15 +397,14 @@ def _registry(where: t.Any) -> Registry:
     if where is None:
         request = get_current_request()
         return request.registry if request is not None else get_current_registry()
-    if isinstance(where, Registry):
-        return where
-    registry = getattr(where, "registry", None)  # a Pyramid request
-    if isinstance(registry, Registry):
-        return registry
     state = find_state(where)  # a Celery app built by includeme
     if state is not None:
         return state.registry
-    raise TypeError(f"expected a registry, a request or a websauna_tasks Celery app, got {type(where).__name__}")
+    try:
+        return as_registry(where, "cancel")
+    except TypeError:
+        raise TypeError(f"expected a registry, a request or a websauna_tasks Celery app, "
+                        f"got {type(where).__name__}") from None
 
 
 def check_task_id(task_id: t.Any) -> str:
@@ -262,12 +475,20 @@ def is_cancelled(task_id: str, where: t.Any = None) -> bool:
     return get_cancel_store(_registry(where)).contains(task_id)
 
 
-def cancelled_message(registry: Registry, task_id: t.Any) -> bool:
-    """The intake's check: whether a message's id is marked; False for an id that cannot be one, or on failure."""
+def cancelled_message(registry: Registry, task_id: t.Any, watched: bool = False) -> bool:
+    """Whether a message's id is marked; False for an id that cannot be one, or on failure.
+
+    ``watched``: the intake's check, answered by this process's
+    :class:`RedisCancelWatch` when the store is Redis (a task body's
+    ``is_cancelled`` asks the store: a prefork child should not subscribe).
+    """
     if not isinstance(task_id, str) or not task_id or len(task_id) > MAX_TASK_ID_LENGTH:
         return False
     try:
-        return get_cancel_store(registry).contains(task_id)
+        store = get_cancel_store(registry)
+        if watched and isinstance(store, RedisCancelStore):
+            return store.watch().contains(task_id)
+        return store.contains(task_id)
     except Exception as exc:
         logger.warning("websauna_tasks: could not check whether task %s is cancelled, running it: %s: %s",
                        task_id, type(exc).__name__, exc)
@@ -284,7 +505,7 @@ def skip_cancelled(app: Celery, registry: Registry, message: t.Any) -> bool:
     if not isinstance(headers, dict):
         return False  # not protocol 2: Celery's own handlers refuse it
     task_id = headers.get("id")
-    if not cancelled_message(registry, task_id):
+    if not cancelled_message(registry, task_id, watched=True):
         return False
     name = headers.get("task")
     logger.info("websauna_tasks: task %s[%s] was cancelled: acknowledged without running", name, task_id)

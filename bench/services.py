@@ -81,6 +81,24 @@ class Worker:
         self._log.close()
 
 
+class WorkerGroup:
+    """Several worker processes that measure.worker_run handles as one (the fast profile's solo workers)."""
+
+    def __init__(self, workers: list[Worker]):
+        self.workers = workers
+
+    def check_alive(self) -> None:
+        for worker in self.workers:
+            worker.check_alive()
+
+    def output(self) -> str:
+        return "\n".join(worker.output() for worker in self.workers)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        for worker in self.workers:
+            worker.stop(timeout)
+
+
 def raw_worker(log_path: pathlib.Path, env: dict[str, str]) -> Worker:
     return Worker([sys.executable, "-m", "celery", "-A", "bench.raw_app", *WORKER_OPTIONS], log_path, env)
 
@@ -100,3 +118,16 @@ def wait_for_key(client: redis.Redis, key: str, worker: Worker, timeout: float) 
         worker.check_alive()
         time.sleep(0.05)
     raise TimeoutError(f"no {key} after {timeout}s; worker output:\n{worker.output()[-3000:]}")
+
+
+def wait_for_length(client: redis.Redis, key: str, length: int, worker: Worker | WorkerGroup,
+                    timeout: float) -> None:
+    """Poll until the list ``key`` holds ``length`` items (tasks RPUSH one each)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if client.llen(key) >= length:
+            return
+        worker.check_alive()
+        time.sleep(0.05)
+    raise TimeoutError(f"{client.llen(key)} of {length} in {key} after {timeout}s; worker output:\n"
+                       f"{worker.output()[-3000:]}")

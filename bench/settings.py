@@ -40,3 +40,27 @@ def celery_config(queue: str | None = None) -> dict:
         "worker_enable_remote_control": False,
         "broker_connection_retry_on_startup": True,
     }
+
+
+#: bench/peers.py: the run's private name (Huey's queue, Dramatiq's namespace) and the peers' Redis URLs.
+PEER_NAME_ENV = "BENCH_PEER_NAME"
+HUEY_URL_ENV = "BENCH_HUEY_URL"
+DRAMATIQ_URL_ENV = "BENCH_DRAMATIQ_URL"
+
+
+def redis_url_with_db(url: str, db: int) -> str:
+    """The same Redis server as ``url`` with another database number, so that peers never share a keyspace."""
+    base = url.split("?", 1)[0]
+    head, _, tail = base.rpartition("/")
+    if not tail.isdigit() or head.endswith("/"):  # redis://host:port with no database, or redis://host:port/
+        head = base.rstrip("/")
+    return f"{head}/{db}"
+
+
+def own_rss_kib() -> int:
+    """This process's resident set size (VmRSS), in KiB; Linux only, as the benchmark is."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError("no VmRSS in /proc/self/status")

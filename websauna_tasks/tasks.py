@@ -28,7 +28,7 @@ from .idempotency import check_idempotent_class, claim_run
 from .observability import hooks
 from .outages import retry_after_outage
 from .outbox import note_failed_run
-from .progress import report_progress
+from .progress import end_progress, report_progress
 from .queues import mark_gave_up, run_in_queue
 from .registry import ICeleryApp, get_celery
 from .request import current_task_request, task_request
@@ -200,14 +200,18 @@ class WebsaunaTask(celery.Task):
         return run()
 
     def _run_with_request(self, registry: t.Any, args: tuple, kwargs: dict) -> t.Any:
-        with task_request(registry) as request:
-            try:
-                result = self._run_in_context(request, args, kwargs)
-            except BaseException as exc:
-                notify_task_finished(self, request, exc=exc)
-                raise
-            notify_task_finished(self, request, result)
-            return result
+        try:
+            with task_request(registry) as request:
+                try:
+                    result = self._run_in_context(request, args, kwargs)
+                except BaseException as exc:
+                    notify_task_finished(self, request, exc=exc)
+                    raise
+                notify_task_finished(self, request, result)
+                return result
+        finally:
+            # Before Celery stores the result: a held progress figure must not be written over it (progress.py).
+            end_progress(self)
 
     def _run_in_context(self, request: Request, args: tuple, kwargs: dict) -> t.Any:
         """The body with ``request`` on Celery's context (``self.request.request``)."""

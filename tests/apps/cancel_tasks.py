@@ -30,3 +30,16 @@ def count(self, items: int, gate_key: str = "", limit: float = 60.0) -> int:
         while time.monotonic() < deadline and not client.exists(gate_key):
             time.sleep(0.02)
     return written
+
+
+@task(name="tests.progress.stall", base=WebsaunaTask, bind=True)
+def stall(self, gate_key: str = "", limit: float = 60.0) -> str:
+    """Write one figure, report a second within the throttle's interval, then stall until ``gate_key`` is set."""
+    assert self.set_progress(0, 10, note="written")
+    assert not self.set_progress(1, 10, note="held")
+    if gate_key:
+        client = get_redis(self.get_request())
+        deadline = time.monotonic() + limit
+        while time.monotonic() < deadline and not client.exists(gate_key):
+            time.sleep(0.02)
+    return "done"

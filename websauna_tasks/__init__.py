@@ -15,6 +15,7 @@ from ._version import __version__ as __version__
 from .after_response import AFTER_RESPONSE_OVER, run_after_response
 from .app import make_celery
 from .cancel import cancel, cancel_name
+from .claim_check import configure_claim_check, prune_stored_payloads
 from .db import configure_dbsession
 from .deadletters import (
     configure_deadletter,
@@ -76,6 +77,7 @@ __all__ = [
     "get_queues",
     "backoff_seconds",
     "prune_done",
+    "prune_stored_payloads",
     "VisibilityTimeoutExceeded",
     "PayloadTooLarge",
     "TaskSettings",
@@ -125,6 +127,7 @@ def includeme(config: Configurator) -> None:
     # Websauna's name for request.tm (pyramid_tm has none), on web and task requests.
     config.add_request_method(TRANSACTION_MANAGER_ALIAS, "transaction_manager", property=True)
     configure_dbsession(config)
+    configure_claim_check(config.registry, app)  # large arguments stored as rows, a reference sent (claim_check.py)
     config.add_tween("websauna_tasks.after_response.after_response_tween_factory",
                      under=INGRESS, over=AFTER_RESPONSE_OVER)
     root = config.root_package

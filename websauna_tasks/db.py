@@ -22,6 +22,8 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 from transaction.interfaces import NoTransaction
 
+from .request import get_current_request
+
 #: Setting: a sessionmaker or ``dotted.name:callable(request) -> Session`` replacing ours (settings.py).
 from .settings import DBSESSION_FACTORY_KEY as DBSESSION_FACTORY_KEY
 from .settings import get_task_settings
@@ -182,3 +184,29 @@ _LISTENERS: dict[str, t.Callable[..., None]] = {
         ("do_orm_execute", _session_of_context),
     )
 }
+
+
+def transaction_sessions(tm: transaction.TransactionManager) -> list[Session]:
+    """The sessions whose writes commit with ``tm``: the current request's ``dbsession`` when ``tm`` is its own.
+
+    Else (a script's ``with tm:``) the sessions zope.sqlalchemy has joined to
+    its transaction. ConfigurationError when the request cannot make its
+    ``dbsession``. The outbox and stored payloads (claim_check.py) write there.
+    """
+    request = get_current_request()
+    if request is not None and getattr(request, "tm", None) is tm:
+        return [request.dbsession]
+    return _joined_sessions(tm)
+
+
+def _joined_sessions(tm: transaction.TransactionManager) -> list[Session]:
+    try:
+        txn = tm.get()
+    except transaction.interfaces.NoTransaction:
+        return []
+    sessions = []
+    for resource in getattr(txn, "_resources", ()):
+        session = getattr(resource, "session", None)
+        if isinstance(resource, zope.sqlalchemy.datamanager.SessionDataManager) and session is not None:
+            sessions.append(session)
+    return sessions

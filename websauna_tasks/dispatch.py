@@ -18,6 +18,11 @@ first that fails, before anything is claimed or written:
    arguments fitting the task's signature (``typing``);
 5. the unique name, claimed for the delay plus the pending window (``names.py``).
 
+Arguments over ``websauna_tasks.payload_store_threshold_bytes`` (when set)
+are then stored as a row, in ``tm``'s transaction or committed at once, and
+the message carries only a reference (``claim_check.py``; step 1 refuses
+them above ``payload_store_max_bytes`` instead of ``max_payload_bytes``).
+
 The message then waits for the commit of ``tm`` (:func:`schedule`, a data
 manager joined to the transaction) or is sent now (the task's
 ``send_now``). Either way it reaches the broker through the app's
@@ -50,7 +55,7 @@ from transaction._transaction import Status
 from transaction.interfaces import ISavepointDataManager
 from zope.interface import implementer
 
-from . import broker
+from . import broker, claim_check
 from .broker import PendingMessage
 from .names import NAME_HEADER, claim_name, release_name
 from .observability import hooks
@@ -73,6 +78,9 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _QUEUE_KEY = "websauna_tasks.dispatch_queue"
+
+#: The smallest payload that may be stored (claim_check.py): smaller ones never ask.
+_STORE_FLOOR = claim_check.STORE_FLOOR
 
 #: ``tm`` left out of ``apply_async``: an error for tasks that must wait for a commit.
 MISSING: t.Any = object()
@@ -111,13 +119,17 @@ def send(task: Task, args: t.Any, kwargs: t.Any, options: dict[str, t.Any], *, t
     try:
         # 1. arguments
         if arguments is None:
-            check_task_payload(task, args, kwargs, options)
+            size = check_task_payload(task, args, kwargs, options)
         else:
-            check_payload(app, what, arguments[0], arguments[1])
+            size = check_payload(app, what, arguments[0], arguments[1])
+        # One comparison for a small message; a large one asks the app (claim_check.py), which may refuse it.
+        store = size > _STORE_FLOOR and claim_check.to_store(app, what, size)
         # 2. queue
         check = "queue"
         if "retries" not in options:
             check_queue(app, options.get("queue") or getattr(task, "queue", None))
+        else:
+            claim_check.forget_reference(options)
         # 3. delay
         check = "delay"
         delay = 0.0
@@ -147,6 +159,15 @@ def send(task: Task, args: t.Any, kwargs: t.Any, options: dict[str, t.Any], *, t
                 return task.AsyncResult(holder)
             options["headers"] = {**(options.get("headers") or {}), NAME_HEADER: unique_name}
             on_dropped = functools.partial(release_name, app, unique_name, task_id)
+        # The arguments stored, only a reference sent; not where nothing travels (eager runs, a test client).
+        stored = store and not app.conf.task_always_eager and isinstance(publisher_of(app), BrokerPublisher)
+        if stored:
+            if tm is None and check_call is not None:
+                # Celery's apply_async would check the empty arguments of the reference: check the real ones.
+                check_call(tuple(args or ()), dict(kwargs or {}))
+            check = "store"
+            task_id = task_id or uuid()
+            args, kwargs, on_dropped = _store_payload(task, task_id, args, kwargs, options, tm, delay, on_dropped)
     except Exception:
         if hooks.watching:
             _observe_refusal(app, task.name, check)
@@ -158,7 +179,10 @@ def send(task: Task, args: t.Any, kwargs: t.Any, options: dict[str, t.Any], *, t
         hooks.safely(observer.outgoing, task, options)
     if tm is None:
         try:
-            result = task.send_now(args, kwargs, task_id=task_id, producer=producer, **options)
+            if stored:
+                result = claim_check.send_reference(task, task_id, producer, options)
+            else:
+                result = task.send_now(args, kwargs, task_id=task_id, producer=producer, **options)
         except BaseException:
             if on_dropped is not None:
                 on_dropped()
@@ -172,6 +196,31 @@ def send(task: Task, args: t.Any, kwargs: t.Any, options: dict[str, t.Any], *, t
     # the producer of that publishing round.
     schedule(tm, PendingMessage(task, tuple(args or ()), dict(kwargs or {}), options, task_id, on_dropped))
     return task.AsyncResult(task_id)
+
+
+def _store_payload(task: Task, task_id: str, args: t.Any, kwargs: t.Any, options: dict[str, t.Any], tm: t.Any,
+                   delay: float, on_dropped: t.Callable[[], None] | None) -> tuple[tuple, dict, t.Any]:
+    """Write the arguments' row (claim_check.py): the message's empty arguments and what undoes a dropped send."""
+    stored = claim_check.claim_check_of(task.app)
+    try:
+        stored.store(task, task_id, args, kwargs, options, tm, delay)  # type: ignore[union-attr]
+    except BaseException:
+        if on_dropped is not None:
+            on_dropped()
+        raise
+    if tm is None:
+        # Committed already: a publish that fails leaves a row nobody will read.
+        on_dropped = functools.partial(_drop_stored, stored, task_id, on_dropped)
+    return (), {}, on_dropped
+
+
+def _drop_stored(stored: t.Any, task_id: str, then: t.Callable[[], None] | None) -> None:
+    try:
+        stored.delete(task_id)
+    except Exception:
+        logger.exception("websauna_tasks: could not delete the stored payload of unsent task %s", task_id)
+    if then is not None:
+        then()
 
 
 def _observe_refusal(app: Celery, task_name: str, check: str) -> None:

@@ -39,6 +39,8 @@ from celery import bootsteps
 from pyramid.exceptions import ConfigurationError
 from sqlalchemy.dialects import postgresql, sqlite
 
+from .payload import stores_payloads
+
 # The done-table is defined with the library's other tables and keeps its names here; ``metadata``
 # (its MetaData before) is the library's one MetaData now, holding every table of schema.py.
 from .schema import DONE_TABLE_NAME as DONE_TABLE_NAME
@@ -175,16 +177,25 @@ class DonePruner(BackgroundLoop):
 
     thread_name = "websauna_tasks-done-pruner"
 
-    def __init__(self, registry: Registry, interval: float):
+    def __init__(self, registry: Registry, interval: float, done: bool = True, payloads: bool = False):
         self.registry = registry
         self.interval = interval
+        #: What each round prunes: the done-rows, and the stored payloads past their retention (claim_check.py).
+        self.done = done
+        self.payloads = payloads
         super().__init__()
         #: Rounds done and rows deleted so far (tests and metrics read them).
         self.rounds = 0
         self.deleted = 0
+        self.deleted_payloads = 0
 
     def run(self) -> None:
         while not self.stopping.wait(self.interval):
+            if self.payloads:
+                self._prune_payloads()
+            if not self.done:
+                self.rounds += 1
+                continue
             try:
                 deleted = prune_done(self.registry)
             except Exception as exc:
@@ -198,8 +209,18 @@ class DonePruner(BackgroundLoop):
             self.rounds += 1
 
 
+    def _prune_payloads(self) -> None:
+        from .claim_check import PAYLOADS_TABLE_NAME, prune_stored_payloads
+
+        try:
+            self.deleted_payloads += prune_stored_payloads(self.registry)
+        except Exception as exc:
+            logger.warning("websauna_tasks: could not prune %s (%s: %s); trying again in %gs",
+                           PAYLOADS_TABLE_NAME, type(exc).__name__, exc, self.interval)
+
+
 class DonePruneStep(bootsteps.StartStopStep):
-    """Runs a :class:`DonePruner` in the worker's main process when the app has an idempotent task.
+    """Runs a :class:`DonePruner` in the worker's main process when the app has an idempotent task or stores payloads.
 
     Several workers prune the same table now and then: each DELETE removes
     what the others left, and none depends on the others running.
@@ -215,8 +236,14 @@ class DonePruneStep(bootsteps.StartStopStep):
         registry = registry_of(app)
         if registry is None or get_engine(registry) is None:
             return False
-        return any(getattr(task, "idempotent", False) for task in app.tasks.values())
+        return _has_idempotent_task(app) or stores_payloads(app)
 
     def create(self, parent: t.Any) -> DonePruner:
-        registry = app_state(parent.app).registry
-        return DonePruner(registry, get_task_settings(registry).idempotency_prune_interval_seconds)
+        app = parent.app
+        registry = app_state(app).registry
+        return DonePruner(registry, get_task_settings(registry).idempotency_prune_interval_seconds,
+                          done=_has_idempotent_task(app), payloads=stores_payloads(app))
+
+
+def _has_idempotent_task(app: Celery) -> bool:
+    return any(getattr(task, "idempotent", False) for task in app.tasks.values())

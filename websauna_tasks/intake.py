@@ -21,7 +21,11 @@ consumer, before Celery's strategy builds a request:
 5. a deferred call (``websauna_tasks.deferred``) must name a function that
    ``defer()`` itself would send (:func:`~websauna_tasks.defer.resolve_deferred`);
 6. the arguments must fit the task's signature (``signature_mismatch``);
-7. a task this worker does not know is given back to the broker for
+7. a stored payload (``websauna_tasks_payload`` header, claim_check.py) is
+   loaded into the message before 4's body and 6's signature checks see the
+   arguments; a missing or unreadable one is a dead letter
+   (``payload_missing``, ``payload_unavailable``, ``malformed``);
+8. a task this worker does not know is given back to the broker for
    ``websauna_tasks.unknown_task_grace_seconds`` before it is a dead letter:
    in a rolling deploy a newer worker knows it (rolling.py).
 
@@ -52,6 +56,7 @@ from celery.backends.base import DisabledBackend
 from celery.utils.time import maybe_iso8601
 
 from .cancel import skip_cancelled
+from .claim_check import PAYLOAD_HEADER, claim_check_of
 from .deadletters import DeadLetters, dead_letter, get_dead_letters
 from .defer import DEFERRED_TASK_NAME, DeferNotAllowed, allowed_prefixes, resolve_deferred
 from .observability import hooks
@@ -116,6 +121,13 @@ class Intake:
         problem = headers_problem(headers)
         if problem is not None:
             return "malformed", problem
+        if PAYLOAD_HEADER in headers and (name in self.app.tasks or name == DEFERRED_TASK_NAME):
+            # A stored payload (claim_check.py), loaded before the checks below see the arguments; an
+            # unknown task's message is given back as it came, small.
+            problem = self.load_payload(message, headers)
+            if problem is not None:
+                return problem
+            body = message.body
         try:
             payload = message.decode()
         except Exception:
@@ -131,6 +143,14 @@ class Intake:
             if mismatch is not None:
                 return "signature_mismatch", mismatch
         return None
+
+    def load_payload(self, message: t.Any, headers: dict[str, t.Any]) -> tuple[str, str] | None:
+        """Put a message's stored arguments into it (claim_check.py); ``(kind, reason)`` when they cannot be."""
+        stored = claim_check_of(self.app)
+        if stored is None:
+            return "payload_missing", ("the message's arguments are stored in a database, and this worker has "
+                                       "none (sqlalchemy.url)")
+        return stored.load_into(message, headers)
 
     def _deferred_problem(self, args: list, kwargs: dict) -> tuple[str, str] | None:
         call = list(args) + [kwargs[key] for key in ("path", "args", "kwargs") if key in kwargs]

@@ -435,6 +435,43 @@ def _progress(app: t.Any, options: argparse.Namespace) -> int:
     return 0
 
 
+# -- stored payloads ----------------------------------------------------------------------------------------------
+
+def stored_payloads(app: t.Any, args: list[str]) -> int:
+    """Count the stored payloads (large task arguments), or prune those past their retention.
+
+    ``ws-celery INI -- stored-payloads {status,prune} [--json]``.
+    """
+    parser = _Parser(prog="ws-celery INI -- stored-payloads",
+                     description="Rows of websauna_tasks_payloads: arguments too large for the broker.")
+    parser.add_argument("command", choices=("status", "prune"))
+    parser.add_argument("--json", action="store_true", help="one JSON object")
+    return _run(parser, args, lambda options: _stored_payloads(app, options))
+
+
+def _stored_payloads(app: t.Any, options: argparse.Namespace) -> int:
+    import sqlalchemy as sa
+
+    from .claim_check import claim_check_of, prune_stored_payloads
+
+    claim_check = claim_check_of(app)
+    if claim_check is None:
+        raise Failed("stored payloads live in the app's database, and sqlalchemy.url is not set", code=2)
+    try:
+        if options.command == "prune":
+            figures = {"pruned": prune_stored_payloads(app)}
+        else:
+            figures = {"stored": claim_check.stored_count(), "retention_seconds": claim_check.retention_seconds}
+    except sa.exc.SQLAlchemyError as exc:
+        raise Failed(f"cannot read the stored payloads: {exc}") from None
+    if options.json:
+        print(json.dumps(figures))
+    else:
+        for key, value in figures.items():
+            print(f"{key.replace('_', ' ')}: {value:g}" if isinstance(value, float) else f"{key}: {value}")
+    return 0
+
+
 COMMANDS: dict[str, t.Callable[[t.Any, list[str]], int]] = {
     "dead-letters": dead_letters,
     "outbox-status": outbox_status,
@@ -442,4 +479,5 @@ COMMANDS: dict[str, t.Callable[[t.Any, list[str]], int]] = {
     "healthcheck": healthcheck,
     "cancel": cancel,
     "progress": progress,
+    "stored-payloads": stored_payloads,
 }

@@ -11,7 +11,9 @@ them on the wire (kombu's JSON, which also carries ``datetime``,
   position or keyword) and its type;
 - a payload whose JSON text is longer than ``websauna_tasks.max_payload_bytes``
   (default 512 KiB) is a :class:`PayloadTooLarge` naming the task, the size
-  and the setting;
+  and the setting; unless the app stores large payloads
+  (``websauna_tasks.payload_store_threshold_bytes``, claim_check.py), whose
+  own limit the send pipeline applies then;
 - an argument nested more than :data:`MAX_NESTING_DEPTH` lists or dicts deep
   is a :class:`TypeError` naming it. The bound sits far below what the
   JSON encoder, the worker's decoder and a prefork pool's pickling can
@@ -63,15 +65,15 @@ def payload_limit(app: t.Any) -> int:
     return state.settings.max_payload_bytes if state is not None else DEFAULT_MAX_PAYLOAD_BYTES
 
 
-def check_task_payload(task: t.Any, args: t.Any, kwargs: t.Any, options: t.Mapping[str, t.Any]) -> None:
-    """``apply_async``'s check: JSON-encodable arguments within the app's size limit."""
+def check_task_payload(task: t.Any, args: t.Any, kwargs: t.Any, options: t.Mapping[str, t.Any]) -> int:
+    """``apply_async``'s check: JSON-encodable arguments within the app's size limit; their size (0: not JSON)."""
     serializer = options.get("serializer") or task.serializer
     if serializer != "json":
-        return
+        return 0
     dump = getattr(task, "_dump_pydantic_arguments", None)
     if dump is not None:  # Celery dumps pydantic models itself before encoding
         args, kwargs = dump(tuple(args or ()), dict(kwargs or {}))
-    check_payload(task.app, task.name, args, kwargs)
+    return check_payload(task.app, task.name, args, kwargs)
 
 
 def check_payload(app: t.Any, label: str, args: t.Any, kwargs: t.Any) -> int:
@@ -100,11 +102,18 @@ def check_payload(app: t.Any, label: str, args: t.Any, kwargs: t.Any) -> int:
         _check_depth(label, args, kwargs)
     size = len(text)  # ensure_ascii: characters are bytes
     limit = payload_limit(app)
-    if limit and size > limit:
+    if limit and size > limit and not stores_payloads(app):
         raise PayloadTooLarge(
             f"{label}: the arguments encode to {size} bytes of JSON, more than {MAX_PAYLOAD_KEY} = {limit}; "
             "store large data elsewhere (a database row, object storage) and pass its id")
     return size
+
+
+def stores_payloads(app: t.Any) -> bool:
+    """True when ``app`` stores payloads over its threshold (claim_check.py) instead of refusing them here."""
+    state = find_state(app)
+    claim_check = state.claim_check if state is not None else None
+    return claim_check is not None and bool(claim_check.threshold)
 
 
 def nesting_exceeds(value: t.Any, limit: int) -> bool:

@@ -5,7 +5,8 @@ here, once; the modules that use one import it from here (and still export
 it under the name they always had: ``outbox.outbox_table``,
 ``idempotency.done_table``, ``names.names_table``,
 ``iteration.iterations_table`` / ``shards_table``; ``deadletters``
-uses ``dead_letters_table``, ``cancel`` ``cancellations_table``).
+uses ``dead_letters_table``, ``cancel`` ``cancellations_table``, ``claim_check``
+``payloads_table``).
 
 :data:`metadata` is what an application hands to Alembic next to its own
 (``target_metadata = [Base.metadata, websauna_tasks.schema.metadata]``),
@@ -162,6 +163,25 @@ cancellations_table = sa.Table(
     sa.Column("app", sa.String(255), primary_key=True),
     sa.Column("task_id", sa.String(255), primary_key=True),
     # Epoch seconds: the mark is ignored, then pruned, after this.
+    sa.Column("expires_at", sa.Float, nullable=False, index=True),
+)
+
+# -- stored payloads (claim_check.py): the arguments of a message too large for the broker ----------------
+
+PAYLOADS_TABLE_NAME = "websauna_tasks_payloads"
+
+payloads_table = sa.Table(
+    PAYLOADS_TABLE_NAME, metadata,
+    # The task id: the message's reference header must name its own id, so a forged one cannot borrow
+    # another task's arguments; a retry of the task writes its arguments over the same row.
+    sa.Column("id", sa.String(255), primary_key=True),
+    # The message's task: a row read for another task is refused.
+    sa.Column("task_name", sa.String(255), nullable=False),
+    # kombu's JSON of [args, kwargs], the text an inline message would have carried.
+    sa.Column("payload", sa.Text, nullable=False),
+    # Epoch seconds: no time zone to get wrong between databases.
+    sa.Column("created_at", sa.Float, nullable=False),
+    # created_at + the message's countdown + the retention: pruned after this.
     sa.Column("expires_at", sa.Float, nullable=False, index=True),
 )
 

@@ -83,6 +83,9 @@ HEALTH_OUTBOX_MAX_ROWS_KEY = "websauna_tasks.health_outbox_max_rows"
 HEALTH_OUTBOX_MAX_AGE_KEY = "websauna_tasks.health_outbox_max_age_seconds"
 MAX_PAYLOAD_KEY = "websauna_tasks.max_payload_bytes"
 MAX_MESSAGE_KEY = "websauna_tasks.max_message_bytes"
+PAYLOAD_STORE_THRESHOLD_KEY = "websauna_tasks.payload_store_threshold_bytes"
+PAYLOAD_STORE_MAX_KEY = "websauna_tasks.payload_store_max_bytes"
+PAYLOAD_STORE_RETENTION_KEY = "websauna_tasks.payload_store_retention_seconds"
 DEADLETTER_QUEUE_KEY = "websauna_tasks.deadletter_queue"
 IDEMPOTENCY_RETENTION_KEY = "websauna_tasks.idempotency_retention_seconds"
 IDEMPOTENCY_CREATE_TABLE_KEY = "websauna_tasks.idempotency_create_table"
@@ -128,6 +131,12 @@ DEFAULT_HEALTH_OUTBOX_MAX_AGE_SECONDS = 600.0
 DEFAULT_MAX_PAYLOAD_BYTES = 512 * 1024
 #: The floor of max_message_bytes' default: a chain or a group carries more than its arguments.
 MIN_DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+#: Below this a stored payload's row and reference cost more than the bytes they keep off the broker.
+MIN_PAYLOAD_STORE_THRESHOLD_BYTES = 1024
+#: Largest stored payload by default: a few of them fit in a worker's memory at once.
+DEFAULT_PAYLOAD_STORE_MAX_BYTES = 32 * 1024 * 1024
+#: A week, as the cancellations: longer than any message waits in a queue (plus its countdown).
+DEFAULT_PAYLOAD_STORE_RETENTION_SECONDS = 7 * 24 * 3600.0
 DEFAULT_DEADLETTER_QUEUE = "websauna_tasks.deadletter"
 DEFAULT_IDEMPOTENCY_RETENTION_SECONDS = 7 * 24 * 3600.0
 DEFAULT_IDEMPOTENCY_PRUNE_INTERVAL_SECONDS = 3600.0
@@ -671,6 +680,15 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(MAX_MESSAGE_KEY, _count(1, _ONE_GIB, "bytes", zero_means="no limit"), None,
             "largest message body a worker takes in (decoded and inflated)",
             default_text="twice max_payload_bytes, at least 4194304 (67108864 when max_payload_bytes is 0)"),
+    Setting(PAYLOAD_STORE_THRESHOLD_KEY,
+            _count(MIN_PAYLOAD_STORE_THRESHOLD_BYTES, _ONE_GIB, "bytes", zero_means="off: nothing is stored"), 0,
+            "arguments encoding to more JSON than this are stored as a row of the app's database and only a "
+            "reference is sent (at most max_payload_bytes)"),
+    Setting(PAYLOAD_STORE_MAX_KEY, _count(MIN_PAYLOAD_STORE_THRESHOLD_BYTES, _ONE_GIB, "bytes"),
+            DEFAULT_PAYLOAD_STORE_MAX_BYTES,
+            "largest payload stored (refused at the call above it) and loaded by a worker"),
+    Setting(PAYLOAD_STORE_RETENTION_KEY, _seconds(60, _TEN_YEARS), DEFAULT_PAYLOAD_STORE_RETENTION_SECONDS,
+            "how long a stored payload is kept after its message's countdown when its task never succeeds"),
     Setting(DEADLETTER_QUEUE_KEY, RedisKey(), DEFAULT_DEADLETTER_QUEUE,
             "where messages a worker cannot run are kept: this Redis list on a Redis broker, else the rows of this "
             "list name in the table websauna_tasks_dead_letters"),
@@ -764,6 +782,10 @@ class TaskSettings:
     health_outbox_max_age_seconds: float
     max_payload_bytes: int
     max_message_bytes: int
+    #: 0: payloads are never stored (claim_check.py).
+    payload_store_threshold_bytes: int
+    payload_store_max_bytes: int
+    payload_store_retention_seconds: float
     deadletter_queue: str
     idempotency_retention_seconds: float
     idempotency_create_table: bool
@@ -823,6 +845,7 @@ def parse_settings(settings: t.Mapping[str, t.Any] | None, package: t.Any = None
         values["max_message_bytes"] = default_max_message_bytes(values["max_payload_bytes"])
     parsed = TaskSettings(**values)
     check_queue_names(parsed)
+    check_payload_store(parsed)
     return parsed
 
 
@@ -831,6 +854,22 @@ def default_max_message_bytes(max_payload_bytes: int) -> int:
     if not max_payload_bytes:
         return 16 * MIN_DEFAULT_MAX_MESSAGE_BYTES
     return max(MIN_DEFAULT_MAX_MESSAGE_BYTES, 2 * max_payload_bytes)
+
+
+def check_payload_store(parsed: TaskSettings) -> None:
+    """Refuse a storage threshold that would leave payloads neither sent nor stored."""
+    threshold = parsed.payload_store_threshold_bytes
+    if not threshold:
+        return
+    if parsed.max_payload_bytes and threshold > parsed.max_payload_bytes:
+        # A payload between the two would be over the refusal limit of what is sent, yet not stored.
+        raise ConfigurationError(
+            f"{PAYLOAD_STORE_THRESHOLD_KEY}: {threshold} is more than {MAX_PAYLOAD_KEY} = {parsed.max_payload_bytes}; "
+            "payloads between the two could be neither sent nor stored")
+    if threshold > parsed.payload_store_max_bytes:
+        raise ConfigurationError(
+            f"{PAYLOAD_STORE_THRESHOLD_KEY}: {threshold} is more than {PAYLOAD_STORE_MAX_KEY} = "
+            f"{parsed.payload_store_max_bytes}; every payload above it would be refused, none stored")
 
 
 def check_queue_names(parsed: TaskSettings) -> None:

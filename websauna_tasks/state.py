@@ -46,6 +46,8 @@ class AppState:
     queues: t.Any = None
     #: The transactional outbox when ``websauna_tasks.outbox`` is on: an ``outbox.Outbox`` (``find_outbox``).
     outbox: t.Any = None
+    #: Stored payloads (large arguments) when the app has a database: a ``claim_check.ClaimCheck`` (``claim_check_of``).
+    claim_check: t.Any = None
     #: ``get_redis``'s client and the process that made it: a ``redis_client.ProcessClient``, made on first use.
     redis: t.Any = None
     #: ``websauna.secrets_file`` as read at startup: a ``secrets.Secrets`` (``get_secrets``).

@@ -41,10 +41,9 @@ import zope.sqlalchemy
 from pyramid.exceptions import ConfigurationError
 
 from ..broker import PendingMessage
-from ..db import get_engine
+from ..db import get_engine, transaction_sessions
 from ..dispatch import outbox_of, publish
 from ..observability import hooks
-from ..request import get_current_request
 from ..settings import OUTBOX_KEY, TaskSettings, get_task_settings, parse_setting
 from ._fast_path import FastPath
 from ._redelivery import Redeliverer
@@ -147,16 +146,10 @@ class Outbox:
 
     def session_for(self, tm: transaction.TransactionManager, message: PendingMessage) -> Session:
         """The SQLAlchemy session whose writes commit with ``tm``'s transaction."""
-        request = get_current_request()
-        if request is not None and getattr(request, "tm", None) is tm:
-            try:
-                return request.dbsession
-            except ConfigurationError as exc:
-                raise OutboxError(f"{OUTBOX_KEY}: {message.task.name} cannot be written to the outbox: {exc}") \
-                    from None
-        # No request of this transaction (a script's `with tm:`): a session
-        # zope.sqlalchemy has already joined to it.
-        sessions = _joined_sessions(tm)
+        try:
+            sessions = transaction_sessions(tm)
+        except ConfigurationError as exc:
+            raise OutboxError(f"{OUTBOX_KEY}: {message.task.name} cannot be written to the outbox: {exc}") from None
         if len(sessions) == 1:
             return sessions[0]
         if not sessions:
@@ -286,16 +279,3 @@ class Outbox:
         age = None if oldest is None else max(0.0, (time.time() if now is None else now) - oldest)
         return OutboxStatus(unsent=pending, oldest_unsent_age=age, sent_kept=sent,
                             retention_seconds=self.retention_seconds)
-
-
-def _joined_sessions(tm: transaction.TransactionManager) -> list[Session]:
-    try:
-        txn = tm.get()
-    except transaction.interfaces.NoTransaction:
-        return []
-    sessions = []
-    for resource in getattr(txn, "_resources", ()):
-        session = getattr(resource, "session", None)
-        if isinstance(resource, zope.sqlalchemy.datamanager.SessionDataManager) and session is not None:
-            sessions.append(session)
-    return sessions

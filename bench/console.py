@@ -8,8 +8,10 @@ deleted at the end. Each page is requested through WebTest (the WSGI app,
 no HTTP), ``--rounds`` times; the median and the slowest are printed.
 
 - dead letters: the first page, a middle page and the last page of a list
-  of ``--letters`` entries (real entries, as a worker writes them), in the
-  Redis list and in the table of a non-Redis broker's app (PostgreSQL);
+  of ``--letters`` entries (real entries, as a worker writes them) in the
+  Redis list (page numbers); in the table of a non-Redis broker's app
+  (PostgreSQL) the first page, a keyset page halfway down and the oldest
+  page, with the offset query the pages used before for comparison;
 - the overview with ``--queues`` declared queues (each with a rate and a
   concurrency limit, so every part of a queue row is read), with and without
   the broadcast to workers (which waits its full timeout, 1 s, when no
@@ -147,13 +149,32 @@ def sql_pages(options: argparse.Namespace, entry: dict, task_id: str, run: str) 
                 conn.execute(dead_letters_table.insert(), rows)
         print(f"{options.letters} dead letters written in {time.perf_counter() - started:.1f} s "
               f"(table websauna_tasks_dead_letters, PostgreSQL)")
-        pages = -(-options.letters // 50)
+        if engine.dialect.name == "postgresql":
+            with engine.begin() as conn:
+                conn.execute(sa.text("ANALYZE websauna_tasks_dead_letters"))
+        table = dead_letters_table
+        with engine.connect() as conn:
+            # The seq an "older ›" link carries halfway down the list, as an operator clicking through would reach.
+            middle = conn.execute(sa.select(table.c.seq).where(table.c.list_name == list_name).order_by(
+                table.c.seq.desc()).offset(options.letters // 2).limit(1)).scalar_one()
+        # Keyset pages (deadletters/_pages.py): older than a row, and the oldest (after=0).
         for label, path in (("first page", "/_tasks/dead-letters"),
-                            ("middle page", f"/_tasks/dead-letters?page={pages // 2}"),
-                            ("last page", f"/_tasks/dead-letters?page={pages}")):
+                            (f"keyset page {options.letters // 2:,} letters deep",
+                             f"/_tasks/dead-letters?before={middle}"),
+                            ("oldest page", "/_tasks/dead-letters?after=0")):
             median, slowest = timed(app, path, options.rounds)
-            print(f"dead letters in SQL, {label} of {pages}: median {median * 1000:.1f} ms, "
-                  f"slowest {slowest * 1000:.1f} ms")
+            print(f"dead letters in SQL, {label}: median {median * 1000:.1f} ms, slowest {slowest * 1000:.1f} ms")
+        # What the offset pages cost before (the same query as SQLStore.read with a start and a stop).
+        for label, offset in (("middle", options.letters // 2), ("last", options.letters - 50)):
+            times = []
+            for _ in range(options.rounds):
+                started = time.perf_counter()
+                with engine.connect() as conn:
+                    conn.execute(sa.select(table.c.entry).where(table.c.list_name == list_name).order_by(
+                        table.c.seq.desc()).offset(offset).limit(50)).all()
+                times.append(time.perf_counter() - started)
+            print(f"  for comparison, the {label} page by OFFSET (the query alone): median "
+                  f"{statistics.median(times) * 1000:.1f} ms, slowest {max(times) * 1000:.1f} ms")
     finally:
         with engine.begin() as conn:
             conn.execute(sa.delete(dead_letters_table).where(dead_letters_table.c.list_name == list_name))

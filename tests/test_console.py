@@ -24,6 +24,7 @@ from tests.apps.console_app import TestUserPolicy
 from tests.apps.console_app import main as console_main
 from tests.test_layout import PACKAGE, imports
 from websauna_tasks import get_celery
+from websauna_tasks.console._common import Clock
 from websauna_tasks.console.periodic import in_words
 from websauna_tasks.deadletter import dead_letter, get_dead_letters, list_dead_letters
 
@@ -145,6 +146,12 @@ def make_dead_letter(celery, queue_name: str, task_name: str = "tests.no_such_ta
     return task_id
 
 
+def follow(app: TestApp, page, label: str):
+    """The page the link reading ``label`` leads to, as the operator (WebTest's click() sends no headers)."""
+    href = re.search(r'<a href="([^"]+)"[^>]*>' + re.escape(label) + "</a>", page.text).group(1)
+    return app.get(html.unescape(href), headers=OPERATOR)
+
+
 def letter_ids(celery) -> list[str]:
     return [entry["id"] for entry in list_dead_letters(celery)]
 
@@ -224,6 +231,30 @@ def test_requeue_and_drop_one_at_a_time(console, queue_name, redis_client):
     assert "No dead letters" in app.get("/_tasks/dead-letters", headers=OPERATOR).text
 
 
+def test_a_letter_requeued_and_dead_lettered_again_shows_first_and_last_seen(console, queue_name, redis_client):
+    app, celery, _router = console
+    task_id = make_dead_letter(celery, queue_name)
+    first = list_dead_letters(celery)[0]
+    assert (first["first_seen"], first["times"]) == (first["timestamp"], 1)
+    page = app.get("/_tasks/dead-letters", headers=OPERATOR).text
+    assert "first seen" in page and "dead-lettered" not in page
+    requeued = app.post("/_tasks/dead-letters/act?action=requeue", {"csrf_token": csrf_token(app), "id": task_id},
+                        headers=OPERATOR)
+    assert "requeued=1" in requeued.location
+    # The worker meets the message again and refuses it again, as its intake does: a new entry.
+    with celery.connection_for_read() as connection:
+        message = kombu.Queue(queue_name)(connection.default_channel).get(no_ack=True)
+    assert message.headers["websauna_tasks_dead_lettered"] == {"first": first["timestamp"], "times": 1}
+    dead_letter(get_dead_letters(celery), message, "unknown_task", KeyError("tests.no_such_task"))
+    again = list_dead_letters(celery)[0]
+    assert again["first_seen"] == first["timestamp"] < again["timestamp"] and again["times"] == 2
+    row = app.get("/_tasks/dead-letters", headers=OPERATOR).text.split(f'data-id="{task_id}"')[1]
+    shown = re.findall(r'<td class="(first|last)-seen"><time datetime="([^"]+)"', row)[:2]
+    clock = Clock(celery.timezone)
+    assert shown == [("first", clock.when(first["timestamp"])["iso"]), ("last", clock.when(again["timestamp"])["iso"])]
+    assert "dead-lettered 2 times" in row
+
+
 def test_bulk_requeue_and_drop_ask_for_confirmation(console, queue_name, redis_client):
     app, celery, _router = console
     ids = [make_dead_letter(celery, queue_name) for _ in range(4)]
@@ -255,6 +286,9 @@ def test_forged_page_numbers_ids_and_actions(console, queue_name, dead_key, redi
     for raw, shown in (("-5", 1), ("0", 1), ("2", 2), ("99999999999999999999", 3), ("3", 3)):
         page = app.get(f"/_tasks/dead-letters?page={raw}", headers=OPERATOR)
         assert f"page {shown} of 3" in page.text, raw
+    # Keyset cursors belong to the table: on the Redis list they give the newest page.
+    for query in ("before=5", "after=0"):
+        assert "page 1 of 3" in app.get(f"/_tasks/dead-letters?{query}", headers=OPERATOR).text, query
     for raw in ("abc", "1e3", "１", "1.5", "9" * 5000, "%00"):
         assert app.get("/_tasks/dead-letters", {"page": raw}, headers=OPERATOR, expect_errors=True).status_int == 400
     token = csrf_token(app)
@@ -417,6 +451,45 @@ def test_the_overview_counts_dead_letters_by_kind_and_leases(console_settings, q
     assert re.search(r'<td class="num"><span class="">1</span></td>', row)
 
 
+def test_the_overview_on_rabbitmq_shows_depth_and_says_unacked_is_not_reported(rabbitmq_url, database_url,
+                                                                              redis_url, queue_name):
+    """On RabbitMQ: depth from a passive queue.declare, a notice for unacked, the letters in the table."""
+    celery_config = {"broker_url": rabbitmq_url, "task_default_queue": queue_name}
+    router = console_main({}, **{"websauna.celery_config": repr(celery_config), "sqlalchemy.url": database_url,
+                                 "websauna_tasks.deadletter_queue": f"{queue_name}.dead",
+                                 "websauna_tasks.limits_redis_url": redis_url,
+                                 "websauna_tasks.queues": repr([{"name": queue_name, "rate_per_second": 5,
+                                                                 "max_concurrent": 2}])})
+    app, celery = TestApp(router), get_celery(router.registry)
+    try:
+        page = app.get("/_tasks/", headers=OPERATOR).text
+        # Not declared on the broker yet: passive, so looking does not create it.
+        row = page[page.index(f"<code>{queue_name}</code>"):]
+        assert 'title="not on the broker yet"' in row.split("</tr>")[0]
+        make_dead_letter(celery, queue_name)  # sent, taken off the queue again and kept in the table
+        for number in range(3):
+            celery.send_task("tests.add", args=(number, 1), queue=queue_name)
+        page = app.get("/_tasks/", headers=OPERATOR).text
+        row = page[page.index(f"<code>{queue_name}</code>"):].split("</tr>")[0]
+        assert re.search(r'<td class="num"><span class="">3</span></td>', row), row
+        assert "Unacked: not reported by this transport: RabbitMQ gives only the ready messages" in page
+        assert "0 of 2" in row  # leases, from the limits' Redis
+        # Remote control works on AMQP: asked, nobody answered (no worker runs here).
+        assert "no worker answered within" in page
+        assert '<dt>in all</dt><dd class="bad">1</dd>' in page and "unknown_task" in page
+        assert app.get("/_tasks/dead-letters", headers=OPERATOR).text.count("data-id=") == 1
+    finally:
+        from websauna_tasks.db import get_engine
+
+        engine = get_engine(router.registry)
+        with engine.begin() as conn:
+            from sqlalchemy import text
+
+            conn.execute(text("DELETE FROM websauna_tasks_dead_letters WHERE list_name = :name"),
+                         {"name": f"{queue_name}.dead"})
+        engine.dispose()
+
+
 def test_an_unreadable_entry_is_listed_refused_for_requeue_and_dropped(console, dead_key, redis_client):
     app, celery, _router = console
     redis_client.rpush(dead_key, b'{"not": "a dead letter" <script>')
@@ -442,11 +515,24 @@ def test_dead_letters_kept_in_the_database_page_and_act_the_same(database_url, q
     app, celery = TestApp(router), get_celery(router.registry)
     try:
         ids = [make_dead_letter(celery, queue_name) for _ in range(55)]
-        first = app.get("/_tasks/dead-letters", headers=OPERATOR).text
-        assert "websauna_tasks_dead_letters" in first and "page 1 of 2 · 55 in all" in first
-        assert ids[-1] in first and ids[0] not in first
-        second = app.get("/_tasks/dead-letters?page=2", headers=OPERATOR).text
-        assert ids[0] in second and ids[-1] not in second
+        first = app.get("/_tasks/dead-letters", headers=OPERATOR)
+        assert "websauna_tasks_dead_letters" in first.text and "55 in all" in first.text
+        # Keyset pages: no page numbers, an "older" link naming the last row shown.
+        assert "page 1 of" not in first.text and "‹ newer" not in first.text
+        assert ids[-1] in first.text and ids[5] in first.text and ids[4] not in first.text
+        second = follow(app, first, "older ›")
+        assert [task_id for task_id in ids if task_id in second.text] == ids[:5]
+        assert "older ›" not in second.text
+        assert follow(app, second, "‹ newer").text.count("data-id=") == 50
+        oldest = follow(app, first, "oldest »")
+        assert [task_id for task_id in ids if task_id in oldest.text] == ids[:50]
+        # Forged cursors: text, out of range or both at once are a 400; one past every row is the newest page.
+        for query in ("before=abc", "before=-1", f"after={2 ** 63}", "before=1&after=1", "after=1.5"):
+            response = app.get(f"/_tasks/dead-letters?{query}", headers=OPERATOR, expect_errors=True)
+            assert response.status_int == 400, query
+        for query in ("before=0", f"after={2 ** 63 - 1}", "page=7", "page=-3"):
+            shown = app.get(f"/_tasks/dead-letters?{query}", headers=OPERATOR).text
+            assert ids[-1] in shown and ids[4] not in shown, query
         token = csrf_token(app)
         done = app.post("/_tasks/dead-letters/act?action=requeue", {"csrf_token": token, "id": ids[0]},
                         headers=OPERATOR)

@@ -196,9 +196,17 @@ def test_an_operator_requeues_and_drops_real_dead_letters_in_chromium(
         wait_for(lambda: letters().get(unknown, {}).get("timestamp", first_seen) > first_seen
                  and redis_client.llen(queue_name) == 0, describe=worker.output)
         assert len(letters()) == 4
+        # A new entry, which keeps the first time (carried by the requeued message) and counts two.
+        again = letters()[unknown]
+        assert (again["first_seen"], again["times"]) == (first_seen, 2) and again["timestamp"] > first_seen
 
         # Drop one: a confirmation first, then it is gone.
         driver.get(web + "/_tasks/dead-letters")
+        row = driver.find_element(By.CSS_SELECTOR, f'tr[data-id="{unknown}"]')
+        assert "dead-lettered 2 times" in row.find_element(By.CSS_SELECTOR, "td.last-seen").text
+        first_shown = row.find_element(By.CSS_SELECTOR, "td.first-seen time").get_attribute("datetime")
+        last_shown = row.find_element(By.CSS_SELECTOR, "td.last-seen time").get_attribute("datetime")
+        assert first_shown <= last_shown
         click_and_load(driver, driver.find_element(By.CSS_SELECTOR, f'tr[data-id="{broken}"] button.drop'))
         assert "Drop 1 dead letter(s)?" in driver.find_element(By.TAG_NAME, "h1").text
         assert broken in letters()

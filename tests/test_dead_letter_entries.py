@@ -285,3 +285,40 @@ def test_outbox_status_is_one_line_too(celery, run_here, redis_client, dead_key)
     code, out, err = run_here(celery, "outbox-status")
     assert (code, out) == (2, "")
     assert err.startswith("ws-celery: the outbox is off") and len(err.splitlines()) == 1
+
+
+# -- first and last seen: the history a requeue stamps on the message ---------------------------------------------
+
+NOW = 1_800_000_000.0
+
+
+@pytest.mark.parametrize("header", [
+    None, "yesterday", [NOW - 5, 2], {"first": NOW - 5}, {"times": 2}, {"first": "NOW", "times": 2},
+    {"first": float("nan"), "times": 2}, {"first": float("inf"), "times": 2}, {"first": NOW + 3600, "times": 2},
+    {"first": -1, "times": 2}, {"first": NOW - 5, "times": 0}, {"first": NOW - 5, "times": True},
+    {"first": True, "times": 2}, {"first": NOW - 5, "times": 10 ** 12}, {"first": NOW - 5, "times": 2.5},
+])
+def test_a_forged_history_header_counts_as_none(header):
+    from websauna_tasks.deadletters._entries import HISTORY_HEADER, history
+
+    assert history({HISTORY_HEADER: header}, NOW) == (NOW, 0)
+
+
+def test_the_history_header_carries_the_first_time_and_the_count():
+    from websauna_tasks.deadletters import HISTORY_HEADER, seen
+    from websauna_tasks.deadletters._entries import history, with_history
+
+    assert history({HISTORY_HEADER: {"first": NOW - 60, "times": 3}}, NOW) == (NOW - 60, 3)
+    entry = {"kind": "unknown_task", "reason": "r", "id": "a", "timestamp": NOW, "first_seen": NOW - 60, "times": 4,
+             "message": {"headers": {"id": "a"}, "body": "x"}}
+    assert seen(entry) == (NOW - 60, NOW, 4)
+    stamped = with_history(entry)
+    assert stamped["message"]["headers"] == {"id": "a", HISTORY_HEADER: {"first": NOW - 60, "times": 4}}
+    assert entry["message"]["headers"] == {"id": "a"}  # the stored entry is not changed
+    # Entries from before the history was kept, or with odd values, read as seen once.
+    for odd in ({}, {"first_seen": NOW + 1, "times": 2}, {"first_seen": NOW - 1, "times": "2"},
+                {"first_seen": None, "times": 2}):
+        assert seen({"kind": "k", "reason": "r", "timestamp": NOW, **odd}) == (NOW, NOW, 1), odd
+    # Headers that are not a dict are left as they are.
+    odd_headers = dict(entry, message={"headers": "x"})
+    assert with_history(odd_headers) is odd_headers

@@ -149,6 +149,12 @@ def test_the_table_keeps_entries_as_the_list_does(memory_app, queue):
     assert message.headers["id"] == second and message.headers["task"] == "tests.gone_two"
     assert message.decode()[0] == [2, 3]
     assert ids(memory_app) == [first]
+    # Refused again after the requeue: a new row, which keeps the first time the message was dead-lettered.
+    recorded = letters[1]["timestamp"]
+    dead_letter(get_dead_letters(memory_app), message, "unknown_task", KeyError("tests.gone_two"))
+    again = list_dead_letters(memory_app)[-1]
+    assert again["id"] == second and again["first_seen"] == recorded < again["timestamp"] and again["times"] == 2
+    assert drop_dead_letter(memory_app, second) is True
     assert drop_dead_letter(memory_app, first) is True and drop_dead_letter(memory_app, first) is False
     assert list_dead_letters(memory_app) == []
 
@@ -264,6 +270,37 @@ def pages_of_100000(celery, queue: str, database: str) -> None:
         assert seconds < 0.5, "a page counted from the end reads 50 rows' worth of an index, not the table"
     for seconds in (middle_seconds, deep_seconds):
         assert seconds < 3, "a deep offset walks the index, and parses only the page's entries"
+
+
+def test_keyset_pages_of_the_table_and_their_forged_cursors(memory_app, queue):
+    from websauna_tasks.deadletters import page_dead_letters
+    from websauna_tasks.deadletters._pages import COUNT_LIMIT, MAX_CURSOR
+
+    letter = {"kind": "unknown_task", "reason": "r", "id": None, "timestamp": 1.0, "message": None}
+    store = get_dead_letters(memory_app).backend
+    assert list_dead_letters(memory_app) == []  # the table is made on first use
+    with store.engine.begin() as conn:
+        conn.execute(sa.text(f"INSERT INTO {TABLE} (list_name, task_id, kind, recorded_at, entry) "
+                             "VALUES (:list_name, :task_id, :kind, :recorded_at, :entry)"),
+                     [{"list_name": store.key, "task_id": f"k-{n}", "kind": "unknown_task", "recorded_at": 1.0,
+                       "entry": json.dumps(dict(letter, id=f"k-{n}"))} for n in range(COUNT_LIMIT + 1)])
+    newest = page_dead_letters(memory_app)
+    assert [entry["id"] for entry in newest.entries] == [f"k-{n}" for n in range(COUNT_LIMIT, COUNT_LIMIT - 50, -1)]
+    # Counted up to the limit only: the page says "more than".
+    assert (newest.total, newest.exact, newest.newer, newest.newest) == (COUNT_LIMIT, False, None, None)
+    older = page_dead_letters(memory_app, **newest.older)
+    assert older.entries[0]["id"] == f"k-{COUNT_LIMIT - 50}" and older.newer is not None
+    assert page_dead_letters(memory_app, **older.newer).entries == newest.entries
+    oldest = page_dead_letters(memory_app, **newest.oldest)
+    assert [entry["id"] for entry in oldest.entries] == [f"k-{n}" for n in range(49, -1, -1)]
+    assert oldest.older is None and oldest.oldest is None
+    # Past every row, either way: the newest page.
+    for cursor in ({"before": 0}, {"after": MAX_CURSOR}, {"page": 9}):
+        assert page_dead_letters(memory_app, **cursor).entries == newest.entries, cursor
+    for forged in ({"before": -1}, {"after": MAX_CURSOR + 1}, {"before": 1, "after": 1}, {"before": "5"},
+                   {"after": 2.0}, {"before": True}, {"page": "2"}):
+        with pytest.raises(ValueError):
+            page_dead_letters(memory_app, **forged)
 
 
 @pytest.mark.slow

@@ -1,8 +1,4 @@
-"""The dead letters' name before they became a package: ``websauna_tasks.deadletters`` (docs/bad_input.md).
-
-Everything this module offered is still importable from here; new code
-imports ``websauna_tasks.deadletters``.
-"""
+"""The old name of :mod:`websauna_tasks.deadletters`, which has the docs: every name here is re-exported from it."""
 from .deadletters import (
     DEADLETTER_QUEUE_KEY,
     DEFAULT_DEADLETTER_QUEUE,

@@ -66,10 +66,19 @@ def app_of(request: Request) -> Celery:
 
 def page_number(request: Request, pages: int) -> int:
     """``?page=`` within 1..pages; a forged value is clamped, text that is not a number is a 400."""
-    raw = request.params.get("page", "1").strip()
+    number = whole_number(request, "page")
+    return min(max(number or 1, 1), max(pages, 1))
+
+
+def whole_number(request: Request, name: str) -> int | None:
+    """``?name=`` as an int, None when absent; 400 for text that is not a whole number (range is the caller's)."""
+    raw = request.params.get(name)
+    if raw is None:
+        return None
+    raw = raw.strip()
     if not raw.isascii() or not re.fullmatch(r"-?[0-9]{1,30}", raw):
-        raise HTTPBadRequest("page must be a whole number")
-    return min(max(int(raw), 1), max(pages, 1))
+        raise HTTPBadRequest(f"{name} must be a whole number")
+    return int(raw)
 
 
 def task_id_param(raw: t.Any, what: str = "id") -> str:
@@ -199,8 +208,26 @@ def page(request: Request, current: str, title: str, **values: t.Any) -> dict[st
     return base
 
 
+# -- confirm, then act -------------------------------------------------------------------------------------------
+
+def unconfirmed(request: Request) -> bool:
+    """Whether an action's POST still lacks the ``confirmed=yes`` that its confirmation page posts back."""
+    return request.POST.get("confirmed") != "yes"
+
+
+def ask(request: Request, current: str, title: str, *, action: str, back: str, target: str,
+        **shown: t.Any) -> dict[str, t.Any]:
+    """The confirmation page (confirm.wstasks): what ``action`` would touch, "Yes" posting to ``target``, a way back.
+
+    Every action that cannot be undone, or touches more than one thing,
+    goes through here first: a POST (with its CSRF token) shows this page,
+    and only the form it shows, posted with ``confirmed=yes``, acts.
+    """
+    return page(request, current, title, action=action, back=back, target=target, **{"rows": [], **shown})
+
+
 def _params(request: Request) -> dict[str, str]:
-    return {key: value for key, value in request.GET.items() if key in ("page", "kind", "show")}
+    return {key: value for key, value in request.GET.items() if key in ("page", "kind", "show", "before", "after")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,6 +238,8 @@ class Pager:
     pages: int
     total: int
     size: int = PAGE_SIZE
+    #: The total is a count of every row (deadletters.LetterPage may stop counting).
+    exact: t.ClassVar[bool] = True
 
     @classmethod
     def of(cls, request: Request, total: int, size: int = PAGE_SIZE) -> Pager:
@@ -220,3 +249,20 @@ class Pager:
     @property
     def offset(self) -> int:
         return (self.number - 1) * self.size
+
+    # The query values of the pages around this one, as deadletters.LetterPage has them (None: no page that way).
+    @property
+    def newest(self) -> dict[str, int] | None:
+        return {"page": 1} if self.number > 1 else None
+
+    @property
+    def newer(self) -> dict[str, int] | None:
+        return {"page": self.number - 1} if self.number > 1 else None
+
+    @property
+    def older(self) -> dict[str, int] | None:
+        return {"page": self.number + 1} if self.number < self.pages else None
+
+    @property
+    def oldest(self) -> dict[str, int] | None:
+        return {"page": self.pages} if self.number < self.pages else None

@@ -2,9 +2,9 @@
 
 Built on the public functions ``ws-celery INI -- dead-letters`` uses
 (``list_dead_letters``, ``requeue_dead_letter``, ``drop_dead_letter``) and on
-the count of deadletters/_summary.py. A page is one ranged read from the end
-of the list (Redis LRANGE with negative indexes, an indexed SQL offset), so
-the newest pages cost the same at 100 or 100,000 entries.
+``page_dead_letters``: numbered pages on the Redis list, "older"/"newer"
+links carrying a row's seq on the table (deadletters/_pages.py says why
+each), so that any page costs about what the first does at 100,000 letters.
 
 A drop, and any action on more than one letter, is shown back with the
 letters it would touch and done only when that confirmation is posted.
@@ -20,11 +20,22 @@ from ..deadletter import (
     NoDeadLetterStore,
     drop_dead_letter,
     get_dead_letters,
-    list_dead_letters,
     requeue_dead_letter,
 )
-from ..deadletters import count_dead_letters
-from ._common import MAX_BULK, RENDERER, Pager, app_of, failure, page, preview, route, task_id_param
+from ..deadletters import page_dead_letters, seen
+from ._common import (
+    MAX_BULK,
+    RENDERER,
+    app_of,
+    ask,
+    failure,
+    page,
+    preview,
+    route,
+    task_id_param,
+    unconfirmed,
+    whole_number,
+)
 
 if t.TYPE_CHECKING:
     from pyramid.config import Configurator
@@ -47,6 +58,7 @@ def add_views(config: Configurator, console: ConsoleConfig) -> None:
 def row(entry: dict[str, t.Any]) -> dict[str, t.Any]:
     """What a table row shows of a dead letter."""
     unreadable = entry.get("kind") == UNREADABLE_ENTRY
+    first, last, times = seen(entry)
     message = entry.get("message")
     headers = message.get("headers") if isinstance(message, dict) else None
     args = (headers or {}).get("argsrepr") if isinstance(headers, dict) else None
@@ -59,32 +71,29 @@ def row(entry: dict[str, t.Any]) -> dict[str, t.Any]:
         "queue": str(entry.get("queue") or ""),
         "reason": preview(entry.get("reason"), 300),
         "args": preview(args, 160),
-        "time": entry.get("timestamp") or entry.get("time"),
+        # Last seen is this entry's time; first seen and the count come back with a requeued message.
+        "first_seen": first, "last_seen": last, "times": times,
         "requeueable": not unreadable and isinstance(message, dict) and bool(entry.get("queue")),
     }
 
 
 def list_view(request: Request) -> dict[str, t.Any]:
     app = app_of(request)
-    values: dict[str, t.Any] = {"rows": [], "pager": None, "error": "", "where": "", "done": _done(request)}
+    values: dict[str, t.Any] = {"rows": [], "letters": None, "error": "", "where": "", "done": _done(request)}
+    cursors = {name: whole_number(request, name) for name in ("page", "before", "after")}
     try:
-        letters = get_dead_letters(app)
-        values["where"] = letters.where
-        total = count_dead_letters(app)
-        pager = Pager.of(request, total)
-        if total:
-            # Newest first: page 1 is the end of the list.
-            stop = -1 - pager.offset
-            start = stop - pager.size + 1
-            entries = list_dead_letters(app, start, stop)
-            values["rows"] = [row(entry) for entry in reversed(entries)]
-        values["pager"] = pager
+        values["where"] = get_dead_letters(app).where
+        letters = page_dead_letters(app, page=cursors["page"] or 1, before=cursors["before"],
+                                    after=cursors["after"])
     except NoDeadLetterStore as exc:
         values["error"] = str(exc)
-    except HTTPBadRequest:
-        raise
+    except ValueError as exc:  # a cursor out of range, or before and after at once
+        raise HTTPBadRequest(str(exc)) from None
     except Exception as exc:
         values["error"] = f"the dead letters could not be read: {failure(exc)}"
+    else:
+        values["letters"] = letters
+        values["rows"] = [row(entry) for entry in letters.entries]
     return page(request, "dead_letters", "Dead letters", **values)
 
 
@@ -116,14 +125,14 @@ def act_view(request: Request) -> t.Any:
         raise HTTPBadRequest("action must be requeue or drop")
     ids = _ids(request)
     app = app_of(request)
-    if (action == "drop" or len(ids) > 1) and request.POST.get("confirmed") != "yes":
+    if (action == "drop" or len(ids) > 1) and unconfirmed(request):
         found = []
         for task_id in ids:
             entries = get_dead_letters(app).find(task_id)
             found.append(row(entries[0]) if entries else {"id": task_id, "missing": True})
-        return page(request, "dead_letters", f"{action.capitalize()} {len(ids)} dead letter(s)?", action=action,
-                    rows=found, back=request.route_path(route("dead_letters")),
-                    target=request.route_path(route("dead_letters_act")), field="ids")
+        return ask(request, "dead_letters", f"{action.capitalize()} {len(ids)} dead letter(s)?", action=action,
+                   rows=found, back=request.route_path(route("dead_letters")),
+                   target=request.route_path(route("dead_letters_act")))
     counts = {"requeued": 0, "dropped": 0, "missing": 0, "refused": 0}
     for task_id in ids:
         if action == "drop":

@@ -15,7 +15,7 @@ from pyramid.httpexceptions import HTTPBadRequest, HTTPSeeOther
 
 from ..cancel import cancel
 from ..names import MemoryNameStore, RedisNameStore, SQLNameStore, get_name_store, names_table, release_name
-from ._common import RENDERER, app_of, failure, page, route, task_id_param
+from ._common import RENDERER, app_of, ask, failure, page, route, task_id_param, unconfirmed
 
 if t.TYPE_CHECKING:
     from pyramid.config import Configurator
@@ -98,17 +98,21 @@ def list_view(request: Request) -> dict[str, t.Any]:
     return page(request, "names", "Name claims", **values)
 
 
-def release_view(request: Request) -> t.Any:
-    """POST name and task_id: confirmation first, then ``release_name``."""
+def _claim(request: Request) -> dict[str, str]:
+    """The name and holding task id a release or cancel form posts; 400 for what cannot be either."""
     name = request.POST.get("name")
     if not isinstance(name, str) or not name or len(name) > 200:
         raise HTTPBadRequest("name: not a task name")
-    task_id = task_id_param(request.POST.get("task_id"), "task_id")
-    if request.POST.get("confirmed") != "yes":
-        return page(request, "names", "Release this name?", action="release", rows=[], claim={
-            "name": name, "task_id": task_id}, back=request.route_path(route("names")),
-            target=request.route_path(route("names_release")), field="name")
-    release_name(app_of(request), name, task_id)
+    return {"name": name, "task_id": task_id_param(request.POST.get("task_id"), "task_id")}
+
+
+def release_view(request: Request) -> t.Any:
+    """POST name and task_id: confirmation first, then ``release_name``."""
+    claim = _claim(request)
+    if unconfirmed(request):
+        return ask(request, "names", "Release this name?", action="release", claim=claim,
+                   back=request.route_path(route("names")), target=request.route_path(route("names_release")))
+    release_name(app_of(request), claim["name"], claim["task_id"])
     return HTTPSeeOther(request.route_path(route("names"), _query={"released": "1"}))
 
 
@@ -119,14 +123,10 @@ def cancel_view(request: Request) -> t.Any:
     the time the operator confirms: a claim that changed hands meanwhile is
     not cancelled by mistake.
     """
-    name = request.POST.get("name")
-    if not isinstance(name, str) or not name or len(name) > 200:
-        raise HTTPBadRequest("name: not a task name")
-    task_id = task_id_param(request.POST.get("task_id"), "task_id")
-    if request.POST.get("confirmed") != "yes":
-        return page(request, "names", "Cancel this task?", action="cancel", rows=[], claim={
-            "name": name, "task_id": task_id}, back=request.route_path(route("names")),
-            target=request.route_path(route("names_cancel")), field="name")
-    cancel(task_id, request.registry)
-    release_name(app_of(request), name, task_id)
+    claim = _claim(request)
+    if unconfirmed(request):
+        return ask(request, "names", "Cancel this task?", action="cancel", claim=claim,
+                   back=request.route_path(route("names")), target=request.route_path(route("names_cancel")))
+    cancel(claim["task_id"], request.registry)
+    release_name(app_of(request), claim["name"], claim["task_id"])
     return HTTPSeeOther(request.route_path(route("names"), _query={"cancelled": "1"}))

@@ -13,7 +13,7 @@ import typing as t
 from pyramid.httpexceptions import HTTPBadRequest, HTTPSeeOther, HTTPServiceUnavailable
 
 from ..outbox import find_outbox, outbox_table
-from ._common import RENDERER, Pager, app_of, failure, page, preview, route, task_id_param
+from ._common import RENDERER, Pager, app_of, ask, failure, page, preview, route, task_id_param, unconfirmed
 
 if t.TYPE_CHECKING:
     from pyramid.config import Configurator
@@ -87,12 +87,11 @@ def send_view(request: Request) -> t.Any:
     outbox = find_outbox(app)
     if outbox is None:
         raise HTTPBadRequest("the outbox is off")
-    if request.POST.get("all") == "yes":
-        if request.POST.get("confirmed") != "yes":
-            status = outbox.status()
-            return page(request, "outbox", f"Send all {status.unsent} unsent row(s) now?", action="send",
-                        rows=[], all_unsent=status.unsent, back=request.route_path(route("outbox")),
-                        target=request.route_path(route("outbox_send")), field="all")
+    if request.POST.get("all") == "yes" and unconfirmed(request):
+        status = outbox.status()
+        return ask(request, "outbox", f"Send all {status.unsent} unsent row(s) now?", action="send",
+                   all_unsent=status.unsent, back=request.route_path(route("outbox")),
+                   target=request.route_path(route("outbox_send")), field="all")
     row_id = None if request.POST.get("all") == "yes" else task_id_param(request.POST.get("id"))
     try:
         sent = outbox.drain() if row_id is None else outbox.publish_pending(ids=[row_id])

@@ -117,8 +117,14 @@ def _depth(connection: t.Any, name: str) -> int | None:
 
 def _unacked(connection: t.Any, app: Celery, rows: list[QueueRow]) -> str:
     transport = connection.transport
-    if getattr(transport, "driver_type", "") != "redis":
-        return "the broker's transport does not say which messages are unacknowledged"
+    driver = getattr(transport, "driver_type", "")
+    if driver == "amqp":
+        # AMQP's queue.declare-ok carries the ready messages only; the delivered-but-unacked count is the
+        # management plugin's, an HTTP API with credentials of its own that the console does not hold.
+        return ("not reported by this transport: RabbitMQ gives only the ready messages over AMQP (the waiting "
+                "column); its management UI or rabbitmqctl list_queues name messages_unacknowledged has the rest")
+    if driver != "redis":
+        return "not reported by this transport: it does not say which messages are unacknowledged"
     options = app.conf.broker_transport_options or {}
     key = str(options.get("unacked_key") or "unacked")
     client = connection.default_channel.client

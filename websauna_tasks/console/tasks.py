@@ -13,7 +13,7 @@ from pyramid.httpexceptions import HTTPSeeOther
 
 from ..cancel import cancel, is_cancelled
 from ..progress import task_progress
-from ._common import RENDERER, app_of, failure, page, preview, route, task_id_param
+from ._common import RENDERER, app_of, ask, failure, page, preview, route, task_id_param, unconfirmed
 from .runs import recent_runs
 
 if t.TYPE_CHECKING:
@@ -85,9 +85,9 @@ def task_view(request: Request) -> dict[str, t.Any]:
 def cancel_view(request: Request) -> t.Any:
     """POST: confirmation first, then ``cancel(task_id)``; the task page says it is cancelled."""
     task_id = task_id_param(request.matchdict["task_id"])
-    if request.POST.get("confirmed") != "yes":
-        return page(request, "tasks", "Cancel this task?", action="cancel", rows=[], cancel_task={"task_id": task_id},
-                    back=request.route_path(route("task"), task_id=task_id),
-                    target=request.route_path(route("task_cancel"), task_id=task_id), field="task")
+    if unconfirmed(request):
+        return ask(request, "tasks", "Cancel this task?", action="cancel", cancel_task={"task_id": task_id},
+                   back=request.route_path(route("task"), task_id=task_id),
+                   target=request.route_path(route("task_cancel"), task_id=task_id))
     cancel(task_id, request.registry)
     return HTTPSeeOther(request.route_path(route("task"), task_id=task_id, _query={"cancelled": "1"}))

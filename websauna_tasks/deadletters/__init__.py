@@ -15,13 +15,15 @@ the application's database); ``_letters`` which one an app uses, and the
 operator functions over either: :func:`list_dead_letters`,
 :func:`requeue_dead_letter`, :func:`drop_dead_letter`,
 :func:`prune_dead_letters` (also ``ws-celery INI -- dead-letters``).
-``_summary`` the count and the kinds, for the console's overview and pager.
+``_summary`` the count and the kinds, for the console's overview;
+``_pages`` a page of them, newest first, by page number on the list and
+by keyset on the table (:func:`page_dead_letters`).
 ``websauna_tasks.deadletter``, this package's name before, still exports
 the same names.
 """
 from ..settings import DEADLETTER_QUEUE_KEY as DEADLETTER_QUEUE_KEY
 from ..settings import DEFAULT_DEADLETTER_QUEUE as DEFAULT_DEADLETTER_QUEUE
-from ._entries import UNREADABLE_ENTRY, raw_message, read_entry
+from ._entries import HISTORY_HEADER, UNREADABLE_ENTRY, raw_message, read_entry, seen
 from ._letters import (
     DeadLetters,
     NoDeadLetterStore,
@@ -34,6 +36,7 @@ from ._letters import (
     redis_broker_url,
     requeue_dead_letter,
 )
+from ._pages import LetterPage, page_dead_letters
 from ._redis import RedisStore
 from ._sql import SQLStore
 from ._summary import DeadLetterSummary, count_dead_letters, summarize_dead_letters
@@ -41,7 +44,8 @@ from ._summary import DeadLetterSummary, count_dead_letters, summarize_dead_lett
 __all__ = [
     "DeadLetters", "NoDeadLetterStore", "RedisStore", "SQLStore", "UNREADABLE_ENTRY", "configure_deadletter",
     "dead_letter", "drop_dead_letter", "get_dead_letters", "list_dead_letters", "prune_dead_letters",
-    "raw_message", "read_entry",
-    "DeadLetterSummary", "count_dead_letters", "summarize_dead_letters", "redis_broker_url", "requeue_dead_letter",
+    "raw_message", "read_entry", "seen", "HISTORY_HEADER",
+    "DeadLetterSummary", "count_dead_letters", "summarize_dead_letters", "LetterPage", "page_dead_letters",
+    "redis_broker_url", "requeue_dead_letter",
     "DEADLETTER_QUEUE_KEY", "DEFAULT_DEADLETTER_QUEUE",
 ]

@@ -24,6 +24,14 @@ RAW_PREVIEW_CHARS = 200
 UNREADABLE_PREFIX = "unreadable-"
 
 
+#: The header a requeue stamps on the message it sends back: ``{"first": epoch seconds, "times": n}``, when the
+#: message was first dead-lettered and how many times. Entries are never rewritten (a removal is by the entry's
+#: exact bytes), so the history travels with the message, and its next entry starts from it.
+HISTORY_HEADER = "websauna_tasks_dead_lettered"
+#: More dead-letterings than any message gets: a header claiming more was not written by a requeue.
+MAX_TIMES = 1_000_000
+
+
 # -- the worker side ------------------------------------------------------------------------------------------
 
 def reason_for(kind: str, name: str | None, message: t.Any, exc: BaseException | None) -> str:
@@ -75,6 +83,51 @@ def raw_message(message: t.Any) -> t.Any:
     }
 
 
+def _number(value: t.Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def history(headers: dict[str, t.Any], now: float) -> tuple[float, int]:
+    """``(first seen, times before)`` from a requeued message's :data:`HISTORY_HEADER`; ``(now, 0)`` without one.
+
+    Anyone who can publish can forge the header: a value a requeue could not
+    have written (not a time before now, a count below 1 or absurd) counts as
+    no history, and the letter starts afresh.
+    """
+    value = headers.get(HISTORY_HEADER)
+    if isinstance(value, dict):
+        first, times = value.get("first"), value.get("times")
+        if _number(first) and 0 < first <= now and isinstance(times, int) and not isinstance(times, bool) \
+                and 1 <= times < MAX_TIMES:
+            return float(first), times
+    return now, 0
+
+
+def seen(entry: dict[str, t.Any]) -> tuple[float | None, float | None, int]:
+    """``(first seen, last seen, times)`` of a letter: last seen is when this entry was recorded.
+
+    An entry written before the history was kept, or holding odd values,
+    reads as seen once, at its recorded time.
+    """
+    last = recorded_at(entry)
+    first, times = entry.get("first_seen"), entry.get("times")
+    if last is None or not _number(first) or first > last or not isinstance(times, int) or isinstance(times, bool) \
+            or not 1 <= times <= MAX_TIMES:
+        return last, last, 1
+    return float(first), last, times
+
+
+def with_history(entry: dict[str, t.Any]) -> dict[str, t.Any]:
+    """``entry`` whose message carries :data:`HISTORY_HEADER`, for a requeue (its headers left as they are if odd)."""
+    message = entry["message"]
+    headers = message.get("headers")
+    first, _last, times = seen(entry)
+    if not isinstance(headers, dict) or first is None:
+        return entry
+    headers = dict(headers, **{HISTORY_HEADER: {"first": first, "times": times}})
+    return dict(entry, message=dict(message, headers=headers))
+
+
 def make_entry(message: t.Any, kind: str, exc: BaseException | None, reason: str | None,
                max_bytes: int) -> dict[str, t.Any]:
     """The entry of ``message``: kind, reason, ids, time and the raw message (its head when over ``max_bytes``).
@@ -94,10 +147,12 @@ def make_entry(message: t.Any, kind: str, exc: BaseException | None, reason: str
     if reason is None:
         reason = reason_for(kind, name, message, exc)
     now = time.time()
+    first, times = history(headers, now)
     entry: dict[str, t.Any] = {
         "kind": kind, "reason": reason, "id": task_id, "task": name,
         "queue": _text(delivery_info.get("routing_key")), "exchange": _text(delivery_info.get("exchange")),
-        "time": datetime.fromtimestamp(now, timezone.utc).isoformat(), "timestamp": now, "message": None,
+        "time": datetime.fromtimestamp(now, timezone.utc).isoformat(), "timestamp": now,
+        "first_seen": first, "times": times + 1, "message": None,
     }
     try:
         raw = raw_message(message)

@@ -26,7 +26,7 @@ from ..dispatch import check_requeue
 from ..redis_client import first_broker_url
 from ..settings import REDIS_SCHEMES, get_task_settings
 from ..state import app_state, find_state
-from ._entries import UNREADABLE_ENTRY, entry_text, make_entry, safe_text
+from ._entries import UNREADABLE_ENTRY, entry_text, make_entry, safe_text, with_history
 from ._redis import RedisStore
 from ._sql import SQLStore
 
@@ -209,7 +209,9 @@ def requeue_dead_letter(registry_or_app: t.Any, task_id: str, queue: str | None 
         if not target:
             raise ValueError(f"dead letter {task_id}: no queue recorded, pass queue=")
         check_requeue(app, target)
-        if not store.requeue(app, handle, entry, target):
+        # The message goes back stamped with when it was first dead-lettered: its next entry, if it fails
+        # again, keeps that first time and counts one more.
+        if not store.requeue(app, handle, with_history(entry), target):
             continue
         logger.info("websauna_tasks: dead letter %s requeued to %s", task_id, target)
         return True

@@ -65,12 +65,21 @@ class SQLStore:
     def _mine(self) -> t.Any:
         return dead_letters_table.c.list_name == self.key
 
-    def count(self, kind: str | None = None) -> int:
-        query = sa.select(sa.func.count()).select_from(dead_letters_table).where(self._mine())
+    def count(self, kind: str | None = None, limit: int | None = None) -> int:
+        """The rows of this list (of ``kind``); with ``limit``, counted up to ``limit + 1`` at most.
+
+        An exact count reads every row's index entry and, until a vacuum
+        marks them visible, the rows too: a third of a second at 100,000 on
+        PostgreSQL. A page needs only to know whether there are more than it
+        says.
+        """
+        query = sa.select(dead_letters_table.c.seq).where(self._mine())
         if kind is not None:
             query = query.where(dead_letters_table.c.kind == kind)
+        if limit is not None:
+            query = query.limit(limit + 1)
         with self._engine().connect() as conn:
-            return int(conn.execute(query).scalar_one())
+            return int(conn.execute(sa.select(sa.func.count()).select_from(query.subquery())).scalar_one())
 
     def read(self, start: int, stop: int, kind: str | None) -> list[dict[str, t.Any]]:
         """Entries ``start``..``stop`` (both included, negative from the end, as LRANGE), oldest first.
@@ -116,6 +125,39 @@ class SQLStore:
             query = query.where(table.c.kind == kind)
         with self._engine().connect() as conn:
             return [(row.seq, checked(row)) for row in conn.execute(query)]
+
+    def newest_first(self, before: int | None, after: int | None, limit: int,
+                     kind: str | None = None) -> tuple[list[tuple[int, dict[str, t.Any]]], bool, bool]:
+        """A keyset page, newest first: ``(rows, newer ones exist, older ones exist)``.
+
+        ``before``: the ``limit`` rows just older than the row ``before``;
+        ``after``: those just newer than ``after`` (0: the oldest page);
+        neither: the newest. Each is one walk of ``limit + 1`` entries along
+        the (list_name, seq) index from where the cursor points, and one
+        EXISTS on the other side: the same cost at the first page and the
+        last, unlike an offset, which walks every row before the page.
+        """
+        table = dead_letters_table
+        where = [self._mine()] if kind is None else [self._mine(), table.c.kind == kind]
+        query = sa.select(table.c.seq, table.c.task_id, table.c.kind, table.c.recorded_at, table.c.entry).where(
+            *where).limit(limit + 1)
+        if after is not None:
+            query = query.where(table.c.seq > after).order_by(table.c.seq)
+            other = table.c.seq <= after
+        else:
+            query = query.order_by(table.c.seq.desc())
+            if before is not None:
+                query = query.where(table.c.seq < before)
+            other = table.c.seq >= before if before is not None else None
+        with self._engine().connect() as conn:
+            rows = [(row.seq, checked(row)) for row in conn.execute(query)]
+            beyond = len(rows) > limit
+            rows = rows[:limit]
+            # The other side of the cursor: rows there may have been dropped since the link was made.
+            across = other is not None and conn.execute(sa.select(sa.exists().where(*where, other))).scalar_one()
+        if after is not None:
+            return rows[::-1], beyond, bool(across)
+        return rows, bool(across), beyond
 
     def _walk(self) -> t.Iterator[tuple[int, dict[str, t.Any]]]:
         after = None

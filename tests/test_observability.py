@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 import typing as t
 import urllib.request
 import uuid
@@ -641,3 +642,57 @@ def test_a_taken_metrics_port_leaves_the_worker_running(redis_url, database_url,
         finally:
             redis_client.delete(record)
     assert "cannot serve metrics" in worker.output()
+
+
+def test_a_workers_endpoint_reports_the_outbox_backlog_and_the_age_of_its_oldest_row(
+        redis_url, database_url, queue_name, redis_client, db, built_apps, tmp_path, ws_celery_worker_factory,
+        subprocess_env):
+    """The gauges are read from the table at each scrape of the worker's own endpoint, not the web app's."""
+    port = free_port()
+    record = f"{queue_name}:ran"
+    # No relay in this worker: the rows wait until the test drains them, so the backlog can be seen.
+    settings = settings_for(redis_url, database_url, queue_name, **{
+        "observed_app.record": record, "websauna_tasks.metrics_port": str(port),
+        "websauna_tasks.outbox": "true", "websauna_tasks.outbox_publish_on_commit": "false",
+        "websauna_tasks.outbox_relay_in_worker": "false"})
+    router = observed_app.main({}, **settings)
+    built_apps.append(router)
+    app = webtest.TestApp(router)
+    outbox = get_outbox(get_celery(router.registry))
+    outbox.drain()
+    worker = ws_celery_worker_factory(write_ini(tmp_path, settings), "worker", "-P", "solo", env=subprocess_env)
+    url = f"http://127.0.0.1:{port}/metrics"
+    redis_client.delete(record)
+    try:
+        empty = wait_for(lambda: _scraped(url), timeout=60, describe=worker.output)
+        assert value(empty, "websauna_tasks_outbox_status_up") == 1
+        assert value(empty, "websauna_tasks_outbox_unsent") == 0
+        assert value(empty, "websauna_tasks_outbox_oldest_unsent_age_seconds") == 0
+        app.get("/send", params={"count": "3"})
+        written = time.time()
+        backlog = scrape(url)
+        assert value(backlog, "websauna_tasks_outbox_unsent") == 3
+        age = value(backlog, "websauna_tasks_outbox_oldest_unsent_age_seconds")
+        assert 0 < age <= time.time() - written + 5
+        # Older at the next scrape: read when scraped, not when the rows were written.
+        def older() -> str | None:
+            text = scrape(url)
+            return text if value(text, "websauna_tasks_outbox_oldest_unsent_age_seconds") > age + 0.5 else None
+
+        later = wait_for(older, timeout=10)
+        assert value(later, "websauna_tasks_outbox_unsent") == 3
+        assert outbox.drain() == 3
+        wait_for(lambda: redis_client.llen(record) >= 3, timeout=60, describe=worker.output)
+    finally:
+        redis_client.delete(record)
+    after = scrape(url)
+    assert value(after, "websauna_tasks_outbox_unsent") == 0
+    assert value(after, "websauna_tasks_outbox_oldest_unsent_age_seconds") == 0
+    assert value(after, "websauna_tasks_runs_total", task="observed.work", queue=queue_name, state="SUCCESS") == 3
+
+
+def _scraped(url: str) -> str | None:
+    try:
+        return scrape(url)
+    except OSError:  # the endpoint starts with the worker
+        return None

@@ -165,9 +165,18 @@ def ws_prefill(ws_tasks: t.Any, task: t.Any, count: int, first: int = 0) -> t.Ca
     return prefill
 
 
-def throughput(name: str, raw_runs: list[WorkerRun], ws_runs: list[WorkerRun], goal: bool, note: str) -> Result:
+def throughput(name: str, raw_runs: list[WorkerRun], ws_runs: list[WorkerRun], goal: float | None,
+               note: str) -> Result:
+    """Medians of both sides; the ratio's range over the interleaved runs goes into the note.
+
+    ``goal``: the least ours/raw ratio that meets it, or None for a row given as context.
+    """
     raw_rate = statistics.median(run.rate for run in raw_runs)
     ws_rate = statistics.median(run.rate for run in ws_runs)
     ratio = ws_rate / raw_rate
-    return Result(name, raw_rate, ws_rate, "/s", ratio, ">= 1.0x (ours/raw)" if goal else "context",
-                  ratio >= 1.0 if goal else None, note)
+    # Each pair ran back to back in one round, so its ratio is the steadier figure on a shared machine.
+    pairs = [ws.rate / raw.rate for raw, ws in zip(raw_runs, ws_runs)]
+    spread = f"per-round ratios {min(pairs):.2f}x-{max(pairs):.2f}x"
+    return Result(name, raw_rate, ws_rate, "/s", ratio,
+                  f">= {goal:.2f}x (ours/raw)" if goal is not None else "context",
+                  ratio >= goal if goal is not None else None, f"{note}; {spread}" if note else spread)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
+import signal
 import statistics
 import sys
 import tempfile
@@ -86,6 +87,8 @@ def delete_prefixed(client, pattern: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # SIGTERM as SystemExit: the finally blocks still stop the workers and delete the private keys.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     run_id = uuid.uuid4().hex[:8]
     raw_queue, ws_queue = f"bench-{run_id}-raw", f"bench-{run_id}-ws"
     peer = f"wsbench-{run_id}"

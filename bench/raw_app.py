@@ -49,3 +49,19 @@ def touch(row_id: int) -> int:
         value = conn.execute(text("SELECT value FROM bench_rows WHERE id = :id"), {"id": row_id}).scalar_one()
         conn.execute(text("UPDATE bench_rows SET value = :v WHERE id = :id"), {"v": value + 1, "id": row_id})
     return value + 1
+
+
+@app.task(name="bench.raw.rss")
+def rss(key: str) -> None:
+    """bench/growth.py's memory mark, as bench.ws.rss."""
+    client = redis.Redis.from_url(settings.broker_url())
+    client.set(key, settings.own_rss_kib(), ex=3600)
+    client.close()
+
+
+@app.task(name="bench.raw.stamp")
+def stamp(key: str, sent_at: float) -> None:
+    """bench/growth.py's latency, as bench.ws.stamp: how long after apply_async began this run started."""
+    client = redis.Redis.from_url(settings.broker_url())
+    client.rpush(key, repr(time.time() - sent_at))
+    client.close()

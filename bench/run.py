@@ -1,7 +1,9 @@
 """websauna_tasks against raw Celery, on this machine's Redis (and PostgreSQL for the worker run).
 
-    .venv/bin/python bench/run.py                 # everything (about a minute)
+    .venv/bin/python bench/run.py                 # everything (two to three minutes)
     .venv/bin/python bench/run.py --skip-worker   # only (a) and (b), no PostgreSQL needed
+    .venv/bin/python bench/run.py --fast          # also the fast profile (docs/fast_profile.md)
+    .venv/bin/python bench/run.py --profile       # also where the worker's time goes, per task
 
 Every figure is measured in the same run as the raw Celery figure it is
 compared with, on private queue names that are deleted afterwards (the Redis
@@ -38,8 +40,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--async-commit", action="store_true",
                         help="run (c) with synchronous_commit = off on the run's private database, "
                              "to see how much of (c) is PostgreSQL waiting for the disk")
-    parser.add_argument("--no-context", dest="context", action="store_false",
-                        help="skip the context rows (c1) and (c2)")
+    parser.add_argument("--fast", action="store_true",
+                        help="also run the fast profile (docs/fast_profile.md) on the (c) task and the no-op")
+    parser.add_argument("--fast-workers", type=int, default=2, help="-P solo processes of the fast profile")
+    parser.add_argument("--fast-prefetch", type=int, default=16,
+                        help="--prefetch-multiplier of each fast-profile worker")
+    parser.add_argument("--profile", action="store_true",
+                        help="after the table, profile one -P solo worker per side with cProfile "
+                             "(the no-op and the (c) task) and print the per-task costs")
+    parser.add_argument("--profile-tasks", type=int, default=2000, help="tasks per profiled worker run")
     return parser.parse_args(argv)
 
 
@@ -137,33 +146,94 @@ def run_workers(args: argparse.Namespace, client, raw_queue: str, ws_queue: str,
             return worker_run(client, ws_queue, count, ws_prefill(ws_tasks, task, count, first=1),
                               lambda: services.ws_worker(ini, tmp_path / log, worker_env), timeout)
 
-        runs: dict[str, list] = {"raw noop": [], "ws touch": [], "ws noop": [], "raw touch": []}
+        def fast(task, log: str):
+            return worker_run(client, ws_queue, count, ws_prefill(ws_tasks, task, count, first=1),
+                              lambda: fast_profile_workers(ini, tmp_path, log, worker_env, args), timeout)
+
+        kinds = [("raw touch", lambda n: raw("bench.raw.touch", f"raw-touch-{n}.log"), True),
+                 ("ws touch", lambda n: ws(ws_tasks.touch, f"ws-touch-{n}.log"), True),
+                 ("raw noop", lambda n: raw("bench.raw.noop", f"raw-noop-{n}.log"), False),
+                 ("ws noop", lambda n: ws(ws_tasks.noop, f"ws-noop-{n}.log"), False)]
+        if args.fast:
+            kinds += [("fast touch", lambda n: fast(ws_tasks.touch, f"fast-touch-{n}"), True),
+                      ("fast noop", lambda n: fast(ws_tasks.noop, f"fast-noop-{n}"), False)]
+        runs: dict[str, list] = {kind: [] for kind, _, _ in kinds}
         try:
             for number in range(args.worker_runs):
-                # Interleaved, so that every kind of run sees the same machine load.
-                runs["raw noop"].append(raw("bench.raw.noop", f"raw-noop-{number}.log"))
-                reset_rows(engine, count)
-                runs["ws touch"].append(ws(ws_tasks.touch, f"ws-touch-{number}.log"))
-                check_rows(engine, count)
-                if args.context:
-                    runs["ws noop"].append(ws(ws_tasks.noop, f"ws-noop-{number}.log"))
-                    reset_rows(engine, count)
-                    runs["raw touch"].append(raw("bench.raw.touch", f"raw-touch-{number}.log"))
-                    check_rows(engine, count)
+                # Interleaved, and the order rotates with the round, so that every kind
+                # of run sees the same machine load on this shared machine.
+                shift = (number * 2) % len(kinds)
+                for kind, run, uses_rows in kinds[shift:] + kinds[:shift]:
+                    if uses_rows:
+                        reset_rows(engine, count)
+                    runs[kind].append(run(number))
+                    if uses_rows:
+                        check_rows(engine, count)
                 print(f"worker run {number + 1}: " + ", ".join(
-                    f"{kind} {kind_runs[-1].rate:.0f}/s" for kind, kind_runs in runs.items() if kind_runs),
-                    flush=True)
+                    f"{kind} {kind_runs[-1].rate:.0f}/s" for kind, kind_runs in runs.items()), flush=True)
+            profile_text = run_profiles(args, client, raw_queue, ws_queue, worker_env, ini, tmp_path, engine,
+                                        raw_app, ws_tasks) if args.profile else ""
         finally:
             engine.dispose()
-    size = f"median of {args.worker_runs} runs of {count:,} tasks"
-    results = [throughput("(c) worker tasks/s, prefork -c 2", runs["raw noop"], runs["ws touch"], True,
-                          f"{size}; raw: no-op task, ours: RetryableTransactionTask, SELECT + UPDATE of one row")]
-    if args.context:
-        results.append(throughput("(c1) no-op task in both", runs["raw noop"], runs["ws noop"], False,
-                                  "ours: ScheduleOnCommitTask doing nothing (a Pyramid request per run)"))
-        results.append(throughput("(c2) the same SQL in both", runs["raw touch"], runs["ws touch"], False,
-                                  "raw: plain Celery task, SQLAlchemy Core, same SELECT + UPDATE + COMMIT"))
+    size = f"median of {args.worker_runs} runs of {count:,} tasks, prefork -c 2 unless said"
+    results = [
+        throughput("(c) same SQL: RetryableTransactionTask", runs["raw touch"], runs["ws touch"], 0.95,
+                   f"{size}; raw: plain Celery task, SQLAlchemy Core, SELECT + UPDATE + explicit COMMIT"),
+        throughput("(c1) no-op task in both", runs["raw noop"], runs["ws noop"], 1.0,
+                   "ours: ScheduleOnCommitTask doing nothing (a Pyramid request per run)"),
+    ]
+    if args.fast:
+        profile = f"{args.fast_workers} x -P solo, prefetch x{args.fast_prefetch}"
+        results += [
+            throughput("(c-fast) same SQL, fast vs raw prefork", runs["raw touch"], runs["fast touch"], None,
+                       f"ours: fast profile ({profile})"),
+            throughput("(c1-fast) no-op, fast vs raw prefork", runs["raw noop"], runs["fast noop"], 1.5,
+                       f"ours: fast profile ({profile})"),
+        ]
+    if profile_text:
+        print("\n" + profile_text + "\n")
     return results
+
+
+def fast_profile_workers(ini: pathlib.Path, tmp_path: pathlib.Path, log: str, env: dict[str, str],
+                         args: argparse.Namespace):
+    """The fast profile of docs/fast_profile.md: several single-process workers on one queue."""
+    return services.WorkerGroup([
+        services.Worker([sys.executable, "-m", "websauna_tasks.cli", str(ini), "--", "worker", "-P", "solo",
+                         "--prefetch-multiplier", str(args.fast_prefetch), "-n", f"fast{number}@%h",
+                         "-l", "warning", "--without-mingle", "--without-gossip", "--without-heartbeat"],
+                        tmp_path / f"{log}-{number}.log", env)
+        for number in range(args.fast_workers)])
+
+
+def run_profiles(args: argparse.Namespace, client, raw_queue: str, ws_queue: str, env: dict[str, str],
+                 ini: pathlib.Path, tmp_path: pathlib.Path, engine, raw_app, ws_tasks) -> str:
+    from bench.measure import check_rows, raw_prefill, reset_rows, worker_run, ws_prefill
+    from bench.profile_worker import profile_pair
+
+    count, timeout = args.profile_tasks, 120.0 + args.profile_tasks / 20
+    raw_argv = ["celery", "-A", "bench.raw_app"]
+    ws_argv = ["ws-celery", str(ini), "--"]
+    texts = []
+    for label, raw_task, ws_task, uses_rows in (("no-op", "bench.raw.noop", ws_tasks.noop, False),
+                                                 ("(c) task", "bench.raw.touch", ws_tasks.touch, True)):
+        def run_raw(factory, raw_task=raw_task, uses_rows=uses_rows):
+            if uses_rows:
+                reset_rows(engine, count)
+            worker_run(client, raw_queue, count, raw_prefill(raw_app.app, raw_task, count, first=1), factory,
+                       timeout)
+            if uses_rows:
+                check_rows(engine, count)
+
+        def run_ws(factory, ws_task=ws_task, uses_rows=uses_rows):
+            if uses_rows:
+                reset_rows(engine, count)
+            worker_run(client, ws_queue, count, ws_prefill(ws_tasks, ws_task, count, first=1), factory, timeout)
+            if uses_rows:
+                check_rows(engine, count)
+
+        texts.append(profile_pair(label, count, tmp_path, env, run_raw, run_ws, raw_argv, ws_argv))
+    return "\n\n".join(texts)
 
 
 if __name__ == "__main__":

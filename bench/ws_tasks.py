@@ -30,3 +30,19 @@ def mark(key: str) -> None:
     client = redis.Redis.from_url(settings.broker_url())
     client.set(key, repr(time.time()), ex=3600)
     client.close()
+
+
+@task(name="bench.ws.stamp", base=ScheduleOnCommitTask)
+def stamp(key: str, committed_at: float) -> None:
+    """bench/growth.py's latency: how long after its commit began this run started."""
+    client = redis.Redis.from_url(settings.broker_url())
+    client.rpush(key, repr(time.time() - committed_at))
+    client.close()
+
+
+@task(name="bench.ws.rss", base=ScheduleOnCommitTask)
+def rss(key: str) -> None:
+    """bench/growth.py's memory mark: this worker process's resident set size, in KiB."""
+    client = redis.Redis.from_url(settings.broker_url())
+    client.set(key, settings.own_rss_kib(), ex=3600)
+    client.close()

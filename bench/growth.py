@@ -1,0 +1,376 @@
+"""How cost grows with the work: dispatch per commit, outbox relays, latency under load, worker memory.
+
+    .venv/bin/python bench/growth.py                        # all four parts, about ten minutes
+    .venv/bin/python bench/growth.py --parts dispatch,rss   # some of them
+    .venv/bin/python bench/growth.py --backlog 20000 --rss-runs 1000,10000,50000   # smaller
+
+dispatch  time of one commit that sends 1, 10, 100, 1,000 and 10,000 tasks (in process,
+          the plain path), its least-squares line: the per-commit and the per-task constant.
+relays    an outbox backlog of --backlog rows, published by 1, 2 and 4 ``outbox-relay``
+          processes: rows per second from the first message on Redis to the last.
+latency   commits of one task each at --rate a second for --seconds, to our worker
+          (prefork -c 2): commit-to-start p50 and p99, plain path and outbox path.
+rss       resident memory of a ``-P solo`` worker process after --rss-runs no-op runs,
+          ours against raw Celery (the task itself reads /proc/self/status).
+
+Services and private names as bench/run.py: BENCH_REDIS_URL (queues ``bench-<id>-*``) and
+BENCH_DATABASE_URL (a database of its own, dropped at the end).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import signal
+import statistics
+import sys
+import tempfile
+import time
+import typing as t
+import uuid
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as a script: make ``bench`` and the project importable
+    sys.path.insert(0, str(ROOT))
+
+from bench import services, settings  # noqa: E402
+
+PARTS = ("dispatch", "relays", "latency", "rss")
+WORKER_FLAGS = ["-l", "warning", "--without-mingle", "--without-gossip", "--without-heartbeat"]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)}")
+    parser.add_argument("--sizes", default="1,10,100,1000,10000", help="tasks per commit (dispatch)")
+    parser.add_argument("--backlog", type=int, default=50000, help="outbox rows (relays)")
+    parser.add_argument("--relays", default="1,2,4", help="relay process counts (relays)")
+    parser.add_argument("--seed", type=int, default=5000,
+                        help="outbox rows written through apply_async; the rest of --backlog are SQL copies")
+    parser.add_argument("--rate", type=float, default=500.0, help="commits per second (latency)")
+    parser.add_argument("--seconds", type=float, default=10.0, help="how long the load lasts (latency)")
+    parser.add_argument("--rss-runs", default="1000,10000,100000", help="runs after which RSS is read (rss)")
+    args = parser.parse_args(argv)
+    args.parts = [part for part in args.parts.split(",") if part]
+    unknown = set(args.parts) - set(PARTS)
+    if unknown:
+        parser.error(f"unknown parts: {', '.join(sorted(unknown))}")
+    args.sizes = [int(size) for size in args.sizes.split(",")]
+    args.relays = [int(count) for count in args.relays.split(",")]
+    args.rss_runs = sorted(int(count) for count in args.rss_runs.split(","))
+    return args
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(fraction * (len(ordered) - 1))))]
+
+
+def write_ini(path: pathlib.Path, values: dict[str, str]) -> pathlib.Path:
+    path.write_text("[app:main]\nuse = call:bench.ws_app:main\n"
+                    + "".join(f"{key} = {value}\n" for key, value in values.items()))
+    return path
+
+
+# -- dispatch: one commit of k tasks ------------------------------------------------------------------------
+
+def dispatch_growth(args, client, queue: str, ws_tasks) -> str:
+    import transaction
+
+    lines = ["dispatch: one commit of k tasks (plain path, in process), median of the repetitions",
+             f"{'k':>7} {'reps':>5} {'ms per commit':>14} {'us per task':>12}"]
+    points = []
+    for size in args.sizes:
+        repetitions = max(3, min(50, 20000 // size))
+        times = []
+        for repetition in range(repetitions + 1):
+            tm = transaction.TransactionManager(explicit=True)
+            started = time.perf_counter()
+            with tm:
+                for index in range(size):
+                    ws_tasks.noop.apply_async((index,), tm=tm)
+            elapsed = time.perf_counter() - started
+            queued = client.llen(queue)
+            if queued != size:
+                raise AssertionError(f"{queued} messages queued, expected {size}")
+            client.delete(queue)
+            if repetition:  # the first one warms up
+                times.append(elapsed)
+        median = statistics.median(times)
+        points.append((size, median))
+        lines.append(f"{size:>7,} {repetitions:>5} {median * 1e3:>14.2f} {median / size * 1e6:>12.1f}")
+    # Least squares over the medians: time = fixed + k * per_task.
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    mean_x, mean_y = statistics.fmean(xs), statistics.fmean(ys)
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in points) / sum((x - mean_x) ** 2 for x in xs)
+    fixed = mean_y - slope * mean_x
+    worst = max(abs(y - (fixed + slope * x)) / y for x, y in points if x >= 100)
+    lines.append(f"line: {fixed * 1e6:.0f} us per commit + {slope * 1e6:.1f} us per task; "
+                 f"largest distance from the line for k >= 100: {worst:.0%}")
+    return "\n".join(lines)
+
+
+# -- relays: an outbox backlog --------------------------------------------------------------------------------
+
+def relay_growth(args, client, queue: str, tmp: pathlib.Path, env: dict[str, str], database_url: str,
+                 ws_main, ws_tasks) -> str:
+    import sqlalchemy
+    from sqlalchemy import text
+
+    from websauna_tasks.request import task_request
+
+    values = {"websauna.celery_config": repr(settings.celery_config(queue)), "sqlalchemy.url": database_url,
+              "websauna_tasks.outbox": "true", "websauna_tasks.outbox_publish_on_commit": "false",
+              "websauna_tasks.outbox_relay_in_worker": "false"}
+    ini = write_ini(tmp / "relay.ini", values)
+    router = ws_main({}, **values)
+    engine = sqlalchemy.create_engine(database_url)
+    count = args.backlog
+    # Written through apply_async (the real rows), at most --seed rows; the rest of the backlog
+    # is copies of them made by SQL under new ids, since writing 50,000 rows through the ORM
+    # on this machine would take longer than everything else here together.
+    seed = min(count, args.seed)
+    started = time.perf_counter()
+    with task_request(router.registry) as request:
+        for first in range(0, seed, 1000):
+            with request.tm:
+                for index in range(first, min(seed, first + 1000)):
+                    ws_tasks.noop.apply_async((index,), tm=request.tm)
+    fill = time.perf_counter() - started
+    from websauna_tasks.schema import outbox_table
+
+    columns = [column.name for column in outbox_table.columns]
+    copied = ", ".join("id || '-' || g" if name == "id" else f'"{name}"' for name in columns)
+    names = ", ".join(f'"{name}"' for name in columns)
+    with engine.begin() as conn:
+        copies = -(-count // seed) - 1
+        if copies:
+            conn.execute(text(f"INSERT INTO websauna_tasks_outbox ({names}) SELECT {copied} "
+                              f"FROM websauna_tasks_outbox, generate_series(1, :copies) g"), {"copies": copies})
+            conn.execute(text("DELETE FROM websauna_tasks_outbox WHERE id IN (SELECT id FROM websauna_tasks_outbox "
+                              "ORDER BY created_at DESC, id LIMIT :extra)"), {"extra": (copies + 1) * seed - count})
+        rows = conn.execute(text("SELECT count(*) FROM websauna_tasks_outbox WHERE sent_at IS NULL")).scalar_one()
+        if rows != count:
+            raise AssertionError(f"{rows} outbox rows, expected {count}")
+        # The same backlog again for every relay count: copied back, not written again.
+        conn.execute(text("CREATE TABLE bench_outbox_copy AS SELECT * FROM websauna_tasks_outbox"))
+    lines = [f"relays: a backlog of {count:,} outbox rows ({seed:,} written by apply_async in {fill:.1f} s, "
+             f"{seed / fill:,.0f} rows/s at 1,000 per commit; the rest SQL copies), outbox_batch_size default; "
+             "timed from the first message on Redis to the last",
+             f"{'relays':>6} {'seconds':>8} {'rows/s':>8}"]
+    try:
+        for relays in args.relays:
+            with engine.begin() as conn:
+                conn.execute(text("DELETE FROM websauna_tasks_outbox"))
+                conn.execute(text("INSERT INTO websauna_tasks_outbox SELECT * FROM bench_outbox_copy"))
+            client.delete(queue)
+            launched = time.perf_counter()
+            workers = services.WorkerGroup([
+                services.Worker([sys.executable, "-m", "websauna_tasks.cli", str(ini), "--", "outbox-relay",
+                                 "-l", "warning"], tmp / f"relay-{relays}-{number}.log", env)
+                for number in range(relays)])
+            try:
+                deadline = time.monotonic() + 120 + count / 200
+                first_seen = None
+                while True:
+                    queued = client.llen(queue)
+                    now = time.perf_counter()
+                    if first_seen is None and queued:
+                        first_seen = now
+                    if queued >= count:
+                        break
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"{queued} of {count} published; relay output:\n"
+                                           f"{workers.output()[-3000:]}")
+                    workers.check_alive()
+                    time.sleep(0.01)
+            finally:
+                workers.stop()
+            # From the first message on: the relays' start-up (imports, the app) is left out.
+            # A backlog that fits in one batch gives no span; then the start-up is counted.
+            seconds = now - t.cast(float, first_seen)
+            if seconds <= 0:
+                seconds = now - launched
+            with engine.connect() as conn:
+                unsent = conn.execute(text("SELECT count(*) FROM websauna_tasks_outbox WHERE sent_at IS NULL")
+                                      ).scalar_one()
+            if client.llen(queue) != count or unsent:
+                raise AssertionError(f"{client.llen(queue)} messages for {count} rows, {unsent} unsent")
+            lines.append(f"{relays:>6} {seconds:>8.2f} {count / seconds:>8,.0f}")
+    finally:
+        client.delete(queue)
+        engine.dispose()
+    return "\n".join(lines)
+
+
+# -- latency: commit to start under a steady rate -------------------------------------------------------------
+
+def latency_growth(args, client, raw_queue: str, queue: str, tmp: pathlib.Path, env: dict[str, str],
+                   database_url: str, ws_main, raw_app, ws_tasks) -> str:
+    from websauna_tasks.request import task_request
+
+    lines = [f"latency: one task per commit at {args.rate:.0f} commits/s for {args.seconds:.0f} s, "
+             "worker prefork -c 2, from the commit's start (raw: apply_async's) to the run's start",
+             f"{'path':<10} {'achieved/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8}"]
+    count = int(args.rate * args.seconds)
+
+    def paced(send: t.Callable[[], None]) -> float:
+        started = time.perf_counter()
+        for index in range(count):
+            pause = started + index / args.rate - time.perf_counter()
+            if pause > 0:
+                time.sleep(pause)
+            send()
+        return count / (time.perf_counter() - started)
+
+    for path in ("raw Celery", "plain", "outbox"):
+        key = f"{queue}-latency-{uuid.uuid4().hex[:6]}"
+        if path == "raw Celery":
+            worker = services.raw_worker(tmp / "latency-raw.log", env)
+            send_one = lambda: raw_app.stamp.apply_async((key, time.time()))  # noqa: E731
+            request_context = None
+        else:
+            values = {"websauna.celery_config": repr(settings.celery_config(queue)), "sqlalchemy.url": database_url}
+            if path == "outbox":
+                values["websauna_tasks.outbox"] = "true"
+            ini = write_ini(tmp / f"latency-{path}.ini", values)
+            router = ws_main({}, **values)
+            worker = services.ws_worker(ini, tmp / f"latency-{path}.log", env)
+            request_context = task_request(router.registry)
+        try:
+            if request_context is not None:
+                request = request_context.__enter__()
+
+                def send_one() -> None:
+                    with request.tm:
+                        ws_tasks.stamp.apply_async((key, time.time()), tm=request.tm)
+            # Wait for the worker to run a first task, so that its start-up is not a latency.
+            send_one()
+            services.wait_for_length(client, key, 1, worker, 120)
+            client.delete(key)
+            achieved = paced(send_one)
+            services.wait_for_length(client, key, count, worker, 120 + count / 20)
+            latencies = [float(value) * 1e3 for value in client.lrange(key, 0, -1)]
+        finally:
+            if request_context is not None:
+                request_context.__exit__(None, None, None)
+            worker.stop()
+            client.delete(key)
+            services.delete_queue_keys(client, raw_queue if path == "raw Celery" else queue)
+        lines.append(f"{path:<10} {achieved:>10,.0f} {percentile(latencies, 0.5):>8.1f} "
+                     f"{percentile(latencies, 0.99):>8.1f} {max(latencies):>8.1f}")
+    return "\n".join(lines)
+
+
+# -- rss: worker memory after many runs ----------------------------------------------------------------------
+
+def rss_growth(args, client, raw_queue: str, ws_queue: str, tmp: pathlib.Path, env: dict[str, str],
+               ws_main, raw_app, ws_tasks) -> str:
+    import transaction
+
+    values = {"websauna.celery_config": repr(settings.celery_config(ws_queue))}
+    ini = write_ini(tmp / "rss.ini", values)
+    ws_main({}, **values)
+    marks = args.rss_runs
+    results: dict[str, list[int]] = {}
+
+    def feed_raw(key_of: t.Callable[[int], str]) -> None:
+        done = 0
+        with raw_app.app.producer_or_acquire() as producer:
+            for mark in marks:
+                for index in range(done, mark):
+                    raw_app.noop.apply_async((index,), producer=producer)
+                raw_app.rss.apply_async((key_of(mark),), producer=producer)
+                done = mark
+
+    def feed_ws(key_of: t.Callable[[int], str]) -> None:
+        done = 0
+        for mark in marks:
+            for first in range(done, mark, 10000):
+                tm = transaction.TransactionManager(explicit=True)
+                with tm:
+                    for index in range(first, min(mark, first + 10000)):
+                        ws_tasks.noop.apply_async((index,), tm=tm)
+            tm = transaction.TransactionManager(explicit=True)
+            with tm:
+                ws_tasks.rss.apply_async((key_of(mark),), tm=tm)
+            done = mark
+
+    sides = (("raw Celery", raw_queue, feed_raw,
+              lambda log: services.Worker([sys.executable, "-m", "celery", "-A", "bench.raw_app", "worker",
+                                           "-P", "solo", *WORKER_FLAGS], log, env)),
+             ("ours", ws_queue, feed_ws,
+              lambda log: services.Worker([sys.executable, "-m", "websauna_tasks.cli", str(ini), "--", "worker",
+                                           "-P", "solo", *WORKER_FLAGS], log, env)))
+    for name, queue, feed, start in sides:
+        prefix = f"{queue}-rss-{uuid.uuid4().hex[:6]}"
+        worker = start(tmp / f"rss-{queue}.log")
+        try:
+            # Fed while the worker runs: only memory is measured here, not speed.
+            feed(lambda mark: f"{prefix}-{mark}")
+            results[name] = [int(services.wait_for_key(client, f"{prefix}-{mark}", worker, 300 + mark / 50))
+                             for mark in marks]
+        finally:
+            worker.stop()
+            client.delete(*(f"{prefix}-{mark}" for mark in marks))
+            services.delete_queue_keys(client, queue)
+    lines = ["rss: one -P solo worker process, resident set after n no-op runs (KiB, VmRSS)",
+             f"{'runs':>8} {'raw KiB':>9} {'ours KiB':>9} {'ours/raw':>9}"]
+    for index, mark in enumerate(marks):
+        raw_kib, ours_kib = results["raw Celery"][index], results["ours"][index]
+        lines.append(f"{mark:>8,} {raw_kib:>9,} {ours_kib:>9,} {ours_kib / raw_kib:>8.2f}x")
+    for name, figures in results.items():
+        lines.append(f"{name}: grew {figures[-1] - figures[0]:+,} KiB from {marks[0]:,} to {marks[-1]:,} runs")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    # SIGTERM as SystemExit: the finally blocks still stop the workers and delete the private keys.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    run_id = uuid.uuid4().hex[:8]
+    raw_queue, ws_queue = f"bench-{run_id}-raw", f"bench-{run_id}-ws"
+    env = {settings.BROKER_ENV: settings.REDIS_URL, settings.QUEUE_ENV: raw_queue,
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    os.environ.update(env)
+    import redis
+
+    from bench import raw_app, ws_tasks
+    from bench.run import machine
+    from bench.ws_app import main as ws_main
+
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    client.ping()
+    print(f"machine: {machine()}\nqueues {raw_queue} / {ws_queue} in {settings.REDIS_URL}\n", flush=True)
+    texts = []
+    try:
+        if "dispatch" in args.parts:
+            ws_main({}, **{"websauna.celery_config": repr(settings.celery_config(ws_queue))})
+            texts.append(dispatch_growth(args, client, ws_queue, ws_tasks))
+            print(texts[-1] + "\n", flush=True)
+        with tempfile.TemporaryDirectory(prefix="wsbench-growth-") as tmp:
+            tmp_path = pathlib.Path(tmp)
+            if "relays" in args.parts or "latency" in args.parts:
+                with services.private_database(settings.DATABASE_URL) as database_url:
+                    worker_env = {**env, settings.DATABASE_ENV: database_url}
+                    if "relays" in args.parts:
+                        texts.append(relay_growth(args, client, ws_queue, tmp_path, worker_env, database_url,
+                                                  ws_main, ws_tasks))
+                        print(texts[-1] + "\n", flush=True)
+                    if "latency" in args.parts:
+                        texts.append(latency_growth(args, client, raw_queue, ws_queue, tmp_path, worker_env,
+                                                    database_url, ws_main, raw_app, ws_tasks))
+                        print(texts[-1] + "\n", flush=True)
+            if "rss" in args.parts:
+                texts.append(rss_growth(args, client, raw_queue, ws_queue, tmp_path, env, ws_main, raw_app,
+                                        ws_tasks))
+                print(texts[-1] + "\n", flush=True)
+    finally:
+        for queue in (raw_queue, ws_queue):
+            services.delete_queue_keys(client, queue)
+        client.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

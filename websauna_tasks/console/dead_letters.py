@@ -22,7 +22,7 @@ from ..deadletter import (
     get_dead_letters,
     requeue_dead_letter,
 )
-from ..deadletters import page_dead_letters, seen
+from ..deadletters import BadCursor, page_dead_letters, seen
 from ._common import (
     MAX_BULK,
     RENDERER,
@@ -87,7 +87,7 @@ def list_view(request: Request) -> dict[str, t.Any]:
                                     after=cursors["after"])
     except NoDeadLetterStore as exc:
         values["error"] = str(exc)
-    except ValueError as exc:  # a cursor out of range, or before and after at once
+    except BadCursor as exc:  # out of range, or before and after at once
         raise HTTPBadRequest(str(exc)) from None
     except Exception as exc:
         values["error"] = f"the dead letters could not be read: {failure(exc)}"

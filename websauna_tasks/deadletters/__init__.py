@@ -36,7 +36,7 @@ from ._letters import (
     redis_broker_url,
     requeue_dead_letter,
 )
-from ._pages import LetterPage, page_dead_letters
+from ._pages import BadCursor, LetterPage, page_dead_letters
 from ._redis import RedisStore
 from ._sql import SQLStore
 from ._summary import DeadLetterSummary, count_dead_letters, summarize_dead_letters
@@ -46,6 +46,7 @@ __all__ = [
     "dead_letter", "drop_dead_letter", "get_dead_letters", "list_dead_letters", "prune_dead_letters",
     "raw_message", "read_entry", "seen", "HISTORY_HEADER",
     "DeadLetterSummary", "count_dead_letters", "summarize_dead_letters", "LetterPage", "page_dead_letters",
+    "BadCursor",
     "redis_broker_url", "requeue_dead_letter",
     "DEADLETTER_QUEUE_KEY", "DEFAULT_DEADLETTER_QUEUE",
 ]

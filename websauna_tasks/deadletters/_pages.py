@@ -14,7 +14,7 @@ Each store pages the way its structure makes cheap:
 A cursor is a row's seq, so letters appended or dropped meanwhile never
 shift a page. A cursor the store cannot use (a page number on the table, a
 seq on the Redis list, one past every row) gives the newest page; one that
-cannot be a seq at all is a ValueError.
+cannot be a seq at all is a :class:`BadCursor` (a ValueError).
 """
 from __future__ import annotations
 
@@ -38,6 +38,10 @@ MAX_CURSOR = 2 ** 63 - 1
 Query = t.Optional[t.Dict[str, int]]
 
 
+class BadCursor(ValueError):
+    """A ``page``, ``before`` or ``after`` that cannot be one: the caller's mistake, not the store's."""
+
+
 @dataclasses.dataclass(frozen=True)
 class LetterPage:
     """Letters newest first, and the query values of the pages around them (None: there is none that way)."""
@@ -56,13 +60,13 @@ class LetterPage:
 
 
 def cursor(value: t.Any, name: str) -> int | None:
-    """``before``/``after`` as a seq; ValueError for anything that cannot be one."""
+    """``before``/``after`` as a seq; :class:`BadCursor` for anything that cannot be one."""
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be a whole number, got {type(value).__name__}")
+        raise BadCursor(f"{name} must be a whole number, got {type(value).__name__}")
     if not 0 <= value <= MAX_CURSOR:
-        raise ValueError(f"{name} must be between 0 and {MAX_CURSOR}")
+        raise BadCursor(f"{name} must be between 0 and {MAX_CURSOR}")
     return value
 
 
@@ -74,9 +78,9 @@ def page_dead_letters(app: Celery, *, page: int = 1, before: int | None = None, 
     """
     before, after = cursor(before, "before"), cursor(after, "after")
     if before is not None and after is not None:
-        raise ValueError("a page is either before a letter or after one, not both")
+        raise BadCursor("a page is either before a letter or after one, not both")
     if isinstance(page, bool) or not isinstance(page, int):
-        raise ValueError(f"page must be a whole number, got {type(page).__name__}")
+        raise BadCursor(f"page must be a whole number, got {type(page).__name__}")
     store = get_dead_letters(app).backend
     if isinstance(store, RedisStore):
         total = int(store.count())  # LLEN: kept by Redis, exact at no cost

@@ -30,7 +30,7 @@ from websauna_tasks import PayloadTooLarge, get_celery, prune_stored_payloads
 from websauna_tasks.claim_check import PAYLOAD_HEADER, claim_check_of
 from websauna_tasks.deadletters import list_dead_letters
 from websauna_tasks.request import task_request
-from websauna_tasks.schema import PAYLOADS_TABLE_NAME
+from websauna_tasks.schema import PAYLOADS_TABLE_NAME, MissingTables
 from websauna_tasks.settings import parse_settings
 from websauna_tasks.testing import wait_for
 
@@ -129,6 +129,17 @@ def test_storage_is_off_by_default_and_a_threshold_needs_a_database(make_app):
     assert parsed.payload_store_retention_seconds == 7 * 24 * 3600
     with pytest.raises(ConfigurationError, match="sqlalchemy.url is not set"):
         make_app(**MEMORY, **{THRESHOLD_KEY: "65536"}, **{"tests.scan": SCAN})
+
+
+def test_create_tables_never_checks_the_payloads_table_at_startup(make_app, tmp_path):
+    database = f"sqlite:///{tmp_path / 'fresh.db'}"
+    with pytest.raises(MissingTables) as caught:
+        make_app(**MEMORY, **{"sqlalchemy.url": database, "websauna_tasks.create_tables": "never",
+                              THRESHOLD_KEY: "65536", "tests.scan": SCAN})
+    assert f"table {PAYLOADS_TABLE_NAME}" in str(caught.value)
+    with pytest.raises(MissingTables) as caught:  # off: the table is not needed
+        make_app(**MEMORY, **{"sqlalchemy.url": database, "websauna_tasks.create_tables": "never", "tests.scan": SCAN})
+    assert PAYLOADS_TABLE_NAME not in str(caught.value)
 
 
 def test_off_by_default_a_large_payload_is_still_refused_at_the_call(make_app):

@@ -106,6 +106,8 @@ class ClaimCheck:
         self.create_tables = settings.create_tables == "auto"
         self._ready: set[str] = set()
         self._ready_lock = threading.Lock()
+        #: The app's engine and its AUTOCOMMIT copy, for the intake's loads.
+        self._reading: tuple[sa.Engine, sa.Engine] | None = None
 
     @property
     def engine(self) -> sa.Engine:
@@ -123,6 +125,11 @@ class ClaimCheck:
             if key not in self._ready:
                 ensure_tables(engine, [payloads_table], self.create_tables)
                 self._ready.add(key)
+
+    def _reader(self, engine: sa.Engine) -> sa.Engine:
+        if self._reading is None or self._reading[0] is not engine:
+            self._reading = (engine, engine.execution_options(isolation_level="AUTOCOMMIT"))
+        return self._reading[1]
 
     # -- the send pipeline's side ----------------------------------------------------------------------------------
 
@@ -207,7 +214,9 @@ class ClaimCheck:
         engine = self.engine
         query = sa.select(payloads_table.c.task_name, payloads_table.c.payload).where(payloads_table.c.id == reference)
         try:
-            with engine.connect() as conn:
+            # One statement, no transaction around it: without BEGIN and the ROLLBACK on release, the load
+            # is one round trip (the consumer's thread waits for it).
+            with self._reader(engine).connect() as conn:
                 row = conn.execute(query).first()
         except sa.exc.DBAPIError as exc:
             try:

@@ -35,6 +35,7 @@ from .schema import (
     masked_url,
     names_table,
     outbox_table,
+    payloads_table,
     shards_table,
 )
 from .settings import CREATE_TABLES_KEY, get_task_settings
@@ -69,6 +70,8 @@ def tables_in_use(registry: Registry, app: Celery) -> list[sa.Table]:
     - the names table, when task-name claims live in the SQL database;
     - the dead letters' table, when the broker is not Redis (a Redis broker
       keeps them in a list): a worker refusing a message must have it;
+    - the stored payloads' table, when ``websauna_tasks.payload_store_threshold_bytes``
+      is set (claim_check.py);
     - sharded iteration's two tables, always: any code may call
       ``defer_iteration_with_finalize()``, and its worker would otherwise
       find them missing long after startup.
@@ -87,6 +90,8 @@ def tables_in_use(registry: Registry, app: Celery) -> list[sa.Table]:
         tables.append(names_table)
     if redis_broker_url(app) is None:
         tables.append(dead_letters_table)
+    if settings.payload_store_threshold_bytes:
+        tables.append(payloads_table)
     return sorted(tables, key=lambda table: table.name)
 
 

@@ -22,11 +22,11 @@ import sqlalchemy as sa
 import transaction
 from pyramid.exceptions import ConfigurationError
 
-from tests.apps import claim_check_tasks
+from tests.apps import claim_check_tasks, deferred_functions
 from tests.apps.claim_check_tasks import describe
 from tests.outbox_helpers import outbox_rows
 from tests.test_cli import ws_celery_argv
-from websauna_tasks import PayloadTooLarge, get_celery, prune_stored_payloads
+from websauna_tasks import PayloadTooLarge, defer, get_celery, prune_stored_payloads
 from websauna_tasks.claim_check import PAYLOAD_HEADER, claim_check_of
 from websauna_tasks.deadletters import list_dead_letters
 from websauna_tasks.request import task_request
@@ -260,13 +260,18 @@ def test_names_countdown_eta_queues_and_defer_work_with_stored_payloads(
     eta = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=4)
     timed = claim_check_tasks.digest.apply_async(args=(BLOB,), kwargs={"tag": "eta"}, tm=None, eta=eta)
     routed = claim_check_tasks.digest.apply_async(args=(BLOB,), kwargs={"tag": "queue"}, tm=None, queue=other)
-    ids = [plain.id, named.id, delayed.id, timed.id, routed.id]
+    # defer(): the deferred call's message is stored; the intake checks the function on the loaded arguments.
+    key = f"cc-deferred-{uuid.uuid4().hex[:8]}"
+    deferred = defer(deferred_functions.record, key, note=BLOB, _registry=router.registry)
+    ids = [plain.id, named.id, delayed.id, timed.id, routed.id, deferred]
     assert set(stored_rows(db, *ids)) == set(ids)
 
     worker = ws_celery_worker_factory(write_ini(settings_for(redis_url, database_url, queue_name)), "worker", "-c",
                                       "2", "-Q", f"{queue_name},{other}", env=subprocess_env)
-    done = wait_for(lambda: len(effects(db)) == 5 and effects(db), timeout=60, describe=worker.output)
+    done = wait_for(lambda: len(effects(db)) == 6 and effects(db), timeout=60, describe=worker.output)
     finished_at = time.time()
+    [deferred_run] = done.pop(key)
+    assert deferred_run["note"] == BLOB
     by_tag = {runs[0]["tag"]: (task_id, runs) for task_id, runs in done.items()}
     assert set(by_tag) == {"plain", "named", "countdown", "eta", "queue"}
     for task_id, runs in by_tag.values():

@@ -339,6 +339,15 @@ def test_missing_malformed_and_forged_references_are_dead_letters_and_the_worker
         bad = str(uuid.uuid4())
         insert_row(db, bad, name, payload)
         forge(bad, task_id=bad, expect=("malformed", why))
+    deep = str(uuid.uuid4())
+    nested: list = []
+    for _ in range(100):
+        nested = [nested]
+    insert_row(db, deep, name, json.dumps([[nested], {}]))
+    forge(deep, task_id=deep, expect=("malformed", "levels deep"))
+    deeper = str(uuid.uuid4())
+    insert_row(db, deeper, name, "[" * 100_000 + "]" * 100_000)
+    forge(deeper, task_id=deeper, expect=("malformed", "is not JSON: RecursionError"))
     other_task = str(uuid.uuid4())
     insert_row(db, other_task, "tests.record", json.dumps([["x"], {}]))
     forge(other_task, task_id=other_task, expect=("malformed", "belongs to task 'tests.record'"))
@@ -372,7 +381,7 @@ def test_missing_malformed_and_forged_references_are_dead_letters_and_the_worker
 
 
 @pytest.mark.slow
-def test_a_worker_on_another_database_dead_letters_the_reference(
+def test_a_worker_on_another_or_an_unreachable_database_dead_letters_the_reference(
         build, db, queue_name, write_ini, ws_celery_worker_factory, subprocess_env, redis_url, database_url,
         tmp_path):
     router = build()
@@ -386,6 +395,17 @@ def test_a_worker_on_another_database_dead_letters_the_reference(
     assert worker.process.poll() is None
     # The row is still where it was written: a worker of the right database can run the requeued letter.
     assert set(stored_rows(db, sent.id)) == {sent.id}
+    worker.stop()
+
+    # A database that cannot be reached: unavailable, not missing (requeue it once the database is back).
+    again = claim_check_tasks.digest.apply_async(args=(BLOB,), tm=None)
+    down = settings_for(redis_url, "postgresql+psycopg://root@127.0.0.1:1/test", queue_name)
+    worker = ws_celery_worker_factory(write_ini(down, "down.ini"), "worker", "-c", "1", "-l", "info",
+                                      env=subprocess_env)
+    letter = wait_for(lambda: [entry for entry in list_dead_letters(router.registry) if entry["id"] == again.id],
+                      timeout=60, describe=worker.output)[0]
+    assert letter["kind"] == "payload_unavailable" and "could not be read" in letter["reason"]
+    assert worker.process.poll() is None
 
 
 def test_the_outbox_stores_the_row_with_its_own_and_the_relay_sends_the_reference(

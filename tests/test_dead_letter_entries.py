@@ -322,3 +322,24 @@ def test_the_history_header_carries_the_first_time_and_the_count():
     # Headers that are not a dict are left as they are.
     odd_headers = dict(entry, message={"headers": "x"})
     assert with_history(odd_headers) is odd_headers
+
+
+def test_the_redis_list_is_searched_by_id_in_redis_across_chunks(redis_url, redis_client, dead_key, monkeypatch):
+    from websauna_tasks.deadletters import RedisStore
+    from websauna_tasks.deadletters import _redis
+
+    monkeypatch.setattr(_redis, "FIND_CHUNK", 3)  # ten entries: four calls of the script
+    letter = {"kind": "unknown_task", "reason": "r", "queue": "q", "message": None}
+    raws = [json.dumps(dict(letter, id=f"other-{n}")) for n in range(10)]
+    raws[1] = json.dumps(dict(letter, id="wanted"))
+    raws[7] = json.dumps(dict(letter, id="wanted", reason="again"))
+    raws[4] = json.dumps(dict(letter, id="decoy", reason='"wanted"'))  # holds the id's bytes, is not it
+    raws[5] = json.dumps(dict(letter, id="ünï"))  # ASCII-escaped, as workers write it
+    raws[9] = json.dumps(dict(letter, id="ünï", reason="raw UTF-8"), ensure_ascii=False)
+    redis_client.rpush(dead_key, *[raw.encode() for raw in raws])
+    store = RedisStore(redis_url, dead_key)
+    assert [entry.get("reason") for _raw, entry in store.find("wanted")] == ["r", "again"]
+    assert [entry["reason"] for _raw, entry in store.find("ünï")] == ["r", "raw UTF-8"]
+    assert list(store.find("decoy"))[0][1]["reason"] == '"wanted"'
+    assert list(store.find("nobody")) == []
+    assert [entry["id"] for _raw, entry in store.find("other-9")] == [] and len(list(store.find("other-8"))) == 1

@@ -325,8 +325,7 @@ def test_the_history_header_carries_the_first_time_and_the_count():
 
 
 def test_the_redis_list_is_searched_by_id_in_redis_across_chunks(redis_url, redis_client, dead_key, monkeypatch):
-    from websauna_tasks.deadletters import RedisStore
-    from websauna_tasks.deadletters import _redis
+    from websauna_tasks.deadletters import RedisStore, _redis
 
     monkeypatch.setattr(_redis, "FIND_CHUNK", 3)  # ten entries: four calls of the script
     letter = {"kind": "unknown_task", "reason": "r", "queue": "q", "message": None}

@@ -50,6 +50,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rate", type=float, default=500.0, help="commits per second (latency)")
     parser.add_argument("--seconds", type=float, default=10.0, help="how long the load lasts (latency)")
     parser.add_argument("--rss-runs", default="1000,10000,100000", help="runs after which RSS is read (rss)")
+    parser.add_argument("--rss-sides", default="raw,ours", help="which workers the rss part runs: raw, ours")
+    parser.add_argument("--rss-raw-preload", default="",
+                        help="modules the raw worker imports at start (rss), e.g. sqlalchemy.orm,psycopg")
     args = parser.parse_args(argv)
     args.parts = [part for part in args.parts.split(",") if part]
     unknown = set(args.parts) - set(PARTS)
@@ -70,6 +73,15 @@ def write_ini(path: pathlib.Path, values: dict[str, str]) -> pathlib.Path:
     path.write_text("[app:main]\nuse = call:bench.ws_app:main\n"
                     + "".join(f"{key} = {value}\n" for key, value in values.items()))
     return path
+
+
+def fit_per_task(points: list[tuple[int, float]]) -> tuple[float, float]:
+    """(fixed, per_task) of time = fixed + k * per_task, least squares on time / k against 1 / k."""
+    xs = [1 / k for k, _ in points]
+    ys = [seconds / k for k, seconds in points]
+    mean_x, mean_y = statistics.fmean(xs), statistics.fmean(ys)
+    fixed = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / sum((x - mean_x) ** 2 for x in xs)
+    return fixed, mean_y - fixed * mean_x
 
 
 # -- dispatch: one commit of k tasks ------------------------------------------------------------------------
@@ -99,14 +111,12 @@ def dispatch_growth(args, client, queue: str, ws_tasks) -> str:
         median = statistics.median(times)
         points.append((size, median))
         lines.append(f"{size:>7,} {repetitions:>5} {median * 1e3:>14.2f} {median / size * 1e6:>12.1f}")
-    # Least squares over the medians: time = fixed + k * per_task.
-    xs, ys = [p[0] for p in points], [p[1] for p in points]
-    mean_x, mean_y = statistics.fmean(xs), statistics.fmean(ys)
-    slope = sum((x - mean_x) * (y - mean_y) for x, y in points) / sum((x - mean_x) ** 2 for x in xs)
-    fixed = mean_y - slope * mean_x
-    worst = max(abs(y - (fixed + slope * x)) / y for x, y in points if x >= 100)
-    lines.append(f"line: {fixed * 1e6:.0f} us per commit + {slope * 1e6:.1f} us per task; "
-                 f"largest distance from the line for k >= 100: {worst:.0%}")
+    # time = fixed + k * per_task, fitted as time / k = per_task + fixed / k: every size weighs the
+    # same in the per-task figure, so the 10,000-task commit does not decide the line alone.
+    fixed, per_task = fit_per_task(points)
+    spread = [y / x for x, y in points if x >= 10]
+    lines.append(f"fit: {fixed * 1e6:,.0f} us per commit + {per_task * 1e6:,.1f} us per task; "
+                 f"per task from k = 10 on: {min(spread) * 1e6:,.0f} to {max(spread) * 1e6:,.0f} us")
     return "\n".join(lines)
 
 
@@ -302,23 +312,31 @@ def rss_growth(args, client, raw_queue: str, ws_queue: str, tmp: pathlib.Path, e
              ("ours", ws_queue, feed_ws,
               lambda log: services.Worker([sys.executable, "-m", "websauna_tasks.cli", str(ini), "--", "worker",
                                            "-P", "solo", *WORKER_FLAGS], log, env)))
+    wanted = {"raw": "raw Celery", "ours": "ours"}
+    chosen = {wanted[side] for side in args.rss_sides.split(",") if side}
     for name, queue, feed, start in sides:
+        if name not in chosen:
+            continue
         prefix = f"{queue}-rss-{uuid.uuid4().hex[:6]}"
         worker = start(tmp / f"rss-{queue}.log")
         try:
             # Fed while the worker runs: only memory is measured here, not speed.
             feed(lambda mark: f"{prefix}-{mark}")
-            results[name] = [int(services.wait_for_key(client, f"{prefix}-{mark}", worker, 300 + mark / 50))
-                             for mark in marks]
+            results[name] = []
+            for mark in marks:
+                results[name].append(int(services.wait_for_key(client, f"{prefix}-{mark}", worker, 300 + mark / 20)))
+                print(f"rss: {name} after {mark:,} runs: {results[name][-1]:,} KiB", flush=True)
         finally:
             worker.stop()
             client.delete(*(f"{prefix}-{mark}" for mark in marks))
             services.delete_queue_keys(client, queue)
-    lines = ["rss: one -P solo worker process, resident set after n no-op runs (KiB, VmRSS)",
+    preload = f"; the raw worker imports {args.rss_raw_preload} at start" if args.rss_raw_preload else ""
+    lines = [f"rss: one -P solo worker process, resident set after n no-op runs (KiB, VmRSS){preload}",
              f"{'runs':>8} {'raw KiB':>9} {'ours KiB':>9} {'ours/raw':>9}"]
     for index, mark in enumerate(marks):
-        raw_kib, ours_kib = results["raw Celery"][index], results["ours"][index]
-        lines.append(f"{mark:>8,} {raw_kib:>9,} {ours_kib:>9,} {ours_kib / raw_kib:>8.2f}x")
+        raw_kib, ours_kib = (results.get(name, [0] * len(marks))[index] for name in ("raw Celery", "ours"))
+        ratio = f"{ours_kib / raw_kib:>8.2f}x" if raw_kib and ours_kib else f"{'-':>9}"
+        lines.append(f"{mark:>8,} {raw_kib:>9,} {ours_kib:>9,} {ratio}")
     for name, figures in results.items():
         lines.append(f"{name}: grew {figures[-1] - figures[0]:+,} KiB from {marks[0]:,} to {marks[-1]:,} runs")
     return "\n".join(lines)
@@ -331,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     run_id = uuid.uuid4().hex[:8]
     raw_queue, ws_queue = f"bench-{run_id}-raw", f"bench-{run_id}-ws"
     env = {settings.BROKER_ENV: settings.REDIS_URL, settings.QUEUE_ENV: raw_queue,
+           "BENCH_RAW_PRELOAD": args.rss_raw_preload,
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     os.environ.update(env)
     import redis

@@ -5,6 +5,7 @@ environment of the run).
 """
 from __future__ import annotations
 
+import importlib
 import os
 import time
 
@@ -12,6 +13,11 @@ import redis
 from celery import Celery
 
 from bench import settings
+
+# bench/growth.py --rss-raw-preload: modules a real app's worker would hold (sqlalchemy.orm, psycopg),
+# imported at start so that the memory comparison is not against a worker without a database layer.
+for _module in filter(None, os.environ.get("BENCH_RAW_PRELOAD", "").split(",")):
+    importlib.import_module(_module)
 
 app = Celery("bench_raw", set_as_current=False)
 app.conf.update(settings.celery_config())

@@ -10,11 +10,16 @@ signature are a dead letter at once.
 """
 from __future__ import annotations
 
+import base64
+import bz2
 import copy
 import json
 import re
+import sqlite3
 import time
+import typing as t
 import uuid
+import zlib
 
 import pytest
 from celery import Celery
@@ -180,6 +185,52 @@ def test_on_rabbitmq_a_new_task_waits_for_the_new_worker(rabbitmq_url, database_
     assert list_dead_letters(old) == []
 
 
+@pytest.mark.slow
+def test_on_the_embedded_sqlite_broker_a_new_task_waits_for_the_new_worker(
+        tmp_path, database_url, db, queue_name, make_app, write_ini, start):
+    """The serverless default (docs/example.md): kombu's SQLAlchemy transport on a SQLite file, polled each second.
+
+    It has no visibility timeout and no acknowledgement of its own: a read
+    row is invisible at once, and a message held unacknowledged lives in the
+    worker's memory until it is given back (a new row) or put back at shutdown.
+    """
+    broker = f"sqla+sqlite:///{tmp_path}/broker.sqlite"
+
+    def release(scan):
+        config = {"broker_url": broker, "task_default_queue": queue_name,
+                  "broker_transport_options": {"connect_args": {"timeout": 30}}}
+        settings = {"websauna.celery_config": repr(config), "sqlalchemy.url": database_url,
+                    "websauna_tasks.deadletter_queue": f"{queue_name}.dead", "tests.scan": scan,
+                    "websauna_tasks.unknown_task_retry_seconds": "0.5"}
+        return get_celery(make_app(**settings).registry), write_ini(settings, f"sqlite-{scan.rsplit('.', 1)[-1]}.ini")
+
+    old, old_ini = release(V1)
+    new, new_ini = release(V2)
+    v1 = start(old_ini, "v1")
+    sent = {}
+    for index in range(3):
+        sent[new.send_task("tests.deploy.b", args=(f"sqlite-{index}",), queue=queue_name).id] = "b"
+        sent[old.send_task("tests.deploy.a", args=(f"sqlite-{index}",), queue=queue_name).id] = "a"
+    # Given back more than once: each give-back is a new row the old worker reads again a second later.
+    wait_for(lambda: v1.output().count(GIVEN_BACK) >= 6, timeout=60, describe=v1.output)
+    assert not effects(db) or all(value.startswith("v1:a:") for _id, value in effects(db))
+    v2 = start(new_ini, "v2")
+    done = wait_for(lambda: len(effects(db)) >= len(sent) and effects(db), timeout=90, describe=v2.output)
+    # The old worker leaves; anything it still held goes back into the file, not away.
+    v1.terminate()
+    v1.stop()
+    assert sorted(task_id for task_id, _value in done) == sorted(sent), "a message was lost or ran twice"
+    assert all(value.startswith("v2:b:") for task_id, value in done if sent[task_id] == "b")
+    assert all(value.startswith("v1:a:") or value.startswith("v2:a:") for task_id, value in done
+               if sent[task_id] == "a")
+    assert list_dead_letters(old) == []
+    # Drained: no row left to read (a message the old worker put back at its shutdown would be one).
+    with sqlite3.connect(f"{tmp_path}/broker.sqlite", timeout=30) as file:
+        waiting = file.execute("SELECT count(*) FROM kombu_message WHERE visible = 1")
+        assert waiting.fetchone()[0] == 0
+    assert sorted(task_id for task_id, _value in effects(db)) == sorted(sent)
+
+
 def template_entry(celery, redis_client, queue_name):
     """A genuine envelope for tests.deploy.b, as kombu writes it, from a queue nobody consumes."""
     parked = f"{queue_name}.template"
@@ -222,6 +273,76 @@ def test_forged_first_seen_headers_neither_stop_the_worker_nor_extend_the_grace(
     for task_id, label in forged.items():
         assert found[task_id]["kind"] == "unknown_task", (label, found[task_id]["reason"])
         assert "still unknown after waiting" in found[task_id]["reason"], label
+
+
+def hostile_b(template, queue_name, body: bytes, compression: str | None = None) -> tuple[str, str]:
+    """(raw entry, task id): a message for tests.deploy.b with ``body`` (kombu's base64 envelope)."""
+    entry = copy.deepcopy(template)
+    task_id = str(uuid.uuid4())
+    entry["headers"] = dict(entry["headers"], id=task_id, root_id=task_id)
+    if compression:
+        entry["headers"]["compression"] = compression
+    entry["body"] = base64.b64encode(body).decode()
+    entry["properties"] = dict(entry["properties"], body_encoding="base64", delivery_tag=str(uuid.uuid4()),
+                               correlation_id=task_id, delivery_info={"exchange": "", "routing_key": queue_name})
+    return json.dumps(entry), task_id
+
+
+def call_body(args) -> bytes:
+    return json.dumps([args, {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}]).encode()
+
+
+def inflating_to(compressor, size: int) -> bytes:
+    chunk = b" " * (1024 * 1024)
+    return b"".join(compressor.compress(chunk) for _ in range(size // len(chunk))) + compressor.flush()
+
+
+def test_hostile_messages_for_an_unknown_task_are_dead_letters_not_give_backs(
+        release, start, db, redis_client, queue_name):
+    """Bombs, deep nesting and non-finite numbers on the give-back path: refused before it, or given back whole."""
+    limit = 1024 * 1024
+    settings = {"websauna_tasks.unknown_task_grace_seconds": "60", "websauna_tasks.unknown_task_retry_seconds": "0.5",
+                "websauna_tasks.max_message_bytes": str(limit)}
+    old, old_ini = release(V1, **settings)
+    _new, new_ini = release(V2, **settings)
+    template = template_entry(old, redis_client, queue_name)
+    deep: t.Any = "leaf"
+    for _ in range(300):
+        deep = [deep]
+    refused = {}
+    for label, body, compression, kind in [
+            ("zlib bomb", inflating_to(zlib.compressobj(), 8 * limit), "application/x-gzip", "undecodable"),
+            ("bzip2 bomb", inflating_to(bz2.BZ2Compressor(), 8 * limit), "application/x-bz2", "undecodable"),
+            ("deep args", call_body([deep]), None, "malformed"),
+            # Past the JSON decoder's recursion: undecodable by any release, so never given back.
+            ("deep text", b"[" * 100_000 + b"]" * 100_000, None, "undecodable")]:
+        raw, task_id = hostile_b(template, queue_name, body, compression)
+        redis_client.lpush(queue_name, raw)
+        refused[task_id] = (label, kind)
+    # Compressed but sound: given back inflated (the compression header dropped), it must still read the same.
+    zipped_raw, zipped = hostile_b(template, queue_name, zlib.compress(call_body(["zipped"])), "application/x-gzip")
+    # NaN is JSON to kombu and Celery on both ends (Python's decoder); the give-back passes the bytes on unchanged.
+    nan_raw, nan = hostile_b(template, queue_name, b'[[NaN], {}, {"callbacks": null}]')
+    redis_client.lpush(queue_name, zipped_raw, nan_raw)
+    v1 = start(old_ini, "v1")
+    pid = v1.pid
+    found = wait_for(lambda: set(refused) <= set(letters(old)) and letters(old), timeout=60, describe=v1.output)
+    for task_id in (zipped, nan):
+        wait_for(lambda task_id=task_id: f"message {task_id} for unknown task" in v1.output(), timeout=30,
+                 describe=v1.output)
+    genuine = old.send_task("tests.deploy.a", args=("after",), queue=queue_name).id
+    wait_for(lambda: (genuine, "v1:a:after") in effects(db), timeout=30, describe=v1.output)
+    assert v1.process.poll() is None and v1.pid == pid, "the worker keeps running"
+    for task_id, (label, kind) in refused.items():
+        letter = found[task_id]
+        assert kind is None or letter["kind"] == kind, (label, letter["kind"], letter["reason"])
+        assert letter["reason"], label
+        assert f"message {task_id} for unknown task" not in v1.output(), f"{label} was given back"
+
+    v2 = start(new_ini, "v2")
+    wait_for(lambda: {(zipped, "v2:b:zipped"), (nan, "v2:b:nan")} <= set(effects(db)), timeout=60,
+             describe=v2.output)
+    assert zipped not in letters(old) and nan not in letters(old)
 
 
 # -- without a broker ---------------------------------------------------------------------------------------------

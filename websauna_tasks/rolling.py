@@ -9,6 +9,9 @@ until a worker that knows it takes it, for up to
 travels in :data:`FIRST_SEEN_HEADER`, so the grace is measured across
 workers and give-backs, and only then is the message a dead letter.
 
+A message for an unknown task whose body cannot be decoded is a dead letter
+(``undecodable``) at once: no release could read it either.
+
 A message whose arguments do not fit the task's signature would fail with a
 ``TypeError`` at every run; :func:`signature_problem` finds that before the
 request is built, so it is a dead letter (``signature_mismatch``) at once.
@@ -101,6 +104,12 @@ class UnknownTasks:
         message, so that holding never restarts it.
         """
         headers = message.headers
+        unreadable = undecodable(message)
+        if unreadable is not None:
+            # No release reads it better than this one: giving it back for the whole grace would only
+            # republish it a few hundred times before the dead letters.
+            self.refuse(message, "undecodable", unreadable)
+            return
         now = time.time()
         if since is None:
             since = first_seen(headers, now)
@@ -167,6 +176,18 @@ class UnknownTasks:
             return
         logger.info("websauna_tasks: message %s for unknown task %r given back to queue %s for %.1f s "
                     "(unknown for %.0f s of %g s)", headers_id(message), name, queue, delay, now - since, self.grace)
+
+
+def undecodable(message: t.Any) -> str | None:
+    """Why ``message``'s body cannot be decoded (a body nested past the decoder's recursion, broken JSON), or None.
+
+    kombu keeps a decoded body, so a message the intake has already read costs nothing here.
+    """
+    try:
+        message.decode()
+    except Exception as exc:  # RecursionError and the decoders' errors alike
+        return f"the body cannot be decoded, so no release could run it: {type(exc).__name__}: {exc}"[:1000]
+    return None
 
 
 def headers_id(message: t.Any) -> t.Any:

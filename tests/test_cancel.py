@@ -307,6 +307,50 @@ def test_without_redis_the_marks_are_rows_of_the_database(
     assert "sql-runs" in effects(db) and "sql-cancelled" not in effects(db)
 
 
+def test_the_sql_watch_keeps_its_promise(make_app, tmp_path, database_url, db):
+    """PostgreSQL's LISTEN/NOTIFY in place of pub/sub: loaded, announced, looked up while the listener is gone."""
+    celery = {"broker_url": f"sqla+sqlite:///{tmp_path}/broker.sqlite"}
+    settings = {"websauna.celery_config": repr(celery), "sqlalchemy.url": database_url,
+                CANCEL_RETENTION_KEY: "60"}
+    registry = make_app(**settings).registry
+    other_app = make_app(**settings).registry
+    before = str(uuid.uuid4())
+    cancel(before, registry)
+    store = get_cancel_store(registry)
+    assert isinstance(store, SQLCancelStore)
+    watch = store.watch()
+    assert cancelled_message(registry, before, watched=True)  # loaded when it listened
+    assert watch.live and before in watch.marks
+    ids = [str(uuid.uuid4()) for _ in range(500)]
+    lookups = []
+    store.contains = lambda task_id: lookups.append(task_id) or SQLCancelStore.contains(store, task_id)
+    started = time.perf_counter()
+    assert not any(cancelled_message(registry, task_id, watched=True) for task_id in ids)
+    per_message = (time.perf_counter() - started) / len(ids)
+    print(f"\ncancel check, the SQL watch: {per_message * 1e6:.1f} us per message")
+    assert lookups == []
+
+    during = str(uuid.uuid4())
+    cancel(during, other_app)
+    assert wait_for(lambda: cancelled_message(registry, during, watched=True), timeout=5, interval=0.01)
+    assert during in watch.marks and lookups == []
+
+    with db.connect() as conn:
+        conn.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": watch.backend_pid})
+    lost = str(uuid.uuid4())
+    cancel(lost, other_app)  # notified to nobody: the listener is gone
+    assert cancelled_message(registry, lost, watched=True)  # the closed connection is seen: looked up
+    assert not watch.live and lookups[-1] == lost
+    assert wait_for(lambda: cancelled_message(registry, lost, watched=True) and watch.live, timeout=10)
+    assert lost in watch.marks  # loaded again when it listened again
+    # Another app's notification, and one that is not ours at all, change nothing.
+    with db.connect() as conn:
+        for payload in ["nonsense", '["another-app", 60000, "x-1"]', '[1, 2, 3]']:
+            conn.execute(sa.select(sa.func.pg_notify("websauna_tasks_cancels", payload)))
+        conn.commit()
+    assert not cancelled_message(registry, "x-1", watched=True) and watch.live
+
+
 # -- the outbox ---------------------------------------------------------------------------------------------------
 
 def test_an_unsent_outbox_row_is_deleted(make_app, redis_url, database_url, queue_name, db, redis_client):

@@ -30,13 +30,16 @@ subscription with a PING once a second. While the subscription is down,
 unconfirmed, or the marks are too many to keep (:data:`MAX_LOCAL_MARKS`),
 each message is looked up with one ``EXISTS``, as without the watch.
 
-With only a database, the intake's check is one primary-key SELECT per
-message (see docs/cancel_and_progress.md for why it stays so). When the
-store cannot be read the message runs (a cancel is a request, an outage of
-its store must not stop every task) and the failure is logged.
+With only a database, PostgreSQL through psycopg 3 does the same with
+``LISTEN``/``NOTIFY`` (:class:`SQLCancelWatch`: the cancel's row is
+committed before its notification); any other database (SQLite) costs one
+primary-key SELECT per message. When the store cannot be read the message
+runs (a cancel is a request, an outage of its store must not stop every
+task) and the failure is logged.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import select
@@ -147,14 +150,18 @@ def _nothing() -> int:
     return 0
 
 
-class RedisCancelWatch:
+class CancelWatch:
     """One worker's copy of the live marks, kept current by the store's announcements (see the module's docstring).
 
-    Used by one thread at a time, the consumer's: another thread that finds
-    it busy looks its id up in the store.
+    The subclass subscribes and loads (:meth:`_subscribe`), reads what is
+    waiting without a round trip (:meth:`_drain`) and confirms the
+    subscription with one (:meth:`_confirm`). Used by one thread at a time,
+    the consumer's: another thread that finds it busy asks the store.
     """
 
-    def __init__(self, store: RedisCancelStore, max_marks: int = MAX_LOCAL_MARKS):
+    what = "the store"
+
+    def __init__(self, store: t.Any, max_marks: int = MAX_LOCAL_MARKS):
         self.store = store
         self.max_marks = max_marks
         self.marks: dict[str, float] = {}  # id -> time.monotonic() at which the mark expires
@@ -162,7 +169,6 @@ class RedisCancelWatch:
         self.confirmed_at = 0.0
         self.next_attempt = 0.0
         self.failures = 0
-        self.client_id: int | None = None  # the subscription's CLIENT ID, for CLIENT KILL ID in tests
         self.lock = threading.Lock()
 
     @property
@@ -179,6 +185,7 @@ class RedisCancelWatch:
             try:
                 if time.monotonic() - self.confirmed_at > WATCH_CONFIRM_SECONDS:
                     self._confirm()
+                    self.confirmed_at = time.monotonic()
                 else:
                     self._drain()
             except Exception as exc:
@@ -195,50 +202,104 @@ class RedisCancelWatch:
         now = time.monotonic()
         if now < self.next_attempt:
             return False
-        # Doubling up to 30 s: a Redis that refuses the watch is not asked again on every message.
+        # Doubling up to 30 s: a store that refuses the watch is not asked again on every message.
         self.next_attempt = now + min(30.0, WATCH_RETRY_SECONDS * 2 ** min(self.failures, 5))
         self.failures += 1
-        import redis
-
-        connection = None
         try:
-            # A connection of its own, RESP2 and without redis-py's reconnects: a silent reconnect would
-            # resubscribe and hide the announcements missed meanwhile; here any failure is seen and stops the watch.
-            pool = redis.ConnectionPool.from_url(
-                redis_url(self.store.registry), protocol=2, socket_timeout=2.0, socket_connect_timeout=2.0,
-                retry=redis.retry.Retry(redis.backoff.NoBackoff(), 0))
-            connection = pool.make_connection()
-            connection.connect()
-            connection.send_command("CLIENT", "SETNAME", f"{WATCH_CLIENT_NAME}-{os.getpid()}")
-            connection.read_response()
-            connection.send_command("CLIENT", "ID")
-            self.client_id = connection.read_response()
-            connection.send_command("SUBSCRIBE", self.store.channel)
-            reply = connection.read_response()
-            if not (isinstance(reply, list) and reply and reply[0] == b"subscribe"):
-                raise ValueError(f"unexpected reply to SUBSCRIBE: {reply!r}"[:200])
-            # Subscribed first, loaded second: a cancel is in what is loaded, or announced after this point.
-            marks = self._load()
+            # Subscribed first, loaded second: a cancel is in what is loaded, or announced after the subscription.
+            marks = self._subscribe()
         except Exception as exc:
-            if connection is not None:
-                connection.disconnect()
-            logger.warning("websauna_tasks: cancel watch not started, each message is looked up: %s: %s",
-                           type(exc).__name__, exc)
+            self._close()
+            logger.warning("websauna_tasks: cancel watch not started, each message is looked up in %s: %s: %s",
+                           self.what, type(exc).__name__, exc)
             return False
         if marks is None:
-            connection.disconnect()
+            self._close()
             self.next_attempt = now + 60.0
-            logger.warning("websauna_tasks: more than %d tasks are cancelled: each message is looked up in Redis",
-                           self.max_marks)
+            logger.warning("websauna_tasks: more than %d tasks are cancelled: each message is looked up in %s",
+                           self.max_marks, self.what)
             return False
         self.marks = marks
-        self.connection = connection
         self.failures = 0
         self.confirmed_at = time.monotonic()
-        logger.info("websauna_tasks: cancel watch subscribed as client %s (%d live marks)", self.client_id, len(marks))
+        logger.info("websauna_tasks: cancel watch subscribed as client %s (%d live marks)", self.client_name(),
+                    len(marks))
         return True
 
-    def _load(self) -> dict[str, float] | None:
+    def _take(self, announcement: str) -> None:
+        """One announcement, ``MILLISECONDS ID``: anything else is ignored (anybody may announce)."""
+        ms, _, task_id = announcement.partition(" ")
+        if not ms.isdigit() or not task_id or len(task_id) > MAX_TASK_ID_LENGTH:
+            return
+        until = time.monotonic() + int(ms[:15]) / 1000
+        self.marks[task_id] = max(until, self.marks.get(task_id, 0.0))
+        if len(self.marks) > self.max_marks:
+            now = time.monotonic()
+            self.marks = {key: when for key, when in self.marks.items() if when > now}
+            if len(self.marks) > self.max_marks:
+                self._stop(f"more than {self.max_marks} tasks are cancelled")
+                self.next_attempt = time.monotonic() + 60.0
+
+    def _stop(self, why: str) -> None:
+        if self.connection is not None:
+            self._close()
+            logger.warning("websauna_tasks: cancel watch stopped, each message is looked up in %s until it is "
+                           "back: %s", self.what, why)
+        self.connection = None
+        self.marks = {}
+
+    def client_name(self) -> t.Any:
+        return None
+
+    def _subscribe(self) -> dict[str, float] | None:
+        """Connect and subscribe (setting ``self.connection``), then load the live marks; None when too many."""
+        raise NotImplementedError
+
+    def _drain(self) -> None:
+        raise NotImplementedError
+
+    def _confirm(self) -> None:
+        raise NotImplementedError
+
+    def _close(self) -> None:
+        connection, self.connection = self.connection, None
+        if connection is not None:
+            try:
+                connection.close()
+            except Exception:
+                pass
+
+
+class RedisCancelWatch(CancelWatch):
+    """The watch of the Redis store: pub/sub on a connection of its own."""
+
+    what = "Redis"
+
+    def __init__(self, store: RedisCancelStore, max_marks: int = MAX_LOCAL_MARKS):
+        super().__init__(store, max_marks)
+        self.client_id: int | None = None  # the subscription's CLIENT ID, for CLIENT KILL ID in tests
+
+    def client_name(self) -> t.Any:
+        return self.client_id
+
+    def _subscribe(self) -> dict[str, float] | None:
+        import redis
+
+        # A connection of its own, RESP2 and without redis-py's reconnects: a silent reconnect would
+        # resubscribe and hide the announcements missed meanwhile; here any failure is seen and stops the watch.
+        pool = redis.ConnectionPool.from_url(
+            redis_url(self.store.registry), protocol=2, socket_timeout=2.0, socket_connect_timeout=2.0,
+            retry=redis.retry.Retry(redis.backoff.NoBackoff(), 0))
+        connection = self.connection = pool.make_connection()
+        connection.connect()
+        connection.send_command("CLIENT", "SETNAME", f"{WATCH_CLIENT_NAME}-{os.getpid()}")
+        connection.read_response()
+        connection.send_command("CLIENT", "ID")
+        self.client_id = connection.read_response()
+        connection.send_command("SUBSCRIBE", self.store.channel)
+        reply = connection.read_response()
+        if not (isinstance(reply, list) and reply and reply[0] == b"subscribe"):
+            raise ValueError(f"unexpected reply to SUBSCRIBE: {reply!r}"[:200])
         client = self.store.client
         seconds, micros = client.time()
         now_ms = seconds * 1000 + micros // 1000
@@ -257,7 +318,7 @@ class RedisCancelWatch:
         if not getattr(sock, "pending", _nothing)() and not select.select([sock], [], [], 0)[0]:
             return
         while connection.can_read(timeout=0):
-            self._take(connection.read_response())
+            self._reply(connection.read_response())
 
     def _confirm(self) -> None:
         """PING through the subscription and read up to its answer: everything announced before is then taken."""
@@ -267,47 +328,41 @@ class RedisCancelWatch:
         while time.monotonic() < deadline:
             reply = connection.read_response()
             if isinstance(reply, list) and reply and reply[0] == b"pong":
-                self.confirmed_at = time.monotonic()
                 return
-            self._take(reply)
+            self._reply(reply)
         raise TimeoutError("no answer to PING within 2 s")
 
-    def _take(self, reply: t.Any) -> None:
-        if not (isinstance(reply, list) and len(reply) == 3 and reply[0] == b"message"
-                and isinstance(reply[2], bytes)):
-            return  # a confirmation or a PONG
-        ms, _, task_id = reply[2].decode("utf-8", "replace").partition(" ")
-        if not ms.isdigit() or not task_id or len(task_id) > MAX_TASK_ID_LENGTH:
-            return  # not what the script announces: anybody may PUBLISH
-        until = time.monotonic() + int(ms[:15]) / 1000
-        self.marks[task_id] = max(until, self.marks.get(task_id, 0.0))
-        if len(self.marks) > self.max_marks:
-            now = time.monotonic()
-            self.marks = {key: when for key, when in self.marks.items() if when > now}
-            if len(self.marks) > self.max_marks:
-                self._stop(f"more than {self.max_marks} tasks are cancelled")
-                self.next_attempt = time.monotonic() + 60.0
+    def _reply(self, reply: t.Any) -> None:
+        if isinstance(reply, list) and len(reply) == 3 and reply[0] == b"message" and isinstance(reply[2], bytes):
+            self._take(reply[2].decode("utf-8", "replace"))
 
-    def _stop(self, why: str) -> None:
-        if self.connection is not None:
+    def _close(self) -> None:
+        connection, self.connection = self.connection, None
+        if connection is not None:
             try:
-                self.connection.disconnect()
+                connection.disconnect()
             except Exception:
                 pass
-            logger.warning("websauna_tasks: cancel watch stopped, each message is looked up until it is back: %s",
-                           why)
-        self.connection = None
-        self.marks = {}
+
+
+#: PostgreSQL's NOTIFY channel of the SQL store: one for every app, the payload names the app.
+NOTIFY_CHANNEL = "websauna_tasks_cancels"
 
 
 class SQLCancelStore:
-    """Marks as rows; autocommit, as the name claims: visible to every worker at once, in no caller's transaction."""
+    """Marks as rows; autocommit, as the name claims: visible to every worker at once, in no caller's transaction.
+
+    On PostgreSQL through psycopg 3 each cancel is announced with ``NOTIFY``
+    after its row is written, for the workers' :class:`SQLCancelWatch`.
+    """
 
     def __init__(self, engine: sa.Engine, app_name: str, create_table: bool):
         self.engine = engine.execution_options(isolation_level="AUTOCOMMIT")
         self.app_name = app_name
         self.create_table = create_table
+        self.notifies = engine.dialect.name == "postgresql" and engine.dialect.driver == "psycopg"
         self._ready = False
+        self._watch: tuple[int, SQLCancelWatch] | None = None
 
     def _connect(self) -> sa.Connection:
         if not self._ready:
@@ -328,6 +383,10 @@ class SQLCancelStore:
                                                          expires_at=now + seconds))
                 except sa.exc.IntegrityError:  # a concurrent cancel of the same id: it is marked
                     pass
+            if self.notifies:
+                # After the row's commit (autocommit): a worker never hears of a mark it could not read.
+                payload = json.dumps([self.app_name, max(1, int(seconds * 1000)), task_id])
+                conn.execute(sa.select(sa.func.pg_notify(NOTIFY_CHANNEL, payload)))
 
     def contains(self, task_id: str) -> bool:
         table = cancellations_table
@@ -335,6 +394,82 @@ class SQLCancelStore:
             return conn.execute(sa.select(table.c.expires_at).where(
                 table.c.app == self.app_name, table.c.task_id == task_id,
                 table.c.expires_at > time.time())).first() is not None
+
+    def watch(self) -> SQLCancelWatch | None:
+        """This process's watch on PostgreSQL (psycopg 3), else None: then each message is looked up."""
+        if not self.notifies:
+            return None
+        made = self._watch
+        pid = os.getpid()
+        if made is None or made[0] != pid:
+            with _LOCK:
+                made = self._watch
+                if made is None or made[0] != pid:
+                    made = self._watch = (pid, SQLCancelWatch(self))
+        return made[1]
+
+
+class SQLCancelWatch(CancelWatch):
+    """The watch of the SQL store on PostgreSQL: ``LISTEN`` on a connection of its own, taken out of the pool."""
+
+    what = "the database"
+
+    def client_name(self) -> t.Any:
+        return self.backend_pid
+
+    backend_pid: int | None = None  # the listening server process, for pg_terminate_backend in tests
+
+    def _subscribe(self) -> dict[str, float] | None:
+        store = self.store
+        store._connect().close()  # the table, created on first use
+        connection = self.connection = store.engine.connect()
+        driver = connection.connection.driver_connection
+        # Read by psycopg while a statement of this connection runs (the load, the confirmation).
+        driver.add_notify_handler(lambda notify: self._notice(notify.payload))
+        connection.exec_driver_sql(f'LISTEN "{NOTIFY_CHANNEL}"')
+        self.backend_pid = driver.pgconn.backend_pid
+        table = cancellations_table
+        now = time.time()
+        rows = connection.execute(sa.select(table.c.task_id, table.c.expires_at).where(
+            table.c.app == store.app_name, table.c.expires_at > now).limit(self.max_marks + 1)).all()
+        if len(rows) > self.max_marks:
+            return None
+        start = time.monotonic()
+        return {task_id: start + (expires_at - now) for task_id, expires_at in rows}
+
+    def _drain(self) -> None:
+        """Take the notifications waiting on the socket: one poll when there are none."""
+        pgconn = self.connection.connection.driver_connection.pgconn
+        for _ in range(64):
+            if not select.select([pgconn.socket], [], [], 0)[0]:
+                break
+            # Raises once the server has closed the connection (an error message first, then the end).
+            pgconn.consume_input()
+        while (notify := pgconn.notifies()) is not None:
+            self._notice(notify.extra.decode("utf-8", "replace"))
+
+    def _confirm(self) -> None:
+        """One statement through the listening connection: the notifications sent before it are then taken."""
+        self.connection.exec_driver_sql("SELECT 1")
+        self._drain()
+
+    def _notice(self, payload: str) -> None:
+        try:
+            app, ms, task_id = json.loads(payload)
+        except (ValueError, TypeError):
+            return  # anybody may NOTIFY
+        if app == self.store.app_name and isinstance(ms, int) and not isinstance(ms, bool) and \
+                isinstance(task_id, str):
+            self._take(f"{ms} {task_id}")
+
+    def _close(self) -> None:
+        connection, self.connection = self.connection, None
+        if connection is not None:
+            try:
+                connection.invalidate()  # not back to the pool: it listens
+                connection.close()
+            except Exception:
+                pass
 
 
 class MemoryCancelStore:
@@ -486,8 +621,9 @@ def cancelled_message(registry: Registry, task_id: t.Any, watched: bool = False)
         return False
     try:
         store = get_cancel_store(registry)
-        if watched and isinstance(store, RedisCancelStore):
-            return store.watch().contains(task_id)
+        watch = store.watch() if watched and isinstance(store, (RedisCancelStore, SQLCancelStore)) else None
+        if watch is not None:
+            return watch.contains(task_id)
         return store.contains(task_id)
     except Exception as exc:
         logger.warning("websauna_tasks: could not check whether task %s is cancelled, running it: %s: %s",

@@ -132,4 +132,8 @@ def profile_pair(label: str, count: int, tmp: pathlib.Path, env: dict[str, str],
 
 
 if __name__ == "__main__":
+    if len(sys.argv) < 4 or sys.argv[2] not in ("celery", "ws-celery"):
+        print("usage: python -m bench.profile_worker OUT.prof (celery -A APP | ws-celery INI --) worker [options]",
+              file=sys.stderr)
+        sys.exit(2)
     sys.exit(_run_profiled(sys.argv[1], sys.argv[2:]))

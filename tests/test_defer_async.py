@@ -180,8 +180,6 @@ def nested(depth: int) -> list:
     return value
 
 
-@pytest.mark.xfail(strict=True, reason="payload.py encodes NaN and Infinity (allow_nan=True) and the intake runs "
-                                       "them: non-finite numbers are not refused at the call yet")
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), [1.0, float("-inf")]], ids=["nan", "inf", "-inf"])
 def test_non_finite_numbers_are_refused_from_the_await(make_app, task_client, value):
     router = make_app(**memory_settings())

@@ -14,6 +14,10 @@ them on the wire (kombu's JSON, which also carries ``datetime``,
   and the setting; unless the app stores large payloads
   (``websauna_tasks.payload_store_threshold_bytes``, claim_check.py), whose
   own limit the send pipeline applies then;
+- a non-finite number (``NaN``, ``Infinity``) is a :class:`ValueError`
+  naming the argument: Python's JSON writes them, but they are not JSON,
+  and a worker in another language, PostgreSQL's ``json`` type or a
+  dashboard reading the message would choke on them;
 - an argument nested more than :data:`MAX_NESTING_DEPTH` lists or dicts deep
   is a :class:`TypeError` naming it. The bound sits far below what the
   JSON encoder, the worker's decoder and a prefork pool's pickling can
@@ -43,8 +47,11 @@ MAX_PAYLOAD_KEY = "websauna_tasks.max_payload_bytes"
 DEFAULT_MAX_PAYLOAD_BYTES = 512 * 1024
 # The C encoder with default arguments: the common small message of plain
 # types costs about 1 us; kombu's encoder (about 2 us) only when it is needed.
-_plain_dumps = json.JSONEncoder(ensure_ascii=True, check_circular=True, allow_nan=True).encode
+_plain_dumps = json.JSONEncoder(ensure_ascii=True, check_circular=True, allow_nan=False).encode
 
+
+# What the json module says of NaN and infinities when allow_nan is off.
+_NON_FINITE_MESSAGE = "Out of range float values are not JSON compliant"
 
 #: Deepest nesting of lists and dicts an argument may have (``[[1]]`` is 2).
 MAX_NESTING_DEPTH = 64
@@ -88,7 +95,7 @@ def check_payload(app: t.Any, label: str, args: t.Any, kwargs: t.Any) -> int:
         text = _plain_dumps(value)
     except (TypeError, ValueError):
         try:
-            text = kombu_dumps(value)
+            text = kombu_dumps(value, allow_nan=False)
         except (TypeError, ValueError, RecursionError) as exc:
             _raise_naming_argument(label, args, kwargs, exc)
     except RecursionError as exc:
@@ -160,8 +167,16 @@ def _raise_naming_argument(label: str, args: t.Any, kwargs: t.Any, exc: BaseExce
 
 
 def check_json_value(value: t.Any, where: str) -> None:
-    """TypeError ``"<where> (<type>) cannot travel as JSON: ..."`` unless kombu's JSON encodes ``value``."""
+    """TypeError ``"<where> (<type>) cannot travel as JSON: ..."`` unless kombu's JSON encodes ``value``.
+
+    A value holding NaN or an infinity is a ValueError instead: its type travels, its number does not.
+    """
     try:
-        kombu_dumps(value)
-    except (TypeError, ValueError, RecursionError) as exc:
+        kombu_dumps(value, allow_nan=False)
+    except ValueError as exc:
+        if str(exc).startswith(_NON_FINITE_MESSAGE):
+            raise ValueError(f"{where} ({type(value).__name__}) holds a non-finite number (NaN or Infinity), "
+                             "which JSON cannot carry; send None or a string instead") from None
+        raise TypeError(f"{where} ({type(value).__name__}) cannot travel as JSON: {exc}") from None
+    except (TypeError, RecursionError) as exc:
         raise TypeError(f"{where} ({type(value).__name__}) cannot travel as JSON: {exc}") from None

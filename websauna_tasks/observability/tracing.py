@@ -57,9 +57,8 @@ class _StringsOnly(Getter[t.Mapping[str, t.Any]]):
 _GETTER = _StringsOnly()
 
 
-def _carrier_of(task: Task) -> dict[str, str]:
-    """The trace headers of the message being run, as Celery kept them on the task's request."""
-    context = task.request
+def _carrier_of(context: t.Any) -> dict[str, str]:
+    """The trace headers of the message being run, as Celery kept them on the task's request ``context``."""
     if context is None:
         return {}
     headers = getattr(context, "headers", None)
@@ -90,8 +89,9 @@ class TracingObserver(Observer):
             options["headers"] = {**(options.get("headers") or {}), **carrier}
 
     def run(self, task: Task, body: t.Callable[[], t.Any]) -> t.Any:
-        parent = self.parent_context(task)
+        # task.request walks Celery's context stack on every read: read it once per run.
         context = task.request
+        parent = self.parent_context(task, context)
         attributes = {"celery.task_name": task.name}
         task_id = getattr(context, "id", None)
         if isinstance(task_id, str):
@@ -111,16 +111,18 @@ class TracingObserver(Observer):
             span.set_attribute("celery.state", "SUCCESS")
             return result
 
-    def parent_context(self, task: Task) -> Context | None:
+    def parent_context(self, task: Task, context: t.Any = None) -> Context | None:
         """The sender's context from the message's headers; None (the current one) when it carries none.
 
         A header that is there but unreadable gives an empty context, so the
         run's span is a new root rather than a child of whatever is current.
         """
-        carrier = _carrier_of(task)
+        if context is None:
+            context = task.request
+        carrier = _carrier_of(context)
         if "traceparent" not in carrier:
-            has_header = getattr(task.request, "traceparent", None) is not None or \
-                "traceparent" in (getattr(task.request, "headers", None) or {})
+            has_header = getattr(context, "traceparent", None) is not None or \
+                "traceparent" in (getattr(context, "headers", None) or {})
             return Context() if has_header else None
         try:
             return propagate.extract(carrier, getter=_GETTER, context=Context())

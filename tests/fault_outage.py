@@ -7,6 +7,7 @@ lost task, a key with two effects a duplicate.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -16,7 +17,10 @@ import sys
 import time
 import typing as t
 
+import pytest
 import sqlalchemy as sa
+
+from websauna_tasks.testing import wait_for
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 QUEUE = "faults"
@@ -52,7 +56,79 @@ class ProducerGroup:
                 process.wait(10)
 
 
-def wait_for_producers(running: list[tuple[subprocess.Popen, pathlib.Path]], timeout: float = 120) -> list[dict]:
+@pytest.fixture
+def producers(tmp_path, subprocess_env):
+    """Start producer processes (``ProducerGroup.start``); any still running at teardown is killed by its PID."""
+    group = ProducerGroup(tmp_path, subprocess_env)
+    yield group.start
+    group.kill()
+
+
+@dataclasses.dataclass
+class OutageRun:
+    """A worker and producers under way, at the moment the broker is to be stopped."""
+
+    worker: t.Any
+    worker_pid: int
+    running: list[tuple[subprocess.Popen, pathlib.Path]]
+    began: float
+    committed_at_stop: int
+
+
+def start_outage(ini: str, engine, worker_factory, env: dict[str, str], producers: t.Callable[..., t.Any],
+                 stop_at: float) -> OutageRun:
+    """Start a ``-c 2`` worker and the producers; return once ``stop_at`` of the tasks are committed."""
+    worker = worker_factory(ini, "worker", "-c", "2", env=env)
+    began = time.monotonic()
+    running = [producers(ini, index, TASKS // PRODUCERS) for index in range(PRODUCERS)]
+    # Polled often: the stop must land mid-stream, not after the producers are done.
+    wait_for(lambda: committed_count(engine) >= stop_at * TASKS, timeout=90, interval=0.02,
+             describe=lambda: worker.output()[-3000:])
+    return OutageRun(worker, worker.pid, running, began, committed_count(engine))
+
+
+def finish_outage(run: OutageRun, engine, outbox: bool, busy: t.Callable[[], bool], timeout: float,
+                  holds_messages: t.Callable[[], bool] | None = None) -> dict:
+    """Wait for the producers, for the effects to settle and the broker to be drained; what both brokers report.
+
+    ``busy()``: a message waits in the broker (polled 4 times a second by
+    :func:`settle`); ``holds_messages()``: the broker still has a message of
+    the queue, ready or delivered and not acknowledged (default ``busy``).
+    """
+    summaries = wait_for_producers(run.running)
+    produced = time.monotonic()
+    last_effect, settled = settle(engine, run.worker, outbox, busy, timeout=timeout, expected=TASKS)
+    wait_drained(holds_messages or busy, run.worker)
+    output = run.worker.output()
+    result = outcome(engine)
+    return {
+        **result, "summaries": summaries, "produced": produced, "last_effect": last_effect, "settled": settled,
+        "after_producers": last_effect - produced, "total": last_effect - run.began,
+        "committed_at_stop": run.committed_at_stop,
+        "unsent": unsent_rows(engine) if outbox else None,
+        "redelivered": redelivered_rows(engine) if outbox else None,
+        "same_worker": run.worker.process.poll() is None and run.worker.pid == run.worker_pid,
+        "broker_losses": output.count("Connection to broker lost"),
+        "skipped_redeliveries": output.count("already done (a previous delivery committed)"),
+        "output": output,
+    }
+
+
+def wait_drained(holds_messages: t.Callable[[], bool], worker, timeout: float = 180.0) -> None:
+    """Wait until no message of the queue waits, runs or is held by the worker (``holds_messages()`` false).
+
+    The fault tasks acknowledge after their transaction (``acks_late``), so
+    once the worker holds nothing every run that could still commit an
+    effect, a late duplicate included, has committed it: the counts read
+    after this are final. A worker that exited holds nothing any more. The
+    bound is generous: with the outbox on, the relay's redeliveries (each
+    one skipped as already done) can still be queued when every effect is.
+    """
+    wait_for(lambda: worker.process.poll() is not None or not holds_messages(), timeout=timeout, interval=0.1,
+             describe=lambda: worker.output()[-3000:])
+
+
+def wait_for_producers(running: list[tuple[subprocess.Popen, pathlib.Path]], timeout: float = 300) -> list[dict]:
     """Wait for every producer to exit with status 0; their JSON summaries."""
     for process, out in running:
         try:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import time
 
 import pytest
@@ -33,13 +34,8 @@ from tests.fault_outage import (
     PRODUCERS,
     QUEUE,
     TASKS,
-    ProducerGroup,
     committed_count,
     effect_totals,
-    outcome,
-    redelivered_rows,
-    unsent_rows,
-    wait_for_producers,
 )
 from tests.servers import PrivatePostgres, PrivateRabbitMQ
 from websauna_tasks.testing import wait_for
@@ -84,11 +80,7 @@ def rabbit_servers(tmp_path):
     assert stray == [], "processes of the private RabbitMQ node outlived it"
 
 
-@pytest.fixture
-def producers(tmp_path, subprocess_env):
-    group = ProducerGroup(tmp_path, subprocess_env)
-    yield group.start
-    group.kill()
+producers = fault_outage.producers  # the fixture
 
 
 def write_ini(tmp_path, broker: PrivateRabbitMQ, database: PrivatePostgres, outbox: bool) -> str:
@@ -106,17 +98,26 @@ def broker_busy(broker: PrivateRabbitMQ) -> bool:
         return True
 
 
+def holds_messages(broker: PrivateRabbitMQ) -> bool:
+    """A message of the queue is ready or delivered and not acknowledged (asked with rabbitmqctl: AMQP counts
+    only the ready ones); busy when the node cannot say."""
+    ctl = os.path.join(os.path.dirname(broker.script), "rabbitmqctl")
+    try:
+        listed = subprocess.run([ctl, "-n", broker.nodename, "list_queues", "-q", "--no-table-headers", "name",
+                                 "messages_ready", "messages_unacknowledged"], env=broker._environment(),
+                                capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        return True
+    if listed.returncode != 0:
+        return True
+    rows = [line.split("\t") for line in listed.stdout.splitlines()]
+    return any(fields[0] == QUEUE and (int(fields[1]) or int(fields[2])) for fields in rows if len(fields) == 3)
+
+
 def run_outage(outbox: bool, servers, tmp_path, worker_factory, env, producers) -> dict:
     broker, database, engine = servers
     ini = write_ini(tmp_path, broker, database, outbox)
-    worker = worker_factory(ini, "worker", "-c", "2", env=env)
-    worker_pid = worker.pid
-
-    began = time.monotonic()
-    running = [producers(ini, index, TASKS // PRODUCERS) for index in range(PRODUCERS)]
-    wait_for(lambda: committed_count(engine) >= STOP_AT * TASKS, timeout=90, interval=0.02,
-             describe=lambda: worker.output()[-3000:])
-    committed_at_stop = committed_count(engine)
+    run = fault_outage.start_outage(ini, engine, worker_factory, env, producers, STOP_AT)
     stopped = time.monotonic()
     broker.stop()
     down_until = stopped + DOWN_SECONDS
@@ -127,28 +128,15 @@ def run_outage(outbox: bool, servers, tmp_path, worker_factory, env, producers) 
     back = time.monotonic()
     committed_when_back = committed_count(engine)
 
-    summaries = wait_for_producers(running)
-    produced = time.monotonic()
     # Past the outbox's redelivery delay, for a message the broker lost to be sent again and run.
-    last_effect, settled = fault_outage.settle(engine, worker, outbox, lambda: broker_busy(broker),
-                                               timeout=REDELIVER_AFTER + 120.0, expected=TASKS)
-    time.sleep(1.0)  # a duplicate committed late would show now
+    result = fault_outage.finish_outage(run, engine, outbox, lambda: broker_busy(broker),
+                                        timeout=REDELIVER_AFTER + 120.0, holds_messages=lambda: holds_messages(broker))
     queued = broker.queue_depth(QUEUE)
-    output = worker.output()
-    result = outcome(engine)
     lost = result.pop("lost_keys")
     return {
         **result, "lost": len(lost), "lost_sample": sorted(lost)[:10], "queued": queued,
-        "committed_at_stop": committed_at_stop, "committed_at_start": committed_at_start,
-        "committed_when_back": committed_when_back, "outage": back - stopped,
-        "drain": last_effect - back, "after_producers": last_effect - produced, "total": last_effect - began,
-        "settled": settled, "summaries": summaries,
-        "unsent": unsent_rows(engine) if outbox else None,
-        "redelivered": redelivered_rows(engine) if outbox else None,
-        "same_worker": worker.process.poll() is None and worker.pid == worker_pid,
-        "broker_losses": output.count("Connection to broker lost"),
-        "skipped_redeliveries": output.count("already done (a previous delivery committed)"),
-        "log_tail": output[-4000:],
+        "committed_at_start": committed_at_start, "committed_when_back": committed_when_back,
+        "outage": back - stopped, "drain": result["last_effect"] - back, "log_tail": result["output"][-4000:],
     }
 
 
@@ -239,8 +227,8 @@ def test_worker_sigkilled_among_idempotent_tasks_every_effect_exactly_once(
     replaced = time.monotonic() - killed
     wait_for(lambda: effect_totals(engine)[1] >= KILL_TASKS, timeout=90, describe=replacement.output)
     recovered = time.monotonic() - killed
-    wait_for(lambda: not broker_busy(broker), timeout=30, describe=replacement.output)
-    time.sleep(1.0)  # a duplicate committed late would show now
+    # Acknowledged after their commit: with nothing unacknowledged, a duplicate committed late is counted below.
+    fault_outage.wait_drained(lambda: holds_messages(broker), replacement)
     starts, effects = tally()
     output = replacement.output()
     skipped = output.count("already done (a previous delivery committed)")

@@ -32,6 +32,7 @@ import time
 
 import pytest
 import sqlalchemy as sa
+from celery import Celery
 
 from tests import fault_outage
 from tests.apps.fault_producer import COMMITS_DDL
@@ -40,16 +41,10 @@ from tests.fault_outage import (
     PRODUCERS,
     QUEUE,
     TASKS,
-    ProducerGroup,
     committed_count,
     effect_totals,
-    outcome,
-    redelivered_rows,
-    unsent_rows,
-    wait_for_producers,
 )
 from tests.servers import PrivatePostgres, PrivateRedis
-from websauna_tasks.testing import wait_for
 
 pytestmark = [pytest.mark.fault, pytest.mark.slow]
 #: Share of the tasks committed when Redis is stopped.
@@ -72,12 +67,7 @@ def servers(fault_servers):
     return fault_servers
 
 
-@pytest.fixture
-def producers(tmp_path, subprocess_env):
-    """Start producer processes; any still running at teardown is killed by its PID."""
-    group = ProducerGroup(tmp_path, subprocess_env)
-    yield group.start
-    group.kill()
+producers = fault_outage.producers  # the fixture
 
 
 def write_fault_ini(tmp_path, broker: PrivateRedis, database: PrivatePostgres, outbox: bool) -> str:
@@ -113,11 +103,29 @@ def stranded_keys(client) -> set[str]:
     return {key_of(json.loads(raw)[0]) for raw in client.hvals("unacked")}
 
 
-def settle(engine, client, worker, outbox: bool, timeout: float = REDELIVER_AFTER + 90.0,
-           quiet: float = 3.0) -> tuple[float, str]:
-    """fault_outage.settle, with Redis busy while its queue or its ``unacked`` set holds a message."""
-    return fault_outage.settle(engine, worker, outbox, lambda: bool(client.llen(QUEUE) or client.hlen("unacked")),
-                               timeout, quiet)
+def holds_messages(client) -> bool:
+    """Redis holds a message of the queue: waiting in it, or delivered and not acknowledged (kombu's ``unacked``)."""
+    return bool(client.llen(QUEUE) or client.hlen("unacked"))
+
+
+def worker_busy(broker: PrivateRedis, client) -> bool:
+    """A message waits in the queue, or the worker runs or holds one (asked over Celery's remote control).
+
+    Not kombu's ``unacked`` bookkeeping: after the outage it keeps entries
+    that no acknowledgement removes (two runs of this test waited on them,
+    and on ``unacked_index`` scores past the restart, with the worker idle).
+    """
+    if client.llen(QUEUE):
+        return True
+    app = Celery(broker=broker.url, set_as_current=False)
+    try:
+        inspect = app.control.inspect(timeout=1.0)
+        active, reserved = inspect.active(), inspect.reserved()
+    finally:
+        app.close()
+    if not active or not reserved:  # no answer yet: busy until the worker answers
+        return True
+    return any(active.values()) or any(reserved.values())
 
 
 def aof_commands(workdir: str):
@@ -199,16 +207,7 @@ def missing_report(engine, client, workdir: str, worker_log: str, outbox: bool, 
 def run_outage(outbox: bool, servers, tmp_path, ws_celery_worker_factory, subprocess_env, producers) -> dict:
     broker, database, engine = servers
     ini = write_fault_ini(tmp_path, broker, database, outbox)
-    worker = ws_celery_worker_factory(ini, "worker", "-c", "2", env=subprocess_env)
-    worker_pid = worker.pid
-
-    began = time.monotonic()
-    running = [producers(ini, index, TASKS // PRODUCERS) for index in range(PRODUCERS)]
-
-    # Polled often: the stop must land mid-stream, not after the producers are done.
-    wait_for(lambda: committed_count(engine) >= STOP_AT * TASKS, timeout=90,
-             interval=0.02, describe=lambda: worker.output()[-3000:])
-    committed_at_stop = committed_count(engine)
+    run = fault_outage.start_outage(ini, engine, ws_celery_worker_factory, subprocess_env, producers, STOP_AT)
     stopped = time.monotonic()
     broker.stop()
     # Down for OUTAGE_SECONDS, or until most tasks are committed: the restart
@@ -224,36 +223,23 @@ def run_outage(outbox: bool, servers, tmp_path, ws_celery_worker_factory, subpro
         # Taken by the worker before the stop and not acknowledged: each comes
         # back after the visibility timeout (or is acknowledged late).
         unacked_at_restart = len(stranded_keys(client))
-
-        summaries = wait_for_producers(running)
-        produced = time.monotonic()
-
-        last_effect, settled = settle(engine, client, worker, outbox)
-        time.sleep(1.0)  # a duplicate committed late would show now
+        result = fault_outage.finish_outage(run, engine, outbox, lambda: holds_messages(client),
+                                            timeout=REDELIVER_AFTER + 90.0,
+                                            holds_messages=lambda: worker_busy(broker, client))
         stranded = stranded_keys(client)
         queued = queued_keys(client)
-        output = worker.output()
+        output = result.pop("output")
         report = missing_report(engine, client, broker.workdir, output, outbox)
     finally:
         client.close()
 
-    result = outcome(engine)
     lost = result.pop("lost_keys")
     return {
         **result,
         "lost": len(lost), "stranded": len(lost & stranded), "queued": len(lost & queued),
-        "gone": len(lost - stranded - queued),
-        "committed_at_stop": committed_at_stop, "committed_at_restart": committed_at_restart,
-        "outage": restarted - stopped, "drain": last_effect - restarted, "after_producers": last_effect - produced,
-        "total": last_effect - began, "settled": settled, "summaries": summaries,
-        "unacked_at_restart": unacked_at_restart,
-        "unsent": unsent_rows(engine) if outbox else None,
-        "redelivered": redelivered_rows(engine) if outbox else None,
-        "same_worker": worker.process.poll() is None and worker.pid == worker_pid,
-        "broker_losses": output.count("Connection to broker lost"),
-        "crashed": "Unrecoverable error" in output,
-        "skipped_redeliveries": output.count("already done (a previous delivery committed)"),
-        "report": report,
+        "gone": len(lost - stranded - queued), "committed_at_restart": committed_at_restart,
+        "outage": restarted - stopped, "drain": result["last_effect"] - restarted,
+        "unacked_at_restart": unacked_at_restart, "crashed": "Unrecoverable error" in output, "report": report,
     }
 
 

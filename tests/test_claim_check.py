@@ -472,3 +472,59 @@ def test_the_stored_payloads_command_counts_and_prunes(build, db, write_ini, sub
     assert json.loads(pruned.stdout)["pruned"] >= 1
     assert set(stored_rows(db, expired, fresh)) == {fresh}
     assert run("vacuum").returncode == 2
+
+
+@pytest.mark.slow
+def test_a_database_blip_gives_the_reference_back_until_it_can_be_loaded(
+        build, db, queue_name, write_ini, ws_celery_worker_factory, subprocess_env, redis_url, database_url):
+    # The worker logs in as a role of its own, so its database can be taken away (NOLOGIN and its connections
+    # ended) while the sender's stays: the load fails as in an outage, and comes back with the role.
+    router = build()
+    role = f"wsblip_{uuid.uuid4().hex[:10]}"
+    admin = sa.create_engine(db.url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE ROLE "{role}" LOGIN SUPERUSER'))
+    worker = None
+    try:
+        url = sa.engine.make_url(database_url).set(username=role).render_as_string(hide_password=False)
+        settings = settings_for(redis_url, url, queue_name, **{
+            "websauna_tasks.unknown_task_grace_seconds": "120", "websauna_tasks.unknown_task_retry_seconds": "1"})
+        worker = ws_celery_worker_factory(write_ini(settings), "worker", "-c", "1", "-l", "info", env=subprocess_env)
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'ALTER ROLE "{role}" NOLOGIN'))
+            conn.execute(sa.text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = :role"),
+                         {"role": role})
+        sent = claim_check_tasks.digest.apply_async(args=(BLOB,), kwargs={"tag": "blip"}, tm=None)
+        given_back = f"message {sent.id} for task 'tests.claim.digest' whose stored arguments cannot be read given back"
+        wait_for(lambda: worker.output().count(given_back) >= 2, timeout=60, describe=worker.output)
+        assert list_dead_letters(router.registry) == [] and sent.id not in effects(db)
+
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'ALTER ROLE "{role}" LOGIN'))
+        runs = wait_for(lambda: effects(db).get(sent.id), timeout=60, describe=worker.output)
+        assert [run["payload"] for run in runs] == [describe(BLOB)]
+        assert list_dead_letters(router.registry) == []
+        assert worker.process.poll() is None
+    finally:
+        if worker is not None:
+            worker.stop()
+        with admin.connect() as conn:
+            conn.execute(sa.text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = :role"),
+                         {"role": role})
+            conn.execute(sa.text(f'DROP ROLE IF EXISTS "{role}"'))
+        admin.dispose()
+
+
+@pytest.mark.slow
+def test_a_database_that_stays_down_is_a_dead_letter_after_the_grace(
+        build, db, queue_name, write_ini, ws_celery_worker_factory, subprocess_env, redis_url):
+    router = build()
+    sent = claim_check_tasks.digest.apply_async(args=(BLOB,), tm=None)
+    down = settings_for(redis_url, "postgresql+psycopg://root@127.0.0.1:1/test", queue_name, **{
+        "websauna_tasks.unknown_task_grace_seconds": "3", "websauna_tasks.unknown_task_retry_seconds": "1"})
+    worker = ws_celery_worker_factory(write_ini(down), "worker", "-c", "1", "-l", "info", env=subprocess_env)
+    [letter] = wait_for(lambda: list_dead_letters(router.registry), timeout=60, describe=worker.output)
+    assert letter["id"] == sent.id and letter["kind"] == "payload_unavailable"
+    assert "could not be read" in letter["reason"] and "unknown_task_grace_seconds = 3" in letter["reason"]
+    assert "given back" in worker.output() and worker.process.poll() is None
+    assert set(stored_rows(db, sent.id)) == {sent.id}  # kept for the requeue once the database is back

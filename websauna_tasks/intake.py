@@ -24,7 +24,9 @@ consumer, before Celery's strategy builds a request:
 7. a stored payload (``websauna_tasks_payload`` header, claim_check.py) is
    loaded into the message before 4's body and 6's signature checks see the
    arguments; a missing or unreadable one is a dead letter
-   (``payload_missing``, ``payload_unavailable``, ``malformed``);
+   (``payload_missing``, ``malformed``), and one whose database cannot be
+   read now is given back under 8's grace before it is
+   (``payload_unavailable``);
 8. a task this worker does not know is given back to the broker for
    ``websauna_tasks.unknown_task_grace_seconds`` before it is a dead letter:
    in a rolling deploy a newer worker knows it (rolling.py).
@@ -389,6 +391,17 @@ def _gated(intake: Intake, create: t.Callable[..., t.Callable[[t.Any], t.Any]],
             except Exception as exc:  # the checks themselves must not stop the worker either
                 problem = "intake_error", f"checking the message failed: {type(exc).__name__}: {exc}"
             if problem is not None:
+                if problem[0] == "payload_unavailable" and _waits(intake, consumer):
+                    # The database is down for a while, not the message broken: rolling.py gives it back
+                    # and loads it again later, under the grace of a deploy, before any dead letter.
+                    try:
+                        intake.unknown.wait_for_store(message, consumer, problem[1],  # type: ignore[union-attr]
+                                                      lambda: gate(message))
+                    except Exception as exc:
+                        logger.exception("websauna_tasks: giving back message %s failed", _id_of(message))
+                        intake.refuse(message, "intake_error", f"giving back a message whose stored arguments "
+                                      f"cannot be read failed: {type(exc).__name__}: {exc}"[:1000])
+                    return None
                 intake.refuse(message, *problem)
                 return None
             if skip_cancelled(intake.app, intake.registry, message):  # cancel.py: marks outlive workers
@@ -416,9 +429,14 @@ def _gated(intake: Intake, create: t.Callable[..., t.Callable[[t.Any], t.Any]],
     return create_task_handler
 
 
+def _waits(intake: Intake, consumer: t.Any) -> bool:
+    """True when this worker gives messages back under a grace (rolling.py) instead of dead-lettering them at once."""
+    return intake.unknown is not None and consumer is not None and bool(intake.unknown.grace)
+
+
 def _unknown_task(intake: Intake, message: t.Any, consumer: t.Any) -> str | None:
     """The name of ``message``'s task when the grace applies to it: a protocol-2 task this worker does not know."""
-    if intake.unknown is None or consumer is None or not intake.unknown.grace:
+    if not _waits(intake, consumer):
         return None
     headers = message.headers
     name = headers.get("task") if isinstance(headers, dict) else None

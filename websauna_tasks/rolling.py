@@ -12,6 +12,12 @@ workers and give-backs, and only then is the message a dead letter.
 A message for an unknown task whose body cannot be decoded is a dead letter
 (``undecodable``) at once: no release could read it either.
 
+The same give-back, under the same grace, waits out a database that cannot
+be read for a while: a message whose stored arguments (claim_check.py) the
+intake could not load is given back and loaded again later
+(:meth:`UnknownTasks.wait_for_store`); only after the grace is it a
+``payload_unavailable`` dead letter.
+
 A message whose arguments do not fit the task's signature would fail with a
 ``TypeError`` at every run; :func:`signature_problem` finds that before the
 request is built, so it is a dead letter (``signature_mismatch``) at once.
@@ -130,7 +136,36 @@ class UnknownTasks:
         return (f"unknown task {name!r} (not registered in this worker), still unknown after waiting {waited:.0f} s "
                 f"(websauna_tasks.unknown_task_grace_seconds = {self.grace:g})")
 
+    def wait_for_store(self, message: t.Any, consumer: t.Any, reason: str, again: t.Callable[[], t.Any]) -> None:
+        """Give back a message whose stored arguments cannot be read now; a dead letter after the grace.
+
+        ``again`` takes the message in once more (the whole intake, the load
+        included) when a message not due yet has been held until it is.
+        """
+        headers = message.headers
+        name = headers.get("task")
+        label = f"task {name!r} whose stored arguments cannot be read"
+        now = time.time()
+        due = _eta_timestamp(headers)
+        if due is not None and due > now + 0.05:
+            # Not due yet (a countdown, or the last give-back's eta): wait here, then try the load again,
+            # so that workers do not pass it back and forth while the database is down.
+            self._wait(message, consumer, min(due - now, self.retry), again, label)
+            return
+        since = first_seen(headers, now)
+        waited = now - since
+        if waited >= self.grace:
+            self.refuse(message, "payload_unavailable",
+                        f"{reason}; still so after {waited:.0f} s (websauna_tasks.unknown_task_grace_seconds = "
+                        f"{self.grace:g})"[:1000])
+            return
+        self._give_back(message, label, consumer, since, now, again)
+
     def _hold(self, message: t.Any, name: str, consumer: t.Any, since: float, seconds: float) -> None:
+        self._wait(message, consumer, seconds, lambda: self.take(message, name, consumer, since), "an unknown task")
+
+    def _wait(self, message: t.Any, consumer: t.Any, seconds: float, then: t.Callable[[], t.Any],
+              label: str) -> None:
         qos = getattr(consumer, "qos", None)
         if qos is not None:
             # Held unacknowledged, it still counts against the prefetch: make room as Celery does for an eta.
@@ -140,15 +175,16 @@ class UnknownTasks:
             if qos is not None:
                 qos.decrement_eventually()
             try:
-                self.take(message, name, consumer, since)
+                then()
             except Exception as exc:
                 logger.exception("websauna_tasks: deciding on held message %s failed", headers_id(message))
-                self.refuse(message, "intake_error", f"deciding on an unknown task failed: {type(exc).__name__}: "
+                self.refuse(message, "intake_error", f"deciding on {label} failed: {type(exc).__name__}: "
                                                      f"{exc}"[:1000])
 
         consumer.timer.call_after(max(seconds, 0.0), again, priority=6)
 
-    def _give_back(self, message: t.Any, name: str, consumer: t.Any, since: float, now: float) -> None:
+    def _give_back(self, message: t.Any, name: str, consumer: t.Any, since: float, now: float,
+                   again: t.Callable[[], t.Any] | None = None) -> None:
         delay = min(self.retry, since + self.grace - now)
         eta = datetime.datetime.fromtimestamp(now + delay, datetime.timezone.utc)
         headers = {key: value for key, value in message.headers.items() if key != "compression"}
@@ -162,9 +198,12 @@ class UnknownTasks:
             broker.republish(self.app, envelope, queue)
         except Exception:
             # Not acknowledged, so not lost: held and tried again after a retry.
-            logger.exception("websauna_tasks: could not give message %s for unknown task %r back to the broker",
-                             headers_id(message), name)
-            self._hold(message, name, consumer, since, delay)
+            logger.exception("websauna_tasks: could not give message %s for %s back to the broker",
+                             headers_id(message), name if again is not None else f"unknown task {name!r}")
+            if again is None:
+                self._hold(message, name, consumer, since, delay)
+            else:
+                self._wait(message, consumer, delay, again, name)
             return
         # Published first, acknowledged second: a crash in between leaves a copy, never nothing.
         try:
@@ -174,8 +213,9 @@ class UnknownTasks:
             logger.exception("websauna_tasks: could not acknowledge message %s after giving it back",
                              headers_id(message))
             return
-        logger.info("websauna_tasks: message %s for unknown task %r given back to queue %s for %.1f s "
-                    "(unknown for %.0f s of %g s)", headers_id(message), name, queue, delay, now - since, self.grace)
+        logger.info("websauna_tasks: message %s for %s given back to queue %s for %.1f s (waiting %.0f s of %g s)",
+                    headers_id(message), name if again is not None else f"unknown task {name!r}", queue, delay,
+                    now - since, self.grace)
 
 
 def undecodable(message: t.Any) -> str | None:

@@ -87,13 +87,42 @@ def write(app: Celery, messages: list[PendingMessage], strict: bool = False) -> 
             message.dropped()
 
 
+#: The header of a message whose arguments are stored as a row
+#: (claim_check.py, which knows it as PAYLOAD_HEADER): the writer must
+#: recognise such a message without reaching up to the claim check.
+STORED_ARGUMENTS_HEADER = "websauna_tasks_payload"
+
+
 def _send(producer: t.Any, sender: _PlainSender | None, message: PendingMessage, batched: bool) -> None:
     if sender is not None and sender.send(producer, message, batched=batched):
         return
     task = message.task
+    headers = message.options.get("headers")
+    if isinstance(headers, dict) and STORED_ARGUMENTS_HEADER in headers:
+        # Its arguments are in the database and the message's are empty:
+        # Celery's apply_async would refuse them against the signature.
+        send_unchecked(task, message.task_id, producer, message.options)
+        return
     # A task of another base (an outbox row of a plain Celery task) has no send_now.
     send_now = getattr(task, "send_now", None) or task.apply_async
     send_now(message.args, message.kwargs, task_id=message.task_id, producer=producer, **message.options)
+
+
+def send_unchecked(task: Task, task_id: str, producer: t.Any, options: dict[str, t.Any]) -> t.Any:
+    """Publish a message with empty arguments: Celery's ``apply_async`` without its signature check.
+
+    A stored payload's message (claim_check.py) carries no arguments; the
+    send pipeline has checked the real ones. The rest is what
+    ``apply_async`` does before its ``send_task``: the task's execution
+    options, its ``ignore_result`` and priority, its shadow name.
+    """
+    options = {**task._get_exec_options(), **options}
+    options.setdefault("ignore_result", task.ignore_result)
+    if task.priority:
+        options.setdefault("priority", task.priority)
+    shadow = options.pop("shadow", None) or task.shadow_name((), {}, options)
+    return task.app.send_task(task.name, (), {}, task_id=task_id, producer=producer, result_cls=task.AsyncResult,
+                              shadow=shadow, task_type=task, **options)
 
 
 #: Messages sent in one broker round trip when the transport can batch;

@@ -61,6 +61,7 @@ from pyramid.exceptions import ConfigurationError
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from .broker import STORED_ARGUMENTS_HEADER
 from .db import get_engine, transaction_sessions
 from .payload import PayloadTooLarge, stores_payloads
 from .schema import PAYLOADS_TABLE_NAME, ensure_tables, masked_url, payloads_table
@@ -86,7 +87,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 #: The message header of a stored payload: the message's own task id (the row's key).
-PAYLOAD_HEADER = "websauna_tasks_payload"
+PAYLOAD_HEADER = STORED_ARGUMENTS_HEADER
 
 #: The longest task id a reference may name (the id column's length).
 MAX_REFERENCE_LENGTH = 255
@@ -293,23 +294,6 @@ def forget_reference(options: dict[str, t.Any]) -> None:
     headers = options.get("headers")
     if isinstance(headers, dict) and PAYLOAD_HEADER in headers:
         options["headers"] = {key: value for key, value in headers.items() if key != PAYLOAD_HEADER}
-
-
-def send_reference(task: Task, task_id: str, producer: t.Any, options: dict[str, t.Any]) -> t.Any:
-    """Publish a stored payload's message now: Celery's ``apply_async`` without its signature check.
-
-    The send pipeline has checked the real arguments; Celery's check would
-    refuse the empty ones the message carries. The rest is what
-    ``apply_async`` does before its ``send_task``: the task's execution
-    options, its ``ignore_result`` and priority, its shadow name.
-    """
-    options = {**task._get_exec_options(), **options}
-    options.setdefault("ignore_result", task.ignore_result)
-    if task.priority:
-        options.setdefault("priority", task.priority)
-    shadow = options.pop("shadow", None) or task.shadow_name((), {}, options)
-    return task.app.send_task(task.name, (), {}, task_id=task_id, producer=producer, result_cls=task.AsyncResult,
-                              shadow=shadow, task_type=task, **options)
 
 
 def prune_stored_payloads(registry_or_app: t.Any, now: float | None = None) -> int:

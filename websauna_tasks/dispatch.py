@@ -180,7 +180,7 @@ def send(task: Task, args: t.Any, kwargs: t.Any, options: dict[str, t.Any], *, t
     if tm is None:
         try:
             if stored:
-                result = claim_check.send_reference(task, task_id, producer, options)
+                result = broker.send_unchecked(task, task_id, producer, options)
             else:
                 result = task.send_now(args, kwargs, task_id=task_id, producer=producer, **options)
         except BaseException:

@@ -25,6 +25,8 @@ import typing as t
 
 from celery import states
 from celery.exceptions import Ignore, Reject, Retry
+from pyramid.registry import Registry
+from zope.interface import implementedBy
 
 if t.TYPE_CHECKING:
     from celery import Task
@@ -61,6 +63,10 @@ class TaskFinished:
         return f"<TaskFinished {self.task.name}[{self.task_id}] {self.state}>"
 
 
+#: What ``providedBy`` gives a TaskFinished: the key of its subscribers' lookup.
+_EVENT_SPEC = implementedBy(TaskFinished)
+
+
 def run_state(exc: BaseException | None) -> str:
     """The Celery state name of a run that raised ``exc`` (None: returned)."""
     if exc is None:
@@ -74,12 +80,27 @@ def run_state(exc: BaseException | None) -> str:
     return states.FAILURE
 
 
+def _may_have_subscribers(registry: t.Any) -> bool:
+    """False when Pyramid's own ``notify`` would call nobody for a TaskFinished: no event need be built.
+
+    Every run asks; the answer is the registry's cached subscription lookup
+    (zope.interface drops its cache on every registration), so a subscriber
+    added after the worker started is still notified. A registry whose
+    ``notify`` is not Pyramid's (a test's recorder) is always notified.
+    """
+    adapters = getattr(registry, "adapters", None)
+    if adapters is None or getattr(type(registry), "notify", None) is not Registry.notify \
+            or "notify" in getattr(registry, "__dict__", ()):
+        return True
+    return bool(adapters.subscriptions((_EVENT_SPEC,), None))
+
+
 def notify_task_finished(task: Task, request: Request, result: t.Any = None,
                          exc: BaseException | None = None) -> None:
     """Notify :class:`TaskFinished` on the run's registry; subscribers' errors are logged, not raised."""
     registry = request.registry
     notify = getattr(registry, "notify", None)
-    if notify is None:
+    if notify is None or not _may_have_subscribers(registry):
         return
     context = task.request
     task_id = None if context is None or context.called_directly else context.id

@@ -194,6 +194,10 @@ def end_progress(task: t.Any) -> None:
     Called before Celery stores the result, so the flushing thread never
     writes ``PROGRESS`` over it.
     """
+    if not _flusher.held:
+        # Nothing held in this process (read without the lock: only a run's own set_progress adds, before
+        # this, and the thread only removes): most runs end here, without reading Celery's context stack.
+        return
     task_id = getattr(task.request, "id", None)
     if not task_id:
         return

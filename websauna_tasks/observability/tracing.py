@@ -73,6 +73,25 @@ def _carrier_of(context: t.Any) -> dict[str, str]:
     return carrier
 
 
+def _no_provider() -> bool:
+    """True while this process has no tracer provider that records (asked per run: one may be set later)."""
+    return isinstance(trace.get_tracer_provider(), _NON_RECORDING_PROVIDERS)
+
+
+_NON_RECORDING_PROVIDERS = (trace.ProxyTracerProvider, trace.NoOpTracerProvider)
+
+
+def _has_trace_headers(context: t.Any) -> bool:
+    """Whether the message being run carries a trace header (well-formed or not), as :func:`_carrier_of` reads them."""
+    if context is None:
+        return False
+    headers = getattr(context, "headers", None)
+    for key in TRACE_HEADERS:
+        if getattr(context, key, None) is not None or (isinstance(headers, dict) and key in headers):
+            return True
+    return False
+
+
 class TracingObserver(Observer):
     """Injects the current trace context at dispatch and runs each task in a span continuing it."""
 
@@ -80,6 +99,8 @@ class TracingObserver(Observer):
         # Before the application sets its provider this is the API's proxy,
         # which hands on to the provider set later: one lookup, not one per run.
         self.tracer = tracer or trace.get_tracer("websauna_tasks")
+        #: The API's own tracer: its spans are no-ops until the application sets a provider (see run()).
+        self._api_tracer = tracer is None
 
     def outgoing(self, task: Task, options: dict[str, t.Any]) -> None:
         carrier: dict[str, str] = {}
@@ -91,6 +112,11 @@ class TracingObserver(Observer):
     def run(self, task: Task, body: t.Callable[[], t.Any]) -> t.Any:
         # task.request walks Celery's context stack on every read: read it once per run.
         context = task.request
+        if self._api_tracer and _no_provider() and not _has_trace_headers(context):
+            # No provider set (the API's proxy, or its no-op): the span would record nothing, and with no
+            # sender's context to carry into the body it would change nothing the body can see. About a
+            # quarter of a no-op task's run path in the worker (bench/run.py --profile).
+            return body()
         parent = self.parent_context(task, context)
         attributes = {"celery.task_name": task.name}
         task_id = getattr(context, "id", None)

@@ -7,6 +7,9 @@ worker runs what it wrote.
 """
 from __future__ import annotations
 
+import collections
+import datetime
+import decimal
 import json
 import logging
 import os
@@ -23,9 +26,12 @@ from sqlalchemy import text
 from tests.apps import sample_tasks
 from tests.conftest import queued_messages, service_missing
 from websauna_tasks import broker, dispatch, get_celery
+from websauna_tasks.tasks import WebsaunaTask
 
 AMQP_URL = os.environ.get("WS_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
 PRIORITY_SEP = "\x06\x16"  # kombu's Redis transport: queue + sep + step holds priorities 3, 6, 9
+
+Pair = collections.namedtuple("Pair", "left right")
 
 
 @pytest.fixture
@@ -139,6 +145,40 @@ def test_batched_message_is_what_celery_writes(celery_app, tm, redis_client, que
         assert comparable(batched[0]) == comparable(reference)
     finally:
         drain(redis_client, target)
+
+
+@pytest.fixture
+def echo(celery_app):
+    """A task taking any arguments."""
+    def echo_arguments(*args, **kwargs):
+        return None
+
+    return celery_app.task(name="tests.echo_arguments", base=WebsaunaTask, shared=False)(echo_arguments)
+
+
+@pytest.mark.parametrize("args, kwargs", [
+    ((1, 2), {}),
+    (("it's", "a\nb"), {}),
+    (("back\\slash", "é \u2028 😀"), {}),
+    ((1.5, None), {"extra": True}),
+    ((), {"a": "x", "b": [1, {"c": "é"}]}),
+    ((datetime.datetime(2026, 12, 7, 12, 0), decimal.Decimal("1.10")), {}),
+    ((True, "x" * 2000), {}),
+    ((collections.OrderedDict(a=1), Pair(1, 2)), {}),
+    ([1, 2], collections.OrderedDict()),
+], ids=["ints", "quote-newline", "backslash-unicode", "float-none-kw", "kwargs-nested", "datetime-decimal",
+        "truncated-repr", "subclasses", "list-ordereddict"])
+def test_batched_arguments_are_what_celery_writes(echo, tm, redis_client, queue_name, send_task_calls, args, kwargs):
+    # The argsrepr/kwargsrepr headers and the body: the fast path writes them without saferepr and kombu's dumps.
+    with tm:
+        sent = echo.apply_async(args=args, kwargs=kwargs, tm=tm)
+    assert send_task_calls == []
+    (batched,) = drain(redis_client, queue_name)
+    echo.apply_async(args=args, kwargs=kwargs, task_id=sent.id, tm=None)
+    assert send_task_calls == [sent.id]
+    (reference,) = drain(redis_client, queue_name)
+    assert comparable(batched)["headers"] == comparable(reference)["headers"]
+    assert comparable(batched) == comparable(reference)
 
 
 def test_one_pipeline_per_commit_of_many_tasks(celery_app, tm, redis_client, queue_name, pipelines):

@@ -194,7 +194,10 @@ def send(task: Task, args: t.Any, kwargs: t.Any, options: dict[str, t.Any], *, t
     # A producer given with tm (Celery's group passes one to each member)
     # is not kept: the message is published after the commit, through
     # the producer of that publishing round.
-    schedule(tm, PendingMessage(task, tuple(args or ()), dict(kwargs or {}), options, task_id, on_dropped))
+    # Copies, so that the caller's later changes do not travel; a list stays
+    # a list, as Celery's argsrepr header shows the difference.
+    args = list(args) if isinstance(args, list) else tuple(args or ())
+    schedule(tm, PendingMessage(task, args, dict(kwargs or {}), options, task_id, on_dropped))
     return task.AsyncResult(task_id)
 
 

@@ -7,6 +7,7 @@ worker runs what it wrote.
 """
 from __future__ import annotations
 
+import base64
 import collections
 import datetime
 import decimal
@@ -179,6 +180,56 @@ def test_batched_arguments_are_what_celery_writes(echo, tm, redis_client, queue_
     (reference,) = drain(redis_client, queue_name)
     assert comparable(batched)["headers"] == comparable(reference)["headers"]
     assert comparable(batched) == comparable(reference)
+
+
+@pytest.fixture
+def worker_task(celery_app):
+    """A task in the middle of a worker's run: messages sent now name it as their parent."""
+    from celery._state import _task_stack
+
+    parent = celery_app.tasks["tests.add"]
+    parent.push_request(id="parent-id", root_id="root-id", delivery_info={"priority": 7}, called_directly=False)
+    _task_stack.push(parent)
+    yield parent
+    _task_stack.pop()
+    parent.pop_request()
+
+
+@pytest.mark.parametrize("inherit", [False, True], ids=["plain", "inherit-priority"])
+@pytest.mark.parametrize("options", [{}, {"priority": 2}, {"headers": {"x-trace": "abc"}}],
+                         ids=["no-options", "priority", "headers"])
+def test_batched_message_of_a_running_task_is_what_celery_writes(celery_app, worker_task, tm, redis_client,
+                                                                 queue_name, send_task_calls, inherit, options):
+    celery_app.conf.task_inherit_parent_priority = inherit
+    with tm:
+        sent = sample_tasks.add.apply_async(args=(1, 2), tm=tm, **options)
+        sample_tasks.add.apply_async(args=(2, 3), tm=tm, **options)  # the second uses the round's plan
+    assert send_task_calls == []
+    batched = all_queued(redis_client, queue_name)
+    drain(redis_client, queue_name)
+    sample_tasks.add.apply_async(args=(1, 2), task_id=sent.id, tm=None, **options)
+    assert send_task_calls == [sent.id]
+    (reference,) = drain(redis_client, queue_name)
+    assert reference["headers"]["parent_id"] == "parent-id" and reference["headers"]["root_id"] == "root-id"
+    assert comparable(batched[0]) == comparable(reference)
+    assert [child.id for child in worker_task.request.children[-3:]] == [sent.id, batched[1]["headers"]["id"],
+                                                                         sent.id]
+
+
+def test_a_replaced_json_serializer_writes_the_batched_body(celery_app, tm, redis_client, queue_name, monkeypatch):
+    # The fast path writes plain JSON itself only while "json" is kombu's own encoder.
+    from kombu.serialization import registry
+    from kombu.utils.json import dumps as kombu_dumps
+
+    def spaced(value):
+        return kombu_dumps(value, separators=(" ,", " : "))
+
+    original = registry._encoders["json"]
+    monkeypatch.setitem(registry._encoders, "json", original._replace(encoder=spaced))
+    with tm:
+        sample_tasks.add.apply_async(args=(1, 2), tm=tm)
+    (message,) = drain(redis_client, queue_name)
+    assert base64.b64decode(message["body"]).startswith(b"[[1 ,2] ,{} ,{")
 
 
 def test_one_pipeline_per_commit_of_many_tasks(celery_app, tm, redis_client, queue_name, pipelines):

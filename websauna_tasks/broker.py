@@ -25,7 +25,11 @@ from celery.utils.collections import lpmerge
 from celery.utils.nodenames import anon_nodename
 from celery.utils.saferepr import saferepr
 from kombu import Queue
+from kombu import serialization as kombu_serialization
 from kombu.common import Broadcast
+from kombu.utils import json as kombu_json
+
+from .payload import plain_json
 
 if t.TYPE_CHECKING:
     from celery import Celery, Task
@@ -182,7 +186,10 @@ class _PlainSender:
     once, builds each message with ``app.amqp.create_task_message`` and hands
     it to ``producer.publish``, so the bytes on the broker are the ones
     Celery would have written (tests/test_dispatch_transports.py compares
-    them). It is only used when nothing can observe the difference: batching
+    them). Without task routes, the options, route and queue of a task's
+    messages that carry no options of their own (headers aside) are worked
+    out once a round; a body of plain values is written as JSON here, with
+    the text kombu's JSON would write. It is only used when nothing can observe the difference: batching
     transport, task protocol 2, no task-sent events, no publish signal
     receivers, nothing wrapping or replacing ``apply_async``/``send_task``,
     and the task does not override ``send_now``.
@@ -207,6 +214,13 @@ class _PlainSender:
         # The router's answer with no task_routes: the message's own queue, else the default one.
         self.default_destination = (
             None if self.router.routes else self.router.expand_destination(app.conf.task_default_queue))
+        # kombu's JSON writes plain values exactly as the json module's C
+        # encoder does, through a serializer registry and a new encoder per
+        # call (twice the time): encode those here while "json" is kombu's own.
+        codec = getattr(kombu_serialization.registry, "_encoders", {}).get("json")
+        self.json_codec = codec if codec is not None and codec.encoder is kombu_json.dumps else None
+        #: _plan of each task's messages without options of their own, for this round.
+        self.plans: dict[t.Any, tuple | None] = {}
 
     @classmethod
     def for_producer(cls, app: Celery, producer: t.Any) -> _PlainSender | None:
@@ -226,31 +240,31 @@ class _PlainSender:
     def send(self, producer: t.Any, message: PendingMessage, batched: bool) -> bool:
         """Publish ``message`` and return True, or return False having done nothing."""
         task = message.task
-        if not self._plain_task(task):
-            return False
-        options = dict(task._get_exec_options())
-        options.update(message.options)
-        options.setdefault("ignore_result", task.ignore_result)
-        if not _plain(options):
-            return False
+        own = message.options
         args, kwargs = message.args, message.kwargs
-        shadow = options.pop("shadow", None) or task.shadow_name(args, kwargs, message.options)
-        add_to_parent = options.pop("add_to_parent", True)
-        ignore_result = options.pop("ignore_result")
-        retry = options.pop("retry", None)
-        retry_policy = options.pop("retry_policy", None)
-        options = self._route(options, task, args, kwargs)
-        queue = options.get("queue")
-        if not self._direct(queue, options) or not _plain(options, routed=True):
+        if self.default_destination is not None and (not own or (len(own) == 1 and "headers" in own)):
+            # Without routes, a message with no options of its own (but
+            # headers, which no step below reads) goes where every such
+            # message of its task goes: plan it once a round.
+            try:
+                plan = self.plans[task]
+            except KeyError:
+                plan = self.plans[task] = self._plan(task, {}, (), {})
+        else:
+            plan = self._plan(task, own, args, kwargs)
+        if plan is None:
             return False
+        options, queue, shadow, extra_headers, ignore_result, add_to_parent, retry, policy = plan
+        shadow = shadow or task.shadow_name(args, kwargs, own)
 
         root_id = parent_id = None
+        priority = options.get("priority")
         parent = self.parent
         if parent:
             root_id = parent.request.root_id or parent.request.id
             parent_id = parent.request.id
-            if self.inherit_priority:
-                options.setdefault("priority", parent.request.delivery_info.get("priority"))
+            if self.inherit_priority and "priority" not in options:
+                priority = parent.request.delivery_info.get("priority")
 
         headers, properties, body, _sent_event = self.amqp.create_task_message(
             message.task_id, task.name, args, kwargs,
@@ -260,13 +274,11 @@ class _PlainSender:
             argsrepr=_repr(args, self.argsrepr_maxsize, self.maxlevels),
             kwargsrepr=_repr(kwargs, self.kwargsrepr_maxsize, self.maxlevels), origin=self.origin,
         )
-        extra_headers = options.get("headers")
+        if extra_headers is None:  # those of a message planned once a round; a routed one's are in its plan
+            extra_headers = own.get("headers")
         if extra_headers:
             headers.update(extra_headers)
 
-        defaults = self.defaults
-        retry = defaults.retry if retry is None else retry
-        policy = dict(defaults.retry_policy, **retry_policy) if retry_policy else defaults.retry_policy
         if queue.name not in self.declared:
             # Celery declares the queue with every message; kombu remembers
             # declared entities per connection, so once per commit suffices.
@@ -274,15 +286,23 @@ class _PlainSender:
             self.declared.add(queue.name)
         if not ignore_result:
             self.backend.on_task_call(producer, message.task_id)
+        defaults = self.defaults
+        serializer = options.get("serializer") or defaults.serializer
+        content_type = content_encoding = None
+        if serializer == "json" and self.json_codec is not None:
+            text = plain_json(body)
+            if text is not None:
+                body, content_type, content_encoding = text, self.json_codec.content_type, \
+                    self.json_codec.content_encoding
         # In a batch, publish only buffers and cannot meet a broker error
         # (the round trip is the flush): wrapping it in kombu's retry would
         # only cost time.
         producer.publish(
-            body, exchange="", routing_key=queue.name,
-            serializer=options.get("serializer") or defaults.serializer,
+            body, exchange="", routing_key=queue.name, serializer=serializer,
+            content_type=content_type, content_encoding=content_encoding,
             compression=options.get("compression") or defaults.compression,
             delivery_mode=options.get("delivery_mode") or queue.exchange.delivery_mode or defaults.delivery_mode,
-            priority=options.get("priority"), headers=headers,
+            priority=priority, headers=headers,
             retry=retry and not batched, retry_policy=policy, **properties,
         )
         if parent and add_to_parent:
@@ -290,6 +310,32 @@ class _PlainSender:
             result.ignored = ignore_result
             parent.add_trail(result)
         return True
+
+    def _plan(self, task: Task, own: dict, args: tuple, kwargs: dict) -> tuple | None:
+        """Where and how ``task``'s message with options ``own`` goes; None when the fast path cannot send it.
+
+        (routed options, queue, shadow, headers, ignore_result, add_to_parent, retry, retry policy)
+        """
+        if not self._plain_task(task):
+            return None
+        options = dict(task._get_exec_options())
+        options.update(own)
+        options.setdefault("ignore_result", task.ignore_result)
+        if not _plain(options):
+            return None
+        shadow = options.pop("shadow", None)
+        add_to_parent = options.pop("add_to_parent", True)
+        ignore_result = options.pop("ignore_result")
+        retry = options.pop("retry", None)
+        retry_policy = options.pop("retry_policy", None)
+        options = self._route(options, task, args, kwargs)
+        queue = options.get("queue")
+        if not self._direct(queue, options) or not _plain(options, routed=True):
+            return None
+        defaults = self.defaults
+        retry = defaults.retry if retry is None else retry
+        policy = dict(defaults.retry_policy, **retry_policy) if retry_policy else defaults.retry_policy
+        return options, queue, shadow, options.get("headers"), ignore_result, add_to_parent, retry, policy
 
     def _route(self, options: dict, task: Task, args: tuple, kwargs: dict) -> dict:
         destination = self.default_destination

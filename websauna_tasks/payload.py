@@ -116,6 +116,19 @@ def check_payload(app: t.Any, label: str, args: t.Any, kwargs: t.Any) -> int:
     return size
 
 
+def plain_json(value: t.Any) -> str | None:
+    """``value`` as kombu's JSON writes it, when the C encoder alone can write it (plain types); else None.
+
+    kombu's encoder is the json module's with a ``default`` for other types
+    (datetime, Decimal, UUID...): for a value that needs none, both write
+    the same text. NaN and infinities give None (kombu writes them).
+    """
+    try:
+        return _plain_dumps(value)
+    except (TypeError, ValueError, RecursionError):
+        return None
+
+
 def stores_payloads(app: t.Any) -> bool:
     """True when ``app`` stores payloads over its threshold (claim_check.py) instead of refusing them here."""
     state = find_state(app)

@@ -10,8 +10,11 @@ relays    an outbox backlog of --backlog rows, published by 1, 2 and 4 ``outbox-
           processes: rows per second from the first message on Redis to the last.
 latency   commits of one task each at --rate a second for --seconds, to our worker
           (prefork -c 2): commit-to-start p50 and p99, plain path and outbox path.
-rss       resident memory of a ``-P solo`` worker process after --rss-runs no-op runs,
-          ours against raw Celery (the task itself reads /proc/self/status).
+rss       resident memory of the process that runs the tasks (the ``-P solo`` worker, or with
+          --rss-pool prefork the one child of ``-c 1``) after --rss-runs no-op runs: ours against
+          bare raw Celery and against raw Celery that also imports --rss-raw-preload (SQLAlchemy's
+          ORM and psycopg: the database layer every Websauna app's worker holds); both ratios.
+          The task itself reads /proc/self/status.
 
 Services and private names as bench/run.py: BENCH_REDIS_URL (queues ``bench-<id>-*``) and
 BENCH_DATABASE_URL (a database of its own, dropped at the end).
@@ -50,9 +53,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rate", type=float, default=500.0, help="commits per second (latency)")
     parser.add_argument("--seconds", type=float, default=10.0, help="how long the load lasts (latency)")
     parser.add_argument("--rss-runs", default="1000,10000,100000", help="runs after which RSS is read (rss)")
-    parser.add_argument("--rss-sides", default="raw,ours", help="which workers the rss part runs: raw, ours")
-    parser.add_argument("--rss-raw-preload", default="",
-                        help="modules the raw worker imports at start (rss), e.g. sqlalchemy.orm,psycopg")
+    parser.add_argument("--rss-sides", default="raw,raw+sql,ours",
+                        help="which workers the rss part runs: raw (bare), raw+sql (imports --rss-raw-preload), ours")
+    parser.add_argument("--rss-raw-preload", default="sqlalchemy.orm,psycopg",
+                        help="modules the raw+sql worker imports at start (rss)")
+    parser.add_argument("--rss-pool", default="solo", choices=("solo", "prefork"),
+                        help="pool of every rss worker; prefork runs -c 1 and measures its child (rss)")
     args = parser.parse_args(argv)
     args.parts = [part for part in args.parts.split(",") if part]
     unknown = set(args.parts) - set(PARTS)
@@ -306,39 +312,53 @@ def rss_growth(args, client, raw_queue: str, ws_queue: str, tmp: pathlib.Path, e
                 ws_tasks.rss.apply_async((key_of(mark),), tm=tm)
             done = mark
 
-    sides = (("raw Celery", raw_queue, feed_raw,
-              lambda log: services.Worker([sys.executable, "-m", "celery", "-A", "bench.raw_app", "worker",
-                                           "-P", "solo", *WORKER_FLAGS], log, env)),
-             ("ours", ws_queue, feed_ws,
-              lambda log: services.Worker([sys.executable, "-m", "websauna_tasks.cli", str(ini), "--", "worker",
-                                           "-P", "solo", *WORKER_FLAGS], log, env)))
-    wanted = {"raw": "raw Celery", "ours": "ours"}
-    chosen = {wanted[side] for side in args.rss_sides.split(",") if side}
-    for name, queue, feed, start in sides:
-        if name not in chosen:
-            continue
+    pool = ["-P", "solo"] if args.rss_pool == "solo" else ["-P", "prefork", "-c", "1"]
+
+    def raw_worker(preload: str) -> t.Callable[[pathlib.Path], t.Any]:
+        return lambda log: services.Worker([sys.executable, "-m", "celery", "-A", "bench.raw_app", "worker",
+                                            *pool, *WORKER_FLAGS], log, {**env, "BENCH_RAW_PRELOAD": preload})
+
+    # The same pool, concurrency, flags, broker and serializer on every side; each task body is
+    # empty, and the mark task is the same code (bench.settings.own_rss_kib) in the same process.
+    sides = {"raw": ("raw Celery", raw_queue, feed_raw, raw_worker("")),
+             "raw+sql": ("raw Celery + SQLAlchemy", raw_queue, feed_raw, raw_worker(args.rss_raw_preload)),
+             "ours": ("ours", ws_queue, feed_ws,
+                      lambda log: services.Worker([sys.executable, "-m", "websauna_tasks.cli", str(ini), "--",
+                                                   "worker", *pool, *WORKER_FLAGS], log, env))}
+    chosen = [side for side in args.rss_sides.split(",") if side]
+    unknown = set(chosen) - set(sides)
+    if unknown:
+        raise SystemExit(f"--rss-sides: unknown {', '.join(sorted(unknown))} (raw, raw+sql, ours)")
+    for side in chosen:
+        name, queue, feed, start = sides[side]
         prefix = f"{queue}-rss-{uuid.uuid4().hex[:6]}"
-        worker = start(tmp / f"rss-{queue}.log")
+        worker = start(tmp / f"rss-{side}.log")
         try:
             # Fed while the worker runs: only memory is measured here, not speed.
             feed(lambda mark: f"{prefix}-{mark}")
-            results[name] = []
+            results[side] = []
             for mark in marks:
-                results[name].append(int(services.wait_for_key(client, f"{prefix}-{mark}", worker, 300 + mark / 20)))
-                print(f"rss: {name} after {mark:,} runs: {results[name][-1]:,} KiB", flush=True)
+                results[side].append(int(services.wait_for_key(client, f"{prefix}-{mark}", worker, 300 + mark / 20)))
+                print(f"rss: {name} after {mark:,} runs: {results[side][-1]:,} KiB", flush=True)
         finally:
             worker.stop()
             client.delete(*(f"{prefix}-{mark}" for mark in marks))
             services.delete_queue_keys(client, queue)
-    preload = f"; the raw worker imports {args.rss_raw_preload} at start" if args.rss_raw_preload else ""
-    lines = [f"rss: one -P solo worker process, resident set after n no-op runs (KiB, VmRSS){preload}",
-             f"{'runs':>8} {'raw KiB':>9} {'ours KiB':>9} {'ours/raw':>9}"]
+    process = "one -P solo worker process" if args.rss_pool == "solo" else "the child of a -P prefork -c 1 worker"
+    lines = [f"rss: {process}, resident set after n no-op runs (KiB, VmRSS); "
+             f"raw+sql imports {args.rss_raw_preload} at start",
+             f"{'runs':>8} {'raw KiB':>9} {'raw+sql KiB':>12} {'ours KiB':>9} {'ours/raw':>9} {'ours/raw+sql':>13}"]
+
+    def ratio(ours: int, raw: int, width: int) -> str:
+        return f"{ours / raw:>{width - 1}.2f}x" if ours and raw else f"{'-':>{width}}"
+
     for index, mark in enumerate(marks):
-        raw_kib, ours_kib = (results.get(name, [0] * len(marks))[index] for name in ("raw Celery", "ours"))
-        ratio = f"{ours_kib / raw_kib:>8.2f}x" if raw_kib and ours_kib else f"{'-':>9}"
-        lines.append(f"{mark:>8,} {raw_kib:>9,} {ours_kib:>9,} {ratio}")
-    for name, figures in results.items():
-        lines.append(f"{name}: grew {figures[-1] - figures[0]:+,} KiB from {marks[0]:,} to {marks[-1]:,} runs")
+        raw_kib, sql_kib, ours_kib = (results.get(side, [0] * len(marks))[index] for side in ("raw", "raw+sql", "ours"))
+        lines.append(f"{mark:>8,} {raw_kib:>9,} {sql_kib:>12,} {ours_kib:>9,} "
+                     f"{ratio(ours_kib, raw_kib, 9)} {ratio(ours_kib, sql_kib, 13)}")
+    for side, figures in results.items():
+        lines.append(f"{sides[side][0]}: grew {figures[-1] - figures[0]:+,} KiB "
+                     f"from {marks[0]:,} to {marks[-1]:,} runs")
     return "\n".join(lines)
 
 
@@ -349,7 +369,6 @@ def main(argv: list[str] | None = None) -> int:
     run_id = uuid.uuid4().hex[:8]
     raw_queue, ws_queue = f"bench-{run_id}-raw", f"bench-{run_id}-ws"
     env = {settings.BROKER_ENV: settings.REDIS_URL, settings.QUEUE_ENV: raw_queue,
-           "BENCH_RAW_PRELOAD": args.rss_raw_preload,
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     os.environ.update(env)
     import redis

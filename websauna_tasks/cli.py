@@ -42,6 +42,9 @@ REMOTE_CONTROL_COMMANDS = frozenset({"status", "inspect", "control"})
 #: Celery commands that need the broker at once and would otherwise fail without naming it.
 BROKER_COMMANDS = REMOTE_CONTROL_COMMANDS | {"purge", "call"}
 HELP_FLAGS = frozenset({"-h", "--help"})
+#: Celery's long-running commands, which are never ours: finding that out imports no module of
+#: ours, so a worker or beat process does not hold operator_commands and argparse all its life.
+CELERY_PROCESSES = frozenset({"worker", "beat"})
 
 
 class CommandError(Exception):
@@ -156,6 +159,26 @@ def load_celery(config_uri: str, variables: t.Mapping[str, str] | None = None) -
     return get_celery(registry)
 
 
+def forget_load_caches() -> None:
+    """Drop what loading the application cached for its error messages and a worker never reads again.
+
+    Pyramid records the source line of every configuration directive and venusian that of every
+    scanned decorator: linecache then holds whole source files, and inspect a map of every
+    module's file, for the life of the process (900 KB of a worker's resident set with the
+    benchmark's small application, bench/growth.py --parts rss). Only lines read from files are
+    dropped: a traceback reads them again, while generated code (``<...>``) has no file to read.
+    """
+    import linecache
+
+    for name in [name for name in linecache.cache if not name.startswith("<")]:
+        linecache.cache.pop(name, None)
+    # inspect.getmodule()'s caches, filled again on the next call (private, hence looked up).
+    for cache in ("modulesbyfile", "_filesbymodname"):
+        mapping = getattr(inspect, cache, None)
+        if isinstance(mapping, dict):
+            mapping.clear()
+
+
 def load_for_command(config_uri: str, variables: t.Mapping[str, str], celery_args: list[str]) -> t.Any:
     """:func:`load_celery`; for a Celery command's ``--help``, a bare app when the INI's cannot start."""
     try:
@@ -190,6 +213,13 @@ def own_commands() -> dict[str, t.Callable[[t.Any, list[str]], int]]:
     from .operator_commands import COMMANDS
 
     return {"outbox-relay": outbox_relay, **COMMANDS}
+
+
+def own_command(name: str) -> t.Callable[[t.Any, list[str]], int] | None:
+    """Our command called ``name``, or None when ``name`` is Celery's."""
+    if name in CELERY_PROCESSES:
+        return None
+    return own_commands().get(name)
 
 
 def summary(command: t.Callable[..., t.Any]) -> str:
@@ -231,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
             if not argv:
                 raise UsageError("give an INI file, '--' and a command")
             config_uri, variables, celery_args = split_argv(argv)
-            command = own_commands().get(celery_args[0])
+            command = own_command(celery_args[0])
             if command is not None and _asks_for_help(celery_args[1:]):
                 # Help needs no application: it works while the database is down.
                 check_ini(config_uri)
@@ -244,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
             raise CommandError(f"configuration error: {exc}") from None
         if command is not None:
             return command(app, celery_args[1:])
+        if celery_args[0] in CELERY_PROCESSES:
+            forget_load_caches()
         if not _asks_for_help(celery_args):
             preflight(app, celery_args)
     except CommandError as exc:

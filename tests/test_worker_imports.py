@@ -1,0 +1,83 @@
+"""What a plain worker holds in memory: no optional feature's modules, no load-time caches.
+
+Every module a worker imports stays resident for its whole life (bench/growth.py --parts rss
+compares its resident set with raw Celery's). Each check runs in a fresh interpreter, since
+this test process has imported everything already.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.unit
+
+#: Modules of features that are off unless a setting (or a command) asks for them.
+OPTIONAL = (
+    "jinja2",
+    "pyramid_jinja2",
+    "prometheus_client",
+    "alembic",
+    "websauna_tasks.console",
+    "websauna_tasks.health",
+    "websauna_tasks.operator_commands",
+    "websauna_tasks.observability.metrics",
+)
+
+
+def loaded_in_fresh_interpreter(code: str, subprocess_env: dict[str, str]) -> dict:
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **subprocess_env})
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def optional_loaded(modules: list[str]) -> list[str]:
+    return sorted(name for name in modules if any(name == heavy or name.startswith(heavy + ".")
+                                                  for heavy in OPTIONAL))
+
+
+def test_importing_the_package_imports_no_optional_feature(subprocess_env):
+    found = loaded_in_fresh_interpreter(
+        "import json, sys\nimport websauna_tasks\nprint(json.dumps({'modules': sorted(sys.modules)}))",
+        subprocess_env)
+    assert optional_loaded(found["modules"]) == []
+    # Tracing is on by default when opentelemetry-api is installed, but only once the app is built.
+    assert "websauna_tasks.observability.tracing" not in found["modules"]
+
+
+WORKER = """
+import json, linecache, sys
+from websauna_tasks import cli
+
+def instead_of_celery(app, celery_args):
+    files = [name for name in linecache.cache if not name.startswith("<")]
+    print(json.dumps({"modules": sorted(sys.modules), "cached_files": files, "args": celery_args}))
+    return 0
+
+cli.run_celery = instead_of_celery
+sys.exit(cli.main([sys.argv[1], "--", "worker", "-P", "solo"]))
+"""
+
+
+def test_a_plain_worker_imports_no_optional_feature_and_keeps_no_source_lines(subprocess_env, tmp_path):
+    ini = tmp_path / "worker.ini"
+    ini.write_text("[app:main]\nuse = call:tests.apps.testapp:main\n"
+                   "websauna.celery_config = {'broker_url': 'memory://', 'task_default_queue': 'imports'}\n")
+    found = loaded_in_fresh_interpreter(WORKER.replace("sys.argv[1]", repr(str(ini))), subprocess_env)
+    assert found["args"] == ["worker", "-P", "solo"]
+    assert "tests.apps.sample_tasks" in found["modules"]  # the application was loaded
+    assert optional_loaded(found["modules"]) == []
+    # Pyramid's and venusian's source lines of the configuration, useless once it is done.
+    assert found["cached_files"] == []
+
+
+def test_celery_processes_are_never_our_commands():
+    from websauna_tasks import cli
+
+    assert not cli.CELERY_PROCESSES & set(cli.own_commands())
+    assert cli.own_command("outbox-relay") is cli.outbox_relay
+    assert cli.own_command("worker") is None

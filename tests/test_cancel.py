@@ -307,6 +307,12 @@ def test_without_redis_the_marks_are_rows_of_the_database(
     assert "sql-runs" in effects(db) and "sql-cancelled" not in effects(db)
 
 
+def backend_alive(db, pid: int) -> bool:
+    with db.connect() as conn:
+        query = sa.text("SELECT count(*) FROM pg_stat_activity WHERE pid = :pid")
+        return conn.execute(query, {"pid": pid}).scalar() > 0
+
+
 def test_the_sql_watch_keeps_its_promise(make_app, tmp_path, database_url, db):
     """PostgreSQL's LISTEN/NOTIFY in place of pub/sub: loaded, announced, looked up while the listener is gone."""
     celery = {"broker_url": f"sqla+sqlite:///{tmp_path}/broker.sqlite"}
@@ -337,6 +343,9 @@ def test_the_sql_watch_keeps_its_promise(make_app, tmp_path, database_url, db):
 
     with db.connect() as conn:
         conn.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": watch.backend_pid})
+    # pg_terminate_backend only signals: until the backend has exited, a NOTIFY may still reach it
+    # or the client may not have read its goodbye yet (seen in CI), so wait until it is gone.
+    wait_for(lambda: not backend_alive(db, watch.backend_pid), timeout=10, interval=0.01)
     lost = str(uuid.uuid4())
     cancel(lost, other_app)  # notified to nobody: the listener is gone
     assert cancelled_message(registry, lost, watched=True)  # the closed connection is seen: looked up

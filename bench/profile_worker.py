@@ -13,12 +13,19 @@ the per-task path, divided by N.
 
 cProfile slows every Python call, so the figures are larger than in a plain
 run; they are for comparing the two sides and finding what ours adds.
+
+An OUT that ends in ``.cpu`` runs the worker without the profiler and writes
+the process's CPU time (``time.process_time()``, user and system, all its
+threads) and wall time between the same two marks instead: the per-task CPU
+cost of the whole path, consumer and run in one process, which the machine's
+load changes far less than a rate (``bench/run.py --cpu``).
 """
 from __future__ import annotations
 
 import cProfile
 import pathlib
 import pstats
+import statistics
 import sys
 import time
 import typing as t
@@ -38,21 +45,35 @@ def _run_profiled(out: str, argv: list[str]) -> int:
     """Run a worker command with the profiler on between the two marks (module docstring)."""
     from celery import signals
 
-    profiler = cProfile.Profile()
     marks_seen = {"started": 0, "ended": 0}
+    if out.endswith(".cpu"):
+        clocks: dict[str, float] = {}
+
+        def start() -> None:
+            clocks["cpu"], clocks["wall"] = time.process_time(), time.perf_counter()
+
+        def stop() -> None:
+            cpu, wall = time.process_time() - clocks["cpu"], time.perf_counter() - clocks["wall"]
+            pathlib.Path(out).write_text(f"{cpu!r} {wall!r}\n")
+    else:
+        profiler = cProfile.Profile()
+        start = profiler.enable
+
+        def stop() -> None:
+            profiler.disable()
+            profiler.dump_stats(out)
 
     def on_prerun(sender: t.Any = None, **_: t.Any) -> None:
         if getattr(sender, "name", None) in MARK_TASKS:
             marks_seen["started"] += 1
             if marks_seen["started"] == 1:
-                profiler.enable()
+                start()
 
     def on_postrun(sender: t.Any = None, **_: t.Any) -> None:
         if getattr(sender, "name", None) in MARK_TASKS:
             marks_seen["ended"] += 1
             if marks_seen["ended"] == 2:
-                profiler.disable()
-                profiler.dump_stats(out)
+                stop()
 
     signals.task_prerun.connect(on_prerun, weak=False)
     signals.task_postrun.connect(on_postrun, weak=False)
@@ -115,6 +136,36 @@ def report(label: str, raw_path: pathlib.Path, ws_path: pathlib.Path, count: int
     for cum, own, calls, name in mine[:limit]:
         lines.append(f"    {name:<72} {calls:5.1f} {own:8.1f} {cum:9.1f}")
     return "\n".join(lines)
+
+
+def cpu_pairs(label: str, count: int, rounds: int, tmp: pathlib.Path, env: dict[str, str],
+              run_raw: t.Callable[[t.Callable[[], services.Worker]], object],
+              run_ws: t.Callable[[t.Callable[[], services.Worker]], object],
+              raw_argv: list[str], ws_argv: list[str]) -> str:
+    """CPU us per task of one ``-P solo`` worker per side, without the profiler, ``rounds`` interleaved pairs.
+
+    The order alternates with the round. The ratio is raw's CPU per task over
+    ours, so that, like the rate rows, 1.0x or more means ours costs no more.
+    """
+    slug = label.replace(" ", "-")
+    pairs = []
+    for number in range(rounds):
+        raw_out, ws_out = tmp / f"raw-{slug}-{number}.cpu", tmp / f"ws-{slug}-{number}.cpu"
+        sides = [(run_raw, raw_argv, raw_out, "raw"), (run_ws, ws_argv, ws_out, "ws")]
+        for run, argv, out, side in (sides if number % 2 == 0 else sides[::-1]):
+            run(lambda argv=argv, out=out, side=side: profiled_worker(
+                argv, out, tmp / f"{side}-{slug}-{number}-cpu.log", env))
+            wait_for_file(out)
+        raw_cpu, ws_cpu = (float(path.read_text().split()[0]) / count * 1e6 for path in (raw_out, ws_out))
+        pairs.append((raw_cpu, ws_cpu))
+    raw_median = statistics.median(raw for raw, _ in pairs)
+    ws_median = statistics.median(ws for _, ws in pairs)
+    ratios = [raw / ws for raw, ws in pairs]
+    return (f"--cpu, {label}: {count:,} tasks, one -P solo worker per side, no profiler, CPU time of the worker "
+            f"process between the marks, median of {rounds} interleaved pairs\n"
+            f"  CPU us per task: raw {raw_median:7.1f}   ours {ws_median:7.1f}   "
+            f"ours - raw {ws_median - raw_median:+6.1f}   raw/ours {statistics.median(ratios):.2f}x "
+            f"(pairs {min(ratios):.2f}x-{max(ratios):.2f}x)")
 
 
 def profile_pair(label: str, count: int, tmp: pathlib.Path, env: dict[str, str],

@@ -4,6 +4,7 @@
     .venv/bin/python bench/run.py --skip-worker   # only (a) and (b), no PostgreSQL needed
     .venv/bin/python bench/run.py --fast          # also the fast profile (docs/fast_profile.md)
     .venv/bin/python bench/run.py --profile       # also where the worker's time goes, per task
+    .venv/bin/python bench/run.py --cpu           # also CPU us per task of a -P solo worker, ours vs raw
 
 Every figure is measured in the same run as the raw Celery figure it is
 compared with, on private queue names that are deleted afterwards (the Redis
@@ -48,7 +49,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--profile", action="store_true",
                         help="after the table, profile one -P solo worker per side with cProfile "
                              "(the no-op and the (c) task) and print the per-task costs")
-    parser.add_argument("--profile-tasks", type=int, default=2000, help="tasks per profiled worker run")
+    parser.add_argument("--profile-tasks", type=int, default=2000, help="tasks per profiled (and --cpu) worker run")
+    parser.add_argument("--cpu", action="store_true",
+                        help="after the table, the CPU time per task of one -P solo worker per side, without the "
+                             "profiler (the no-op and the (c) task): what the machine's load changes least")
+    parser.add_argument("--cpu-rounds", type=int, default=3, help="interleaved pairs of --cpu runs")
     return parser.parse_args(argv)
 
 
@@ -172,7 +177,7 @@ def run_workers(args: argparse.Namespace, client, raw_queue: str, ws_queue: str,
                 print(f"worker run {number + 1}: " + ", ".join(
                     f"{kind} {kind_runs[-1].rate:.0f}/s" for kind, kind_runs in runs.items()), flush=True)
             profile_text = run_profiles(args, client, raw_queue, ws_queue, worker_env, ini, tmp_path, engine,
-                                        raw_app, ws_tasks) if args.profile else ""
+                                        raw_app, ws_tasks) if args.profile or args.cpu else ""
         finally:
             engine.dispose()
     size = f"median of {args.worker_runs} runs of {count:,} tasks, prefork -c 2 unless said"
@@ -209,7 +214,7 @@ def fast_profile_workers(ini: pathlib.Path, tmp_path: pathlib.Path, log: str, en
 def run_profiles(args: argparse.Namespace, client, raw_queue: str, ws_queue: str, env: dict[str, str],
                  ini: pathlib.Path, tmp_path: pathlib.Path, engine, raw_app, ws_tasks) -> str:
     from bench.measure import check_rows, raw_prefill, reset_rows, worker_run, ws_prefill
-    from bench.profile_worker import profile_pair
+    from bench.profile_worker import cpu_pairs, profile_pair
 
     count, timeout = args.profile_tasks, 120.0 + args.profile_tasks / 20
     raw_argv = ["celery", "-A", "bench.raw_app"]
@@ -232,7 +237,10 @@ def run_profiles(args: argparse.Namespace, client, raw_queue: str, ws_queue: str
             if uses_rows:
                 check_rows(engine, count)
 
-        texts.append(profile_pair(label, count, tmp_path, env, run_raw, run_ws, raw_argv, ws_argv))
+        if args.profile:
+            texts.append(profile_pair(label, count, tmp_path, env, run_raw, run_ws, raw_argv, ws_argv))
+        if args.cpu:
+            texts.append(cpu_pairs(label, count, args.cpu_rounds, tmp_path, env, run_raw, run_ws, raw_argv, ws_argv))
     return "\n\n".join(texts)
 
 

@@ -200,6 +200,9 @@ class Intake:
                 logger.exception("websauna_tasks: could not mark refused message %s as failed", task_id)
 
 
+_NO_LIMITS = [None, None]
+
+
 def headers_problem(headers: dict[str, t.Any]) -> str | None:
     """Why protocol-2 headers would make Celery fail while it takes the message in, or None."""
     if not isinstance(headers.get("id"), str):
@@ -218,7 +221,8 @@ def headers_problem(headers: dict[str, t.Any]) -> str | None:
     if retries is not None and (type(retries) is not int or retries < 0):
         return "the retries header is not a whole number"
     limits = headers.get("timelimit")
-    if limits is not None and not (
+    # [None, None], what nearly every message carries, compared in C before the walk below.
+    if limits is not None and limits != _NO_LIMITS and not (
             isinstance(limits, (list, tuple)) and len(limits) == 2
             and all(limit is None or (type(limit) in (int, float) and math.isfinite(limit) and limit >= 0)
                     for limit in limits)):

@@ -186,7 +186,8 @@ class task_request:  # noqa: N801 - used as ``with task_request(registry) as req
                 self._closer()
             else:
                 try:
-                    if request.finished_callbacks:
+                    # Read from the instance: Pyramid's reified property would make an empty deque on every run.
+                    if request.__dict__.get("finished_callbacks"):
                         request._process_finished_callbacks()
                 finally:
                     threadlocal_manager.pop()

@@ -190,10 +190,11 @@ class _PlainSender:
     them). Without task routes, the options, route and queue of a task's
     messages that carry no options of their own (headers aside) are worked
     out once a round; a body of plain values is written as JSON here, with
-    the text kombu's JSON would write. It is only used when nothing can observe the difference: batching
-    transport, task protocol 2, no task-sent events, no publish signal
-    receivers, nothing wrapping or replacing ``apply_async``/``send_task``,
-    and the task does not override ``send_now``.
+    the text kombu's JSON would write. It is only used when nothing can
+    observe the difference: batching transport, task protocol 2, no
+    task-sent events, no publish signal receivers, nothing wrapping or
+    replacing ``apply_async``/``send_task``, and the task does not override
+    ``send_now``.
     """
 
     def __init__(self, app: Celery, defaults: _AppDefaults):

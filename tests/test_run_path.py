@@ -60,3 +60,65 @@ def test_task_finished_reaches_a_subscriber_added_after_runs_without_one(app):
     result = app_module.sets_context.apply(task_id="later-id", throw=True)
     assert seen == [("later-id", "SUCCESS")]
     assert result.get() == "later-id"
+
+
+class _SpanSpy:
+    """A tracer that records the spans it was asked for."""
+
+    def __init__(self) -> None:
+        self.started: list[str] = []
+
+    def start_as_current_span(self, name: str, **_: object):
+        import contextlib
+
+        self.started.append(name)
+
+        class _Span:
+            def set_attribute(self, *_: object) -> None:
+                pass
+
+        return contextlib.nullcontext(_Span())
+
+
+class _Task:
+    name = "t"
+
+    def __init__(self, **context: object) -> None:
+        from celery.app.task import Context
+
+        self.request = Context(**{"id": "task-id", "headers": {}, **context})
+
+
+@pytest.mark.parametrize("context, provider, spans", [
+    ({}, False, 0),  # no provider, nothing to carry on: no span
+    ({"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}, False, 1),  # carried on
+    ({"headers": {"traceparent": "forged"}}, False, 1),  # an eager run's headers count too
+    ({}, True, 1),  # a provider records every run
+])
+def test_tracing_without_a_provider_spans_only_runs_with_a_context_to_carry(monkeypatch, context, provider, spans):
+    from websauna_tasks.observability import tracing
+
+    observer = tracing.TracingObserver()
+    spy = observer.tracer = _SpanSpy()
+    monkeypatch.setattr(tracing, "_no_provider", lambda: not provider)
+    assert observer.run(_Task(**context), lambda: "ran") == "ran"
+    assert len(spy.started) == spans
+
+
+def test_a_tracer_given_to_the_observer_always_gets_the_span(monkeypatch):
+    from websauna_tasks.observability import tracing
+
+    spy = _SpanSpy()
+    observer = tracing.TracingObserver(tracer=spy)
+    monkeypatch.setattr(tracing, "_no_provider", lambda: True)
+    assert observer.run(_Task(), lambda: "ran") == "ran"
+    assert spy.started == ["run t"]
+
+
+def test_the_api_without_a_provider_counts_as_none():
+    from opentelemetry import trace
+
+    from websauna_tasks.observability import tracing
+
+    assert type(trace.NoOpTracerProvider()) in tracing._NON_RECORDING_PROVIDERS
+    assert type(trace.ProxyTracerProvider()) in tracing._NON_RECORDING_PROVIDERS

@@ -230,8 +230,10 @@ class WebsaunaTask(celery.Task):
         if context is None or getattr(context, "request", None) is not None:
             # Called directly (task(...)): no Celery context to carry the request; or called directly
             # from inside a run of this task, whose context is that run's. A context of our own
-            # (a copy of the current one, as celery.Task.__call__ makes), and the task current.
-            self.push_request(request=request, headers={}, args=args, kwargs=kwargs)
+            # (a copy of the current one, as celery.Task.__call__ makes, keeping an outer run's headers),
+            # and the task current.
+            own = {"headers": {}} if context is None else {}
+            self.push_request(request=request, args=args, kwargs=kwargs, **own)
             _task_stack.push(self)
             try:
                 return self.run_in_request(request, args, kwargs)

@@ -57,6 +57,27 @@ def touch(row_id: int) -> int:
     return value + 1
 
 
+_sessions = None
+
+
+@app.task(name="bench.raw.touch_session")
+def touch_session(row_id: int) -> int:
+    """bench.raw.touch through an ORM Session, as request.dbsession is: what the Session costs (run.py --context)."""
+    global _sessions
+    if _sessions is None:
+        import sqlalchemy
+        from sqlalchemy.orm import sessionmaker
+
+        _sessions = sessionmaker(sqlalchemy.create_engine(os.environ[settings.DATABASE_ENV]))
+    from sqlalchemy import text
+
+    with _sessions() as session:
+        value = session.execute(text("SELECT value FROM bench_rows WHERE id = :id"), {"id": row_id}).scalar_one()
+        session.execute(text("UPDATE bench_rows SET value = :v WHERE id = :id"), {"v": value + 1, "id": row_id})
+        session.commit()
+    return value + 1
+
+
 @app.task(name="bench.raw.rss")
 def rss(key: str) -> None:
     """bench/growth.py's memory mark, as bench.ws.rss."""

@@ -41,6 +41,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--async-commit", action="store_true",
                         help="run (c) with synchronous_commit = off on the run's private database, "
                              "to see how much of (c) is PostgreSQL waiting for the disk")
+    parser.add_argument("--context", action="store_true",
+                        help="also run rows that split the (c)/(c1) gaps: raw Celery's task through an ORM "
+                             "Session, and our worker with Celery's default prefetch (x4)")
     parser.add_argument("--fast", action="store_true",
                         help="also run the fast profile (docs/fast_profile.md) on the (c) task and the no-op")
     parser.add_argument("--fast-workers", type=int, default=2, help="-P solo processes of the fast profile")
@@ -151,6 +154,11 @@ def run_workers(args: argparse.Namespace, client, raw_queue: str, ws_queue: str,
             return worker_run(client, ws_queue, count, ws_prefill(ws_tasks, task, count, first=1),
                               lambda: services.ws_worker(ini, tmp_path / log, worker_env), timeout)
 
+        def ws_prefetch4(task, log: str):
+            return worker_run(client, ws_queue, count, ws_prefill(ws_tasks, task, count, first=1),
+                              lambda: services.ws_worker(ini, tmp_path / log, worker_env, "--prefetch-multiplier",
+                                                         "4"), timeout)
+
         def fast(task, log: str):
             return worker_run(client, ws_queue, count, ws_prefill(ws_tasks, task, count, first=1),
                               lambda: fast_profile_workers(ini, tmp_path, log, worker_env, args), timeout)
@@ -159,6 +167,10 @@ def run_workers(args: argparse.Namespace, client, raw_queue: str, ws_queue: str,
                  ("ws touch", lambda n: ws(ws_tasks.touch, f"ws-touch-{n}.log"), True),
                  ("raw noop", lambda n: raw("bench.raw.noop", f"raw-noop-{n}.log"), False),
                  ("ws noop", lambda n: ws(ws_tasks.noop, f"ws-noop-{n}.log"), False)]
+        if args.context:
+            kinds += [("raw touch session", lambda n: raw("bench.raw.touch_session", f"raw-session-{n}.log"), True),
+                      ("ws touch p4", lambda n: ws_prefetch4(ws_tasks.touch, f"ws-touch-p4-{n}.log"), True),
+                      ("ws noop p4", lambda n: ws_prefetch4(ws_tasks.noop, f"ws-noop-p4-{n}.log"), False)]
         if args.fast:
             kinds += [("fast touch", lambda n: fast(ws_tasks.touch, f"fast-touch-{n}"), True),
                       ("fast noop", lambda n: fast(ws_tasks.noop, f"fast-noop-{n}"), False)]
@@ -187,6 +199,15 @@ def run_workers(args: argparse.Namespace, client, raw_queue: str, ws_queue: str,
         throughput("(c1) no-op task in both", runs["raw noop"], runs["ws noop"], 1.0,
                    "ours: ScheduleOnCommitTask doing nothing (a Pyramid request per run)"),
     ]
+    if args.context:
+        results += [
+            throughput("(c-session) ours vs raw with an ORM Session", runs["raw touch session"], runs["ws touch"],
+                       None, "raw: the same SQL through sessionmaker's Session and session.commit()"),
+            throughput("(c-p4) same SQL, ours at prefetch x4", runs["raw touch"], runs["ws touch p4"], None,
+                       "ours: --prefetch-multiplier 4, Celery's default (ours is 1)"),
+            throughput("(c1-p4) no-op, ours at prefetch x4", runs["raw noop"], runs["ws noop p4"], None,
+                       "ours: --prefetch-multiplier 4, Celery's default (ours is 1)"),
+        ]
     if args.fast:
         profile = f"{args.fast_workers} x -P solo, prefetch x{args.fast_prefetch}"
         results += [

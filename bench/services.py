@@ -103,9 +103,10 @@ def raw_worker(log_path: pathlib.Path, env: dict[str, str]) -> Worker:
     return Worker([sys.executable, "-m", "celery", "-A", "bench.raw_app", *WORKER_OPTIONS], log_path, env)
 
 
-def ws_worker(ini: pathlib.Path, log_path: pathlib.Path, env: dict[str, str]) -> Worker:
+def ws_worker(ini: pathlib.Path, log_path: pathlib.Path, env: dict[str, str], *extra: str) -> Worker:
     # ``python -m websauna_tasks.cli`` is the ws-celery console script.
-    return Worker([sys.executable, "-m", "websauna_tasks.cli", str(ini), "--", *WORKER_OPTIONS], log_path, env)
+    return Worker([sys.executable, "-m", "websauna_tasks.cli", str(ini), "--", *WORKER_OPTIONS, *extra],
+                  log_path, env)
 
 
 def wait_for_key(client: redis.Redis, key: str, worker: Worker, timeout: float) -> float:

@@ -561,3 +561,80 @@ def test_stored_payloads_run_on_rabbitmq_and_under_every_pool(
     assert [run["payload"] for run in done[delayed.id]] == [describe(BLOB + "!")]
     wait_for(lambda: stored_rows(db, on_commit.id, delayed.id) == {}, timeout=30, describe=worker.output)
     assert list_dead_letters(router.registry) == [] and worker.process.poll() is None
+
+
+# -- deletion after a successful run (Celery's task_postrun, names._after_run) --------------------------------------
+
+def test_a_plain_celery_tasks_stored_payload_is_deleted_after_success_only(build, db):
+    """Any task of the app may carry the header: deleted after a success, kept after a failure or a retry,
+    and kept when an error leaves the tracer after the run (on_success raised Reject: the message may
+    come back and needs its arguments)."""
+    import celery
+    from celery.exceptions import Reject, Retry
+
+    app = get_celery(build().registry)
+    claim_check = claim_check_of(app)
+    claim_check.ensure_table(claim_check.engine)
+    outcomes = {}
+
+    class Rejecting(celery.Task):
+        def on_success(self, retval, task_id, args, kwargs):
+            raise Reject("requeue", requeue=True)
+
+    @app.task(shared=False, lazy=False, name=f"tests.plain_stored_{uuid.uuid4().hex}")
+    def plain(outcome):
+        outcomes[outcome] = True
+        if outcome == "fails":
+            raise ValueError("boom")
+        if outcome == "retries":
+            raise Retry("again later", when=60)
+        return outcome
+
+    @app.task(shared=False, lazy=False, base=Rejecting, name=f"tests.rejecting_{uuid.uuid4().hex}")
+    def rejecting():
+        return None
+
+    def run(task, *args):
+        task_id = str(uuid.uuid4())
+        insert_row(db, task_id, task.name, json.dumps([list(args), {}]))
+        try:
+            task.apply(args, task_id=task_id, headers={PAYLOAD_HEADER: task_id})
+        except Reject:
+            pass
+        return task_id
+
+    succeeded, failed, retried, rejected = (run(plain, "succeeds"), run(plain, "fails"), run(plain, "retries"),
+                                            run(rejecting))
+    assert set(outcomes) == {"succeeds", "fails", "retries"}
+    assert set(stored_rows(db, succeeded, failed, retried, rejected)) == {failed, retried, rejected}
+    # A reference that is not the run's own id deletes nothing.
+    other = str(uuid.uuid4())
+    insert_row(db, other, plain.name, "[[], {}]")
+    plain.apply(("succeeds",), headers={PAYLOAD_HEADER: other})
+    assert set(stored_rows(db, other)) == {other}
+
+
+def test_the_stored_payload_of_a_worker_run_is_deleted_from_the_flattened_headers(build, db):
+    """A worker's request carries the header as an attribute of Celery's context."""
+    from celery.signals import task_postrun, task_success
+
+    app = get_celery(build().registry)
+    claim_check = claim_check_of(app)
+    claim_check.ensure_table(claim_check.engine)
+
+    @app.task(shared=False, lazy=False, name=f"tests.flattened_{uuid.uuid4().hex}")
+    def task():
+        return None
+
+    ids = {state: str(uuid.uuid4()) for state in ("SUCCESS", "FAILURE", "RETRY")}
+    for state, task_id in ids.items():
+        insert_row(db, task_id, task.name, "[[], {}]")
+        task.push_request(id=task_id, **{PAYLOAD_HEADER: task_id})
+        try:
+            # The signals the tracer sends after a run, in its order.
+            if state == "SUCCESS":
+                task_success.send(sender=task, result=None, runtime=0.001)
+            task_postrun.send(sender=task, task_id=task_id, task=task, args=(), kwargs={}, retval=None, state=state)
+        finally:
+            task.pop_request()
+    assert set(stored_rows(db, *ids.values())) == {ids["FAILURE"], ids["RETRY"]}

@@ -238,3 +238,49 @@ def test_task_defer_is_transactional_when_a_transaction_is_active(redis_app, red
         assert ids_in(redis_client, queue_name) == []
     outside = sample_tasks.add.defer(3, 4)
     assert ids_in(redis_client, queue_name) == [inside, outside]
+
+
+def test_a_plain_celery_task_carrying_a_name_frees_it_after_its_run_unless_retrying(make_app, name):
+    """The release is Celery's task_postrun: any task of the app, not only ours, from the eager headers
+    or from a worker's request (the header flattened into Celery's context)."""
+    import uuid
+
+    from celery.exceptions import Retry
+    from celery.signals import task_postrun
+
+    from websauna_tasks.names import NAME_HEADER, claim_name, get_name_store
+
+    router = make_app(**{"websauna.celery_config": repr({"broker_url": "memory://"})})
+    app = get_celery(router.registry)
+    store = get_name_store(router.registry, app)
+
+    @app.task(shared=False, lazy=False, name=f"tests.plain_named_{uuid.uuid4().hex}")
+    def plain(outcome):
+        if outcome == "fails":
+            raise ValueError("boom")
+        if outcome == "retries":
+            raise Retry("again later", when=60)
+        return outcome
+
+    def held_after(outcome: str) -> str | None:
+        task_id = str(uuid.uuid4())
+        assert claim_name(app, name, task_id) is None
+        plain.apply((outcome,), task_id=task_id, headers={NAME_HEADER: name})
+        holder = store.holder(name)
+        store.release(name, task_id)
+        return holder
+
+    assert held_after("succeeds") is None
+    assert held_after("fails") is None
+    assert held_after("retries") is not None
+
+    for state, kept in (("SUCCESS", False), ("FAILURE", False), ("RETRY", True)):
+        task_id = str(uuid.uuid4())
+        assert claim_name(app, name, task_id) is None
+        plain.push_request(id=task_id, **{NAME_HEADER: name})
+        try:
+            task_postrun.send(sender=plain, task_id=task_id, task=plain, args=(), kwargs={}, retval=None, state=state)
+        finally:
+            plain.pop_request()
+        assert (store.holder(name) == task_id) is kept, state
+        store.release(name, task_id)

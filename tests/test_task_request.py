@@ -116,3 +116,45 @@ def test_worker_runs_keep_app_extensions_and_transaction_behaviour(redis_url, da
     # handed a reified value from one request to the next.
     assert len(reified) == len(labels), f"reified values repeat: {sorted(reified)}\n{worker.output()[-2000:]}"
     assert worker.pid not in {pid for pid, _ in reified}
+
+
+def test_the_session_is_closed_once_a_run_and_still_whenever_it_holds_something(database_url, db):
+    """zope.sqlalchemy closes request.dbsession at its transaction's end; the request's end closes it only
+    when that left something to close (a transaction, objects, a first close of a session that closes for good)."""
+    import sqlalchemy as sa
+    from sqlalchemy.orm import Session
+
+    from websauna_tasks.db import close_unless_closed
+
+    registry = task_request_app.main({}, **app_settings(database_url)).registry
+    closes = []
+    with task_request(registry) as request:
+        session = request.dbsession
+        original = session.close
+        session.close = lambda: (closes.append(1), original())[1]
+        with request.tm:
+            session.execute(text("SELECT 1"))
+        assert closes == [1], "zope.sqlalchemy no longer closes the session at the transaction's end"
+    assert closes == [1], "closed a second time at the request's end"
+
+    engine = sa.create_engine("sqlite://")
+    begun = Session(engine)
+    begun.execute(text("SELECT 1"))
+    close_unless_closed(begun)
+    assert not begun.in_transaction()
+
+    class Row:
+        pass
+
+    sa.orm.registry().map_imperatively(Row, sa.Table("rows", sa.MetaData(), sa.Column("id", sa.Integer,
+                                                                                      primary_key=True)))
+    holding = Session(engine)
+    pending = Row()
+    holding.add(pending)
+    close_unless_closed(holding)
+    assert pending not in holding
+
+    for_good = Session(engine, close_resets_only=False)
+    close_unless_closed(for_good)
+    with pytest.raises(sa.exc.InvalidRequestError):
+        for_good.execute(text("SELECT 1"))

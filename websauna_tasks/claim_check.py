@@ -37,9 +37,9 @@ message's own task id, a row of another task, a row that is not
 ``payload_store_max_bytes``). The load is a primary-key SELECT in the
 consumer's thread: only messages that carry the header pay for it.
 
-A row is deleted once its task has succeeded (``task_success``, in the
-process that ran it). A run that fails for good keeps its row until the
-retention (``websauna_tasks.payload_store_retention_seconds`` after the
+A row is deleted once its task has succeeded (at Celery's ``task_postrun`` of
+a successful run, in the process that ran it). A run that fails for good
+keeps its row until the retention (``websauna_tasks.payload_store_retention_seconds`` after the
 message's countdown) so that its dead letter or a hand-made retry can still
 run with it; every worker that stores payloads prunes expired rows in its
 main process with the done-rows (idempotency.py's pruner, every
@@ -63,6 +63,7 @@ from sqlalchemy.orm import Session
 
 from .broker import STORED_ARGUMENTS_HEADER
 from .db import get_engine, transaction_sessions
+from .names import connect_run_signals
 from .payload import PayloadTooLarge, stores_payloads
 from .schema import PAYLOADS_TABLE_NAME, ensure_tables, masked_url, payloads_table
 from .settings import (
@@ -273,7 +274,8 @@ def configure_claim_check(registry: Registry, app: Celery) -> ClaimCheck | None:
         return None
     claim_check = ClaimCheck(app, registry)
     app_state(app).claim_check = claim_check
-    _connect_success_signal()
+    # The deletion after a successful run rides on the receiver that frees task names.
+    connect_run_signals(delete_after_success)
     return claim_check
 
 
@@ -338,29 +340,12 @@ def _session_joined_to(tm: t.Any, engine: sa.Engine) -> Session:
     return session
 
 
-_connected = False
-
-
-def _connect_success_signal() -> None:
-    global _connected
-    if _connected:
+def delete_after_success(task: Task, request: t.Any, reference: t.Any) -> None:
+    """Delete the stored payload of a run that succeeded (names._after_run, Celery's ``task_postrun``)."""
+    if reference != request.id:
         return
-    from celery.signals import task_success
-
-    task_success.connect(_after_success, weak=False)
-    _connected = True
-
-
-def _after_success(sender: t.Any = None, **_: t.Any) -> None:
-    request = getattr(sender, "request", None)
-    if request is None:
-        return
-    # A worker flattens message headers into the request; keep .headers for the rest.
-    reference = getattr(request, PAYLOAD_HEADER, None) or (getattr(request, "headers", None) or {}).get(PAYLOAD_HEADER)
-    if not reference or reference != request.id:
-        return
-    claim_check = claim_check_of(sender.app)
-    if claim_check is None or getattr(sender, "idempotent", False):
+    claim_check = claim_check_of(task.app)
+    if claim_check is None or getattr(task, "idempotent", False):
         # An idempotent task's duplicate delivery must still find its arguments to be skipped by its done-row.
         return
     try:

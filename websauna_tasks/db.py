@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import typing as t
 
+import sqlalchemy.orm.session
 import transaction
 import zope.sqlalchemy
 from pyramid.config import Configurator
@@ -83,8 +84,30 @@ def make_dbsession(request: Request) -> Session:
     tm = getattr(request, "tm", None) or transaction.manager
     session.info[TRANSACTION_EVENTS_KEY] = zope.sqlalchemy.datamanager.ZopeTransactionEvents(
         initial_state=_INITIAL_STATE, transaction_manager=tm)
-    request.add_finished_callback(lambda _request: session.close())
+    request.add_finished_callback(lambda _request: close_unless_closed(session))
     return session
+
+
+# A session that closes for good (close_resets_only=False) is ACTIVE until its first close.
+_ACTIVE_CLOSE_STATE = getattr(getattr(sqlalchemy.orm.session, "_SessionCloseState", None), "ACTIVE", None)
+
+
+def close_unless_closed(session: Session) -> None:
+    """``session.close()``, unless it would find nothing to do.
+
+    zope.sqlalchemy closes a session at the end of each transaction it joined; the request's end then
+    closed it a second time (two closes a run of a task that used the database). A session with no
+    transaction, no object and no first close still to record is left as it is: a close would only
+    have replaced its empty maps. SQLAlchemy internals read here; if they are not there, it is closed.
+    """
+    try:
+        idle = (session._transaction is None and not session._new and not session._deleted
+                and not session.identity_map and _ACTIVE_CLOSE_STATE is not None
+                and session._close_state is not _ACTIVE_CLOSE_STATE)
+    except AttributeError:
+        idle = False
+    if not idle:
+        session.close()
 
 
 def register_transaction_events(maker: sessionmaker) -> None:

@@ -16,14 +16,17 @@ one process, keep them in memory.
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 import typing as t
 
 import sqlalchemy as sa
+from celery.states import SUCCESS
 from pyramid.exceptions import ConfigurationError
 from pyramid.registry import Registry
 
+from .broker import STORED_ARGUMENTS_HEADER as PAYLOAD_HEADER
 from .db import get_engine
 from .schema import ensure_tables
 from .schema import names_table as names_table  # defined with the library's other tables
@@ -287,17 +290,37 @@ def release_name(app: Celery, name: str, task_id: str) -> None:
 
 def name_of_run(task: t.Any) -> str | None:
     """The claimed name a running task carries in its message headers, if any."""
-    request = task.request
-    # A worker flattens message headers into the request; eager apply() keeps them in .headers.
-    name = getattr(request, NAME_HEADER, None)
-    if name is None:
-        name = (getattr(request, "headers", None) or {}).get(NAME_HEADER)
-    return name
+    return _headers_of_run(task.request)[0]
+
+
+def _headers_of_run(request: t.Any) -> tuple[t.Any, t.Any]:
+    """The run's claimed name and stored payload reference, each None when its message has none."""
+    # A worker flattens message headers into the request (Celery's Context keeps them in its __dict__,
+    # read here without getattr's AttributeError for the usual message that has neither); eager apply()
+    # keeps them in .headers.
+    values = getattr(request, "__dict__", None)
+    if values is None:
+        name = getattr(request, NAME_HEADER, None)
+        reference = getattr(request, PAYLOAD_HEADER, None)
+        headers = getattr(request, "headers", None)
+    else:
+        name = values.get(NAME_HEADER)
+        reference = values.get(PAYLOAD_HEADER)
+        headers = values.get("headers")
+    if headers:
+        if name is None:
+            name = headers.get(NAME_HEADER)
+        if not reference:
+            reference = headers.get(PAYLOAD_HEADER)
+    return name, reference
 
 
 def run_finished(task: t.Any, task_id: str, retrying: bool) -> None:
     """After a run: keep the name for the retention, or while a retry is still pending."""
-    name = name_of_run(task)
+    _keep_name(task, name_of_run(task), task_id, retrying)
+
+
+def _keep_name(task: t.Any, name: t.Any, task_id: str, retrying: bool) -> None:
     registry = registry_of(task.app)
     if not name or registry is None or retrying:
         return
@@ -306,17 +329,50 @@ def run_finished(task: t.Any, task_id: str, retrying: bool) -> None:
 
 def _after_run(sender: t.Any = None, task_id: str | None = None, task: t.Any = None, state: str | None = None,
                **_: t.Any) -> None:
+    """``task_postrun``: free the run's claimed name; after a success, delete its stored payload (claim_check.py).
+
+    One receiver for both: Celery's ``Signal.send`` costs a few microseconds a run for each signal that
+    has a receiver at all (the lock, the walk of its receivers), whether or not the run concerns us; a
+    signal without receivers costs nothing. Connected for any task of any app (a plain Celery task's
+    message may carry either header too), it returns after one look at the request when neither is there.
+    """
     if task is None or task_id is None:
         return
-    try:
-        run_finished(task, task_id, retrying=state == "RETRY")
-    except Exception:
-        # Never fail a task that has already run because its name could not be freed.
-        logging.getLogger(__name__).exception("websauna_tasks: could not free the name of task %s", task_id)
+    name, reference = _headers_of_run(task.request)
+    if name is None and not reference:
+        return
+    # The row first, the name second: the order of task_success and task_postrun. SUCCESS is the state
+    # Celery sent task_success for, unless an error is on its way out through the tracer's finally
+    # (storing the result or the callbacks failed, on_success raised Reject): the run did not succeed for
+    # Celery then (its message may come back) and the row stays, as it did without task_success.
+    if reference and state == SUCCESS and _delete_payload is not None and sys.exc_info()[1] is None:
+        try:
+            _delete_payload(task, task.request, reference)
+        except Exception:
+            # Logged as Celery logged a receiver's error; the name is still freed.
+            logging.getLogger(__name__).exception("websauna_tasks: after the run of task %s", task_id)
+    if name is not None:
+        try:
+            _keep_name(task, name, task_id, retrying=state == "RETRY")
+        except Exception:
+            # Never fail a task that has already run because its name could not be freed.
+            logging.getLogger(__name__).exception("websauna_tasks: could not free the name of task %s", task_id)
 
 
-def connect_run_signals() -> None:
-    """Free claimed names when runs end (idempotent: one receiver per process)."""
+#: claim_check.delete_after_success once an app of this process can load stored payloads.
+_delete_payload: t.Callable[[t.Any, t.Any, t.Any], None] | None = None
+
+
+def connect_run_signals(delete_payload: t.Callable[[t.Any, t.Any, t.Any], None] | None = None) -> None:
+    """Free claimed names and delete stored payloads when runs end (idempotent: one receiver per process).
+
+    ``delete_payload(task, request, reference)``: called after a successful run whose message carried a
+    stored payload's reference (claim_check.py passes it; names.py does not import claim_check).
+    """
+    global _delete_payload
     from celery.signals import task_postrun
+
+    if delete_payload is not None:
+        _delete_payload = delete_payload
 
     task_postrun.connect(_after_run, weak=False, dispatch_uid="websauna_tasks.names.after_run")

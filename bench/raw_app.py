@@ -78,6 +78,12 @@ def touch_session(row_id: int) -> int:
     return value + 1
 
 
+@app.task(name="bench.raw.touch_session_late", acks_late=True)
+def touch_session_late(row_id: int) -> int:
+    """bench.raw.touch_session delivered as ours is: acknowledged after the run (run.py --context, with prefetch 1)."""
+    return touch_session.run(row_id)
+
+
 @app.task(name="bench.raw.rss")
 def rss(key: str) -> None:
     """bench/growth.py's memory mark, as bench.ws.rss."""

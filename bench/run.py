@@ -43,7 +43,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "to see how much of (c) is PostgreSQL waiting for the disk")
     parser.add_argument("--context", action="store_true",
                         help="also run rows that split the (c)/(c1) gaps: raw Celery's task through an ORM "
-                             "Session, and our worker with Celery's default prefetch (x4)")
+                             "Session (at Celery's defaults, and with our acks_late and prefetch 1), and our "
+                             "worker with Celery's default prefetch (x4)")
     parser.add_argument("--fast", action="store_true",
                         help="also run the fast profile (docs/fast_profile.md) on the (c) task and the no-op")
     parser.add_argument("--fast-workers", type=int, default=2, help="-P solo processes of the fast profile")
@@ -150,6 +151,12 @@ def run_workers(args: argparse.Namespace, client, raw_queue: str, ws_queue: str,
             return worker_run(client, raw_queue, count, raw_prefill(raw_app.app, task_name, count, first=1),
                               lambda: services.raw_worker(tmp_path / log, worker_env), timeout)
 
+        def raw_late(task_name: str, log: str):
+            # Raw Celery with our delivery settings: acks_late on the task, one message per pool process.
+            return worker_run(client, raw_queue, count, raw_prefill(raw_app.app, task_name, count, first=1),
+                              lambda: services.raw_worker(tmp_path / log, worker_env, "--prefetch-multiplier", "1"),
+                              timeout)
+
         def ws(task, log: str):
             return worker_run(client, ws_queue, count, ws_prefill(ws_tasks, task, count, first=1),
                               lambda: services.ws_worker(ini, tmp_path / log, worker_env), timeout)
@@ -169,6 +176,8 @@ def run_workers(args: argparse.Namespace, client, raw_queue: str, ws_queue: str,
                  ("ws noop", lambda n: ws(ws_tasks.noop, f"ws-noop-{n}.log"), False)]
         if args.context:
             kinds += [("raw touch session", lambda n: raw("bench.raw.touch_session", f"raw-session-{n}.log"), True),
+                      ("raw touch late", lambda n: raw_late("bench.raw.touch_session_late", f"raw-late-{n}.log"),
+                       True),
                       ("ws touch p4", lambda n: ws_prefetch4(ws_tasks.touch, f"ws-touch-p4-{n}.log"), True),
                       ("ws noop p4", lambda n: ws_prefetch4(ws_tasks.noop, f"ws-noop-p4-{n}.log"), False)]
         if args.fast:
@@ -203,6 +212,9 @@ def run_workers(args: argparse.Namespace, client, raw_queue: str, ws_queue: str,
         results += [
             throughput("(c-session) ours vs raw with an ORM Session", runs["raw touch session"], runs["ws touch"],
                        None, "raw: the same SQL through sessionmaker's Session and session.commit()"),
+            throughput("(c-same) ours vs raw Session, same delivery", runs["raw touch late"], runs["ws touch"], None,
+                       "raw: the Session task with acks_late and --prefetch-multiplier 1, as our "
+                       "RetryableTransactionTask is delivered: what our layer costs at equal guarantees"),
             throughput("(c-p4) same SQL, ours at prefetch x4", runs["raw touch"], runs["ws touch p4"], None,
                        "ours: --prefetch-multiplier 4, Celery's default (ours is 1)"),
             throughput("(c1-p4) no-op, ours at prefetch x4", runs["raw noop"], runs["ws noop p4"], None,

@@ -99,8 +99,8 @@ class WorkerGroup:
             worker.stop(timeout)
 
 
-def raw_worker(log_path: pathlib.Path, env: dict[str, str]) -> Worker:
-    return Worker([sys.executable, "-m", "celery", "-A", "bench.raw_app", *WORKER_OPTIONS], log_path, env)
+def raw_worker(log_path: pathlib.Path, env: dict[str, str], *extra: str) -> Worker:
+    return Worker([sys.executable, "-m", "celery", "-A", "bench.raw_app", *WORKER_OPTIONS, *extra], log_path, env)
 
 
 def ws_worker(ini: pathlib.Path, log_path: pathlib.Path, env: dict[str, str], *extra: str) -> Worker:

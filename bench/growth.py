@@ -13,9 +13,12 @@ latency   commits of one task each at --rate a second for --seconds, to our work
           (prefork -c 2): commit-to-start p50 and p99, plain path and outbox path.
 rss       resident memory of the process that runs the tasks (the ``-P solo`` worker, or with
           --rss-pool prefork the one child of ``-c 1``) after --rss-runs no-op runs: ours against
-          bare raw Celery and against raw Celery that also imports --rss-raw-preload (SQLAlchemy's
-          ORM and psycopg: the database layer every Websauna app's worker holds); both ratios.
-          The task itself reads /proc/self/status.
+          bare raw Celery, against raw Celery that also imports --rss-raw-preload (SQLAlchemy's
+          ORM and its PostgreSQL dialect on psycopg: the database layer every Websauna app's worker
+          holds), and against raw Celery that imports --rss-stack-preload as well (Pyramid,
+          pyramid_tm, zope.sqlalchemy: what a Pyramid request in the worker needs, whoever builds
+          it); the three ratios. Our worker is configured with the same PostgreSQL URL (its engine
+          never connects). The task itself reads /proc/self/status.
 
 Services and private names as bench/run.py: BENCH_REDIS_URL (queues ``bench-<id>-*``) and
 BENCH_DATABASE_URL (a database of its own, dropped at the end).
@@ -54,10 +57,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rate", type=float, default=500.0, help="commits per second (latency)")
     parser.add_argument("--seconds", type=float, default=10.0, help="how long the load lasts (latency)")
     parser.add_argument("--rss-runs", default="1000,10000,100000", help="runs after which RSS is read (rss)")
-    parser.add_argument("--rss-sides", default="raw,raw+sql,ours",
-                        help="which workers the rss part runs: raw (bare), raw+sql (imports --rss-raw-preload), ours")
-    parser.add_argument("--rss-raw-preload", default="sqlalchemy.orm,psycopg",
+    parser.add_argument("--rss-sides", default="raw,raw+sql,raw+stack,ours",
+                        help="which workers the rss part runs: raw (bare), raw+sql (imports --rss-raw-preload), "
+                             "raw+stack (imports --rss-raw-preload and --rss-stack-preload), ours")
+    parser.add_argument("--rss-raw-preload", default="sqlalchemy.orm,sqlalchemy.dialects.postgresql.psycopg,psycopg",
                         help="modules the raw+sql worker imports at start (rss)")
+    parser.add_argument("--rss-stack-preload", default="pyramid.config,pyramid.router,pyramid_tm,zope.sqlalchemy",
+                        help="modules the raw+stack worker imports at start besides --rss-raw-preload (rss)")
     parser.add_argument("--rss-pool", default="solo", choices=("solo", "prefork"),
                         help="pool of every rss worker; prefork runs -c 1 and measures its child (rss)")
     args = parser.parse_args(argv)
@@ -294,7 +300,8 @@ def rss_growth(args, client, raw_queue: str, ws_queue: str, tmp: pathlib.Path, e
                ws_main, raw_app, ws_tasks) -> str:
     import transaction
 
-    values = {"websauna.celery_config": repr(settings.celery_config(ws_queue))}
+    # The same database layer as raw+sql: an engine on PostgreSQL (made, never connected: no task uses it).
+    values = {"websauna.celery_config": repr(settings.celery_config(ws_queue)), "sqlalchemy.url": settings.DATABASE_URL}
     ini = write_ini(tmp / "rss.ini", values)
     ws_main({}, **values)
     marks = args.rss_runs
@@ -332,13 +339,15 @@ def rss_growth(args, client, raw_queue: str, ws_queue: str, tmp: pathlib.Path, e
     # empty, and the mark task is the same code (bench.settings.own_rss_kib) in the same process.
     sides = {"raw": ("raw Celery", raw_queue, feed_raw, raw_worker("")),
              "raw+sql": ("raw Celery + SQLAlchemy", raw_queue, feed_raw, raw_worker(args.rss_raw_preload)),
+             "raw+stack": ("raw Celery + SQLAlchemy + Pyramid", raw_queue, feed_raw,
+                           raw_worker(f"{args.rss_raw_preload},{args.rss_stack_preload}")),
              "ours": ("ours", ws_queue, feed_ws,
                       lambda log: services.Worker([sys.executable, "-m", "websauna_tasks.cli", str(ini), "--",
                                                    "worker", *pool, *WORKER_FLAGS], log, env))}
     chosen = [side for side in args.rss_sides.split(",") if side]
     unknown = set(chosen) - set(sides)
     if unknown:
-        raise SystemExit(f"--rss-sides: unknown {', '.join(sorted(unknown))} (raw, raw+sql, ours)")
+        raise SystemExit(f"--rss-sides: unknown {', '.join(sorted(unknown))} (raw, raw+sql, raw+stack, ours)")
     for side in chosen:
         name, queue, feed, start = sides[side]
         prefix = f"{queue}-rss-{uuid.uuid4().hex[:6]}"
@@ -356,16 +365,18 @@ def rss_growth(args, client, raw_queue: str, ws_queue: str, tmp: pathlib.Path, e
             services.delete_queue_keys(client, queue)
     process = "one -P solo worker process" if args.rss_pool == "solo" else "the child of a -P prefork -c 1 worker"
     lines = [f"rss: {process}, resident set after n no-op runs (KiB, VmRSS); "
-             f"raw+sql imports {args.rss_raw_preload} at start",
-             f"{'runs':>8} {'raw KiB':>9} {'raw+sql KiB':>12} {'ours KiB':>9} {'ours/raw':>9} {'ours/raw+sql':>13}"]
+             f"raw+sql imports {args.rss_raw_preload} at start, raw+stack {args.rss_stack_preload} as well",
+             f"{'runs':>8} {'raw KiB':>9} {'raw+sql KiB':>12} {'raw+stack KiB':>14} {'ours KiB':>9} "
+             f"{'ours/raw':>9} {'ours/raw+sql':>13} {'ours/raw+stack':>15}"]
 
     def ratio(ours: int, raw: int, width: int) -> str:
         return f"{ours / raw:>{width - 1}.2f}x" if ours and raw else f"{'-':>{width}}"
 
     for index, mark in enumerate(marks):
-        raw_kib, sql_kib, ours_kib = (results.get(side, [0] * len(marks))[index] for side in ("raw", "raw+sql", "ours"))
-        lines.append(f"{mark:>8,} {raw_kib:>9,} {sql_kib:>12,} {ours_kib:>9,} "
-                     f"{ratio(ours_kib, raw_kib, 9)} {ratio(ours_kib, sql_kib, 13)}")
+        raw_kib, sql_kib, stack_kib, ours_kib = (results.get(side, [0] * len(marks))[index]
+                                                 for side in ("raw", "raw+sql", "raw+stack", "ours"))
+        lines.append(f"{mark:>8,} {raw_kib:>9,} {sql_kib:>12,} {stack_kib:>14,} {ours_kib:>9,} "
+                     f"{ratio(ours_kib, raw_kib, 9)} {ratio(ours_kib, sql_kib, 13)} {ratio(ours_kib, stack_kib, 15)}")
     for side, figures in results.items():
         lines.append(f"{sides[side][0]}: grew {figures[-1] - figures[0]:+,} KiB "
                      f"from {marks[0]:,} to {marks[-1]:,} runs")

@@ -638,3 +638,52 @@ def test_the_stored_payload_of_a_worker_run_is_deleted_from_the_flattened_header
         finally:
             task.pop_request()
     assert set(stored_rows(db, *ids.values())) == {ids["FAILURE"], ids["RETRY"]}
+
+
+@pytest.mark.slow
+def test_forged_references_published_straight_to_rabbitmq_are_dead_letters(
+        make_app, db, queue_name, write_ini, ws_celery_worker_factory, subprocess_env, rabbitmq_url, database_url):
+    # The Redis test above forges through Celery; here a bare kombu producer writes the messages onto
+    # RabbitMQ itself, with nobody's send path in between: the intake is the only gate they meet.
+    import kombu
+
+    settings = settings_for(rabbitmq_url, database_url, queue_name, **{MAX_KEY: str(256 * 1024)})
+    router = make_app(**settings)
+    claim_check_of(get_celery(router.registry)).ensure_table(sa.create_engine(database_url))
+    name = "tests.claim.digest"
+    forged: dict[str, str] = {}
+
+    def publish(producer, header, task_id=None, task=name, expect="malformed"):
+        task_id = task_id or str(uuid.uuid4())
+        headers = {"lang": "py", "task": task, "id": task_id, "root_id": task_id, "parent_id": None,
+                   "group": None, "retries": 0, "eta": None, "expires": None, "argsrepr": "()",
+                   "kwargsrepr": "{}", "origin": "forger", PAYLOAD_HEADER: header}
+        producer.publish([[], {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}],
+                         routing_key=queue_name, headers=headers, serializer="json",
+                         declare=[kombu.Queue(queue_name, routing_key=queue_name)])
+        forged[task_id] = expect
+        return task_id
+
+    missing, other, not_json, huge = (str(uuid.uuid4()) for _ in range(4))
+    insert_row(db, other, "tests.record", json.dumps([["x"], {}]))
+    insert_row(db, not_json, name, "{{{")
+    insert_row(db, huge, name, json.dumps([["y" * 600_000], {}]))
+    with kombu.Connection(rabbitmq_url) as connection:
+        producer = connection.Producer()
+        publish(producer, 7)
+        publish(producer, {"id": "nested"})
+        publish(producer, "someone-else's-id")
+        publish(producer, missing, task_id=missing, expect="payload_missing")
+        publish(producer, other, task_id=other)
+        publish(producer, not_json, task_id=not_json)
+        publish(producer, huge, task_id=huge, expect="too_large")
+    good = claim_check_tasks.digest.apply_async(args=("z" * 100_000,), kwargs={"tag": "good"}, tm=None)
+
+    worker = ws_celery_worker_factory(write_ini(settings), "worker", "-c", "1", "-l", "info", env=subprocess_env)
+    wait_for(lambda: good.id in effects(db), timeout=90, describe=worker.output)
+    letters = wait_for(lambda: len(list_dead_letters(router.registry)) == len(forged)
+                       and list_dead_letters(router.registry), timeout=30, describe=worker.output)
+    assert {letter["id"]: letter["kind"] for letter in letters} == forged
+    assert set(effects(db)) == {good.id}
+    assert [run["payload"] for run in effects(db)[good.id]] == [describe("z" * 100_000)]
+    assert worker.process.poll() is None

@@ -58,14 +58,13 @@ import zope.sqlalchemy
 from kombu.utils.json import dumps as kombu_dumps
 from kombu.utils.json import loads as kombu_loads
 from pyramid.exceptions import ConfigurationError
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from .broker import STORED_ARGUMENTS_HEADER
 from .db import get_engine, transaction_sessions
 from .names import connect_run_signals
 from .payload import PayloadTooLarge, stores_payloads
-from .schema import PAYLOADS_TABLE_NAME, ensure_tables, masked_url, payloads_table
+from .schema import PAYLOADS_TABLE_NAME, ensure_tables, masked_url, on_conflict_insert, payloads_table
 from .settings import (
     MIN_PAYLOAD_STORE_THRESHOLD_BYTES,
     PAYLOAD_STORE_MAX_KEY,
@@ -318,8 +317,8 @@ def _write_row(execute: t.Callable[[t.Any], t.Any], dialect: str, row: dict[str,
     """Insert ``row``, or overwrite the row of its task id (a retry of a stored task)."""
     table = payloads_table
     changed = {key: value for key, value in row.items() if key != "id"}
-    if dialect in ("postgresql", "sqlite"):
-        insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    insert = on_conflict_insert(dialect)
+    if insert is not None:
         execute(insert(table).values(**row).on_conflict_do_update(index_elements=[table.c.id], set_=changed))
         return
     # Elsewhere no upsert is portable: both statements run in the caller's one transaction.

@@ -37,16 +37,15 @@ import weakref
 import sqlalchemy as sa
 from celery import bootsteps
 from pyramid.exceptions import ConfigurationError
-from sqlalchemy.dialects import postgresql, sqlite
 
 from .payload import stores_payloads
 
 # The done-table is defined with the library's other tables and keeps its names here; ``metadata``
-# (its MetaData before) is the library's one MetaData now, holding every table of schema.py.
+# (its MetaData before) is the library's one MetaData now, holding every table of schema.py
+# (module __getattr__ below).
 from .schema import DONE_TABLE_NAME as DONE_TABLE_NAME
 from .schema import done_table as done_table
-from .schema import ensure_tables
-from .schema import metadata as metadata  # noqa: F401
+from .schema import ensure_tables, on_conflict_insert
 
 # The settings keep their names here (settings.py declares and parses them): seconds a done-row is
 # kept by prune_done() (7 days); create websauna_tasks_done on first use (true); seconds between two
@@ -82,6 +81,15 @@ def check_idempotent_class(cls: type, transactional_base: type) -> None:
             "RetryableTransactionTask: the task id is recorded in the run's transaction, with its writes")
 
 
+def __getattr__(name: str) -> sa.MetaData:
+    # Read from schema when asked for, not imported: reading schema.metadata loads every dialect.
+    if name == "metadata":
+        from . import schema
+
+        return schema.metadata
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def _engine_of(session: Session) -> Engine:
     bind = session.get_bind()
     return getattr(bind, "engine", bind)
@@ -101,9 +109,8 @@ def record_run(session: Session, task_id: str, task_name: str) -> bool:
     """Insert the done-row in the session's transaction: True if inserted, False if it was there."""
     values = {"task_id": task_id, "task_name": task_name,
               "done_at": datetime.datetime.now(datetime.timezone.utc)}
-    dialect = _engine_of(session).dialect.name
-    if dialect in ("postgresql", "sqlite"):
-        insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    insert = on_conflict_insert(_engine_of(session).dialect.name)
+    if insert is not None:
         statement = (insert(done_table).values(**values).on_conflict_do_nothing(index_elements=["task_id"])
                      .returning(done_table.c.task_id))  # rowcount is -1 here with psycopg 3 and SQLAlchemy 2.1
         return session.execute(statement).first() is not None

@@ -17,6 +17,8 @@ must find it there (``never``): docs/schema.md.
 """
 from __future__ import annotations
 
+import functools
+import importlib
 import typing as t
 
 import sqlalchemy as sa
@@ -25,14 +27,15 @@ from pyramid.exceptions import ConfigurationError
 #: The command that creates the tables, named by every "missing table" error.
 INIT_COMMAND = "ws-celery INI -- init"
 
-metadata = sa.MetaData()
+# Public as ``metadata`` through the module's __getattr__ below, which completes it first.
+_metadata = sa.MetaData()
 
 # -- the outbox (outbox/): a task message as a row of the request's transaction ------------------------
 
 OUTBOX_TABLE_NAME = "websauna_tasks_outbox"
 
 outbox_table = sa.Table(
-    OUTBOX_TABLE_NAME, metadata,
+    OUTBOX_TABLE_NAME, _metadata,
     # The task id: known before the INSERT, returned by apply_async().
     sa.Column("id", sa.String(64), primary_key=True),
     # Celery app name: two apps sharing a database relay their own rows only.
@@ -48,11 +51,10 @@ outbox_table = sa.Table(
     # maximum once a run failed for good.
     sa.Column("redeliveries", sa.Integer, nullable=False, server_default="0"),
 )
-#: Unsent rows only, in claim order: the relay's query reads this and nothing else.
-outbox_pending_index = sa.Index(
-    "ix_websauna_tasks_outbox_pending", outbox_table.c.app, outbox_table.c.created_at,
-    postgresql_where=outbox_table.c.sent_at.is_(None), sqlite_where=outbox_table.c.sent_at.is_(None),
-)
+#: Unsent rows only, in claim order: the relay's query reads this and nothing else. Partial on
+#: PostgreSQL and SQLite (WHERE sent_at IS NULL), through dialect options attached by
+#: :func:`use_dialects`, not given here: see there.
+outbox_pending_index = sa.Index("ix_websauna_tasks_outbox_pending", outbox_table.c.app, outbox_table.c.created_at)
 outbox_sent_index = sa.Index("ix_websauna_tasks_outbox_sent", outbox_table.c.sent_at)
 
 # -- done-rows (idempotency.py): one per committed run of an idempotent task ----------------------------
@@ -60,7 +62,7 @@ outbox_sent_index = sa.Index("ix_websauna_tasks_outbox_sent", outbox_table.c.sen
 DONE_TABLE_NAME = "websauna_tasks_done"
 
 done_table = sa.Table(
-    DONE_TABLE_NAME, metadata,
+    DONE_TABLE_NAME, _metadata,
     sa.Column("task_id", sa.String(255), primary_key=True),
     sa.Column("task_name", sa.String(255), nullable=False),
     sa.Column("done_at", sa.DateTime(timezone=True), nullable=False, index=True),
@@ -71,7 +73,7 @@ done_table = sa.Table(
 NAMES_TABLE_NAME = "websauna_tasks_names"
 
 names_table = sa.Table(
-    NAMES_TABLE_NAME, metadata,
+    NAMES_TABLE_NAME, _metadata,
     sa.Column("name", sa.String(255), primary_key=True),
     sa.Column("task_id", sa.String(64), nullable=False),
     # Epoch seconds: no time zone to get wrong between SQLite and PostgreSQL.
@@ -86,7 +88,7 @@ SHARDS_TABLE_NAME = "websauna_tasks_iteration_shards"
 SHARD_RUNNING = "running"
 
 iterations_table = sa.Table(
-    ITERATIONS_TABLE_NAME, metadata,
+    ITERATIONS_TABLE_NAME, _metadata,
     sa.Column("id", sa.String(64), primary_key=True),
     sa.Column("callback", sa.Text, nullable=False),
     sa.Column("finalize", sa.Text, nullable=False),
@@ -104,7 +106,7 @@ iterations_table = sa.Table(
     sa.Column("finished_at", sa.Float),
 )
 shards_table = sa.Table(
-    SHARDS_TABLE_NAME, metadata,
+    SHARDS_TABLE_NAME, _metadata,
     sa.Column("iteration_id", sa.String(64), sa.ForeignKey(iterations_table.c.id, ondelete="CASCADE"),
               primary_key=True),
     sa.Column("shard_index", sa.Integer, primary_key=True, autoincrement=False),
@@ -128,7 +130,7 @@ shards_table = sa.Table(
 DEAD_LETTERS_TABLE_NAME = "websauna_tasks_dead_letters"
 
 dead_letters_table = sa.Table(
-    DEAD_LETTERS_TABLE_NAME, metadata,
+    DEAD_LETTERS_TABLE_NAME, _metadata,
     # Oldest first: the order of the list, and the key its indexes page by.
     sa.Column("seq", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True, autoincrement=True),
     # websauna_tasks.deadletter_queue: apps sharing a database keep their letters apart, as on Redis.
@@ -158,7 +160,7 @@ dead_letters_time_index = sa.Index("ix_websauna_tasks_dead_letters_time", dead_l
 CANCELLATIONS_TABLE_NAME = "websauna_tasks_cancellations"
 
 cancellations_table = sa.Table(
-    CANCELLATIONS_TABLE_NAME, metadata,
+    CANCELLATIONS_TABLE_NAME, _metadata,
     # The Celery app's name and the task id, as the Redis key holds them: apps sharing a database stay apart.
     sa.Column("app", sa.String(255), primary_key=True),
     sa.Column("task_id", sa.String(255), primary_key=True),
@@ -171,7 +173,7 @@ cancellations_table = sa.Table(
 PAYLOADS_TABLE_NAME = "websauna_tasks_payloads"
 
 payloads_table = sa.Table(
-    PAYLOADS_TABLE_NAME, metadata,
+    PAYLOADS_TABLE_NAME, _metadata,
     # The task id: the message's reference header must name its own id, so a forged one cannot borrow
     # another task's arguments; a retry of the task writes its arguments over the same row.
     sa.Column("id", sa.String(255), primary_key=True),
@@ -186,7 +188,55 @@ payloads_table = sa.Table(
 )
 
 #: Every table, parents before the tables that refer to them.
-TABLES: tuple[sa.Table, ...] = tuple(metadata.sorted_tables)
+TABLES: tuple[sa.Table, ...] = tuple(_metadata.sorted_tables)
+
+
+# -- dialect-specific parts ----------------------------------------------------------------------------
+
+#: The databases the library writes dialect-specific SQL for: partial indexes, INSERT ... ON CONFLICT.
+DIALECTS = ("postgresql", "sqlite")
+
+#: Each partial index and its WHERE, as the ``<dialect>_where`` option of :data:`DIALECTS`.
+_PARTIAL_INDEXES = ((outbox_pending_index, outbox_table.c.sent_at.is_(None)),)
+
+
+def _add_dialect_options(*dialect_names: str) -> None:
+    """Attach the partial indexes' WHERE for those of ``dialect_names`` in :data:`DIALECTS`.
+
+    Not given to ``sa.Index()``: SQLAlchemy validates a ``<dialect>_<option>``
+    argument by importing that dialect, so every process importing the tables
+    (a worker using one database) would hold both dialects (2.4 MB for
+    PostgreSQL's, 0.6 MB for SQLite's). ``dialect_kwargs`` is SQLAlchemy's
+    way to add them later; they are added where DDL is made or compared:
+    for the engine's dialect by create_missing() and ddl_statements(), for
+    every dialect when ``metadata`` is read (Alembic, ``create_all``).
+    """
+    for name in dialect_names:
+        if name in DIALECTS:
+            for index, where in _PARTIAL_INDEXES:
+                index.dialect_kwargs[f"{name}_where"] = where
+
+
+def __getattr__(name: str) -> sa.MetaData:
+    # ``metadata`` is what the application's tools make or compare DDL from, for any dialect
+    # (Alembic's autogenerate renders the options it finds): complete first. The library itself
+    # uses the tables, so a worker never gets here.
+    if name == "metadata":
+        _add_dialect_options(*DIALECTS)
+        return _metadata
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+@functools.cache
+def on_conflict_insert(dialect_name: str) -> t.Callable[[sa.Table], t.Any] | None:
+    """``insert()`` of the dialect ``dialect_name``, the one with ``on_conflict_do_*``; None outside :data:`DIALECTS`.
+
+    Imported on use, for the engine's own dialect (loaded by the engine
+    already), rather than both at import: see :func:`_add_dialect_options`.
+    """
+    if dialect_name not in DIALECTS:
+        return None
+    return importlib.import_module(f"sqlalchemy.dialects.{dialect_name}").insert
 
 
 # -- missing tables ----------------------------------------------------------------------------------
@@ -238,6 +288,7 @@ def create_missing(engine: sa.Engine, tables: t.Iterable[sa.Table] = TABLES) -> 
     the outbox relay's engine already carries an isolation level, and
     SQLAlchemy keeps the first of two chained ones.
     """
+    _add_dialect_options(engine.dialect.name)
     created = []
     for table in tables:
         inspector = sa.inspect(engine)
@@ -281,6 +332,7 @@ def ensure_tables(engine: sa.Engine, tables: t.Iterable[sa.Table], create: bool)
 
 def ddl_statements(dialect: sa.Dialect, tables: t.Iterable[sa.Table] = TABLES) -> list[str]:
     """The ``CREATE TABLE`` and ``CREATE INDEX`` statements of ``tables`` in ``dialect``'s SQL, one per item."""
+    _add_dialect_options(dialect.name)
     statements = []
     for table in tables:
         statements.append(str(sa.schema.CreateTable(table).compile(dialect=dialect)).strip())

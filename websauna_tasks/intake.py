@@ -99,6 +99,16 @@ class Intake:
         self._deferred: OrderedDict[str, str | None] = OrderedDict()
         #: None: an unknown task goes to the dead letters at once, through Celery's own refusal.
         self.unknown: UnknownTasks | None = None
+        self._tasks: t.Any = None
+
+    @property
+    def tasks(self) -> t.Any:
+        """The app's task registry, read once: ``app.tasks`` takes two locks on every read (a cached_property)."""
+        tasks = self._tasks
+        if tasks is None:
+            # The registry Celery keeps for the app's life: tasks registered later are added to this same dict.
+            tasks = self._tasks = self.app.tasks
+        return tasks
 
     @property
     def letters(self) -> DeadLetters:
@@ -123,7 +133,8 @@ class Intake:
         problem = headers_problem(headers)
         if problem is not None:
             return "malformed", problem
-        if PAYLOAD_HEADER in headers and (name in self.app.tasks or name == DEFERRED_TASK_NAME):
+        tasks = self.tasks
+        if PAYLOAD_HEADER in headers and (name in tasks or name == DEFERRED_TASK_NAME):
             # A stored payload (claim_check.py), loaded before the checks below see the arguments; an
             # unknown task's message is given back as it came, small.
             problem = self.load_payload(message, headers)
@@ -139,7 +150,7 @@ class Intake:
             return "malformed", problem
         if name == DEFERRED_TASK_NAME:
             return self._deferred_problem(payload[0], payload[1])
-        task = self.app.tasks.get(name)
+        task = tasks.get(name)
         if task is not None:
             mismatch = signature_problem(task, payload[0], payload[1])
             if mismatch is not None:
@@ -201,6 +212,8 @@ class Intake:
 
 
 _NO_LIMITS = [None, None]
+#: Headers Celery's request takes as strings when they are set.
+_STRING_HEADERS = ("root_id", "parent_id", "group", "shadow", "argsrepr", "kwargsrepr", "origin")
 
 
 def headers_problem(headers: dict[str, t.Any]) -> str | None:
@@ -227,7 +240,7 @@ def headers_problem(headers: dict[str, t.Any]) -> str | None:
             and all(limit is None or (type(limit) in (int, float) and math.isfinite(limit) and limit >= 0)
                     for limit in limits)):
         return "the timelimit header is not a pair of [hard, soft] seconds"
-    for key in ("root_id", "parent_id", "group", "shadow", "argsrepr", "kwargsrepr", "origin"):
+    for key in _STRING_HEADERS:
         value = headers.get(key)
         if value is not None and not isinstance(value, str):
             return f"the {key} header is a {type(value).__name__}, not a string"
@@ -247,7 +260,7 @@ def body_problem(payload: t.Any, text: bytes | str | None = None) -> str | None:
         return f"args is a {type(args).__name__}, not a list"
     if not isinstance(kwargs, dict):
         return f"kwargs is a {type(kwargs).__name__}, not a dict"
-    if not all(isinstance(key, str) for key in kwargs):
+    if kwargs and not all(isinstance(key, str) for key in kwargs):
         return "a keyword of kwargs is not a string"
     if embed is not None and not isinstance(embed, dict):
         return f"embed is a {type(embed).__name__}, not a dict"

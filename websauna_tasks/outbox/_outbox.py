@@ -94,6 +94,37 @@ def note_failed_run(task: Task, task_id: str) -> None:
         outbox.redeliverer.note_failed_run(task, task_id)
 
 
+# Statements built once: building one (and its cache key) cost about as much
+# CPU as running it. Compiled forms are cached by SQLAlchemy per engine.
+_INSERT = sa.insert(outbox_table)
+#: PostgreSQL: notifies the relays, when (and only if) the row's transaction
+#: commits; identical notifications of one transaction are folded into one.
+_INSERT_AND_NOTIFY = _INSERT.returning(sa.func.pg_notify(CHANNEL, ""))
+_MARK_SENT = (sa.update(outbox_table).where(outbox_table.c.id.in_(sa.bindparam("ids", expanding=True)))
+              .values(sent_at=sa.bindparam("sent")))
+_claim_statements: dict[tuple[str, bool], sa.Select] = {}
+
+
+def _claim_statement(dialect_name: str, by_ids: bool) -> sa.Select:
+    """Up to ``:limit`` unsent rows of ``:app`` (of ``:ids`` when ``by_ids``), oldest first, locked on PostgreSQL."""
+    key = (dialect_name, by_ids)
+    query = _claim_statements.get(key)
+    if query is None:
+        table = outbox_table
+        query = (sa.select(table.c.id, table.c.task_name, table.c.args, table.c.kwargs, table.c.options,
+                           table.c.created_at)
+                 .where(table.c.sent_at.is_(None), table.c.app == sa.bindparam("app"))
+                 .order_by(table.c.created_at).limit(sa.bindparam("limit", type_=sa.Integer)))
+        if by_ids:
+            query = query.where(table.c.id.in_(sa.bindparam("ids", expanding=True)))
+        if dialect_name == "postgresql":
+            # Rows another relay holds are skipped, not waited for: each row
+            # is published by whoever locked it, once.
+            query = query.with_for_update(skip_locked=True)
+        _claim_statements[key] = query
+    return query
+
+
 class Outbox:
     """Writes an app's on-commit messages as rows and publishes unsent rows."""
 
@@ -135,11 +166,11 @@ class Outbox:
         bind = session.get_bind()
         engine = getattr(bind, "engine", bind)
         ensure_table(engine, self.create_tables)
-        session.execute(sa.insert(outbox_table).values(**row))
         if engine.dialect.name == "postgresql":
-            # Delivered to LISTENers when (and only if) this transaction commits;
-            # PostgreSQL folds identical notifications of one transaction into one.
-            session.execute(sa.text("SELECT pg_notify(:channel, '')"), {"channel": CHANNEL})
+            # The NOTIFY rides on the INSERT: one statement, one round trip.
+            session.execute(_INSERT_AND_NOTIFY, row).close()
+        else:
+            session.execute(_INSERT, row)
         # A session of the app's own factory may start "active": a raw INSERT
         # must still be committed.
         zope.sqlalchemy.mark_changed(session, transaction_manager=tm)
@@ -187,25 +218,16 @@ class Outbox:
         """
         engine = engine or self.relay_engine()
         ensure_table(engine, self.create_tables)
-        table = outbox_table
-        query = (sa.select(table.c.id, table.c.task_name, table.c.args, table.c.kwargs, table.c.options,
-                           table.c.created_at)
-                 .where(table.c.sent_at.is_(None), table.c.app == self.app_name)
-                 .order_by(table.c.created_at).limit(self.batch_size))
+        params: dict[str, t.Any] = {"app": self.app_name, "limit": self.batch_size}
         if ids is not None:
-            query = query.where(table.c.id.in_(ids))
-        if engine.dialect.name == "postgresql":
-            # Rows another relay holds are skipped, not waited for: each row
-            # is published by whoever locked it, once.
-            query = query.with_for_update(skip_locked=True)
+            params["ids"] = ids
         with engine.connect() as conn, conn.begin():
-            rows = conn.execute(query).all()
+            rows = conn.execute(_claim_statement(engine.dialect.name, ids is not None), params).all()
             if not rows:
                 return 0
             self.publish_rows(rows)
             sent_at = time.time()
-            conn.execute(sa.update(table).where(table.c.id.in_([row.id for row in rows]))
-                         .values(sent_at=sent_at))
+            conn.execute(_MARK_SENT, {"ids": [row.id for row in rows], "sent": sent_at})
         if hooks.watching:
             observer = hooks.observer_of(self.app)
             if observer is not None:

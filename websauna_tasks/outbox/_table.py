@@ -70,31 +70,50 @@ def _decode(obj: dict) -> t.Any:
     return obj
 
 
+# Built once: json.dumps with ``default`` or ``separators`` builds a new encoder at every call.
+_encode_json = json.JSONEncoder(default=_encode, separators=(",", ":")).encode
+
+
 def _dumps(what: str, value: t.Any, message: PendingMessage) -> str:
     try:
-        return json.dumps(value, default=_encode, separators=(",", ":"))
+        return _encode_json(value)
     except (TypeError, ValueError) as exc:
         raise OutboxError(
             f"cannot store the {what} of task {message.task.name} in the outbox as JSON ({exc}); "
             "pass JSON values (ids rather than objects), or turn websauna_tasks.outbox off") from None
 
 
+def _dumps_options(options: dict[str, t.Any], message: PendingMessage) -> str:
+    try:
+        return _encode_json(options)
+    except (TypeError, ValueError):
+        # Encoded whole first, one call for the usual storable options; the
+        # error names the option that cannot be stored.
+        for key, value in options.items():
+            _dumps(f"option {key!r}", value, message)
+        return _dumps("options", options, message)
+
+
+#: Options of the sending process only (a producer, a connection): never stored.
+_LOCAL_OPTIONS = frozenset({"producer", "connection", "publisher", "router"})
+
+
 def message_row(message: PendingMessage, now: float | None = None) -> dict[str, t.Any]:
     """The outbox row of ``message``; :class:`OutboxError` when something cannot be stored."""
-    options = dict(message.options)
-    # Publishing details of this process, meaningless in a relay: never stored.
-    for key in ("producer", "connection", "publisher", "router"):
-        options.pop(key, None)
-    for key, value in options.items():
-        # Signatures (link, link_error, chain) are dicts: stored as such, rebuilt by the relay.
-        _dumps(f"option {key!r}", value, message)
+    options = message.options
+    if not _LOCAL_OPTIONS.isdisjoint(options):
+        # Publishing details of this process, meaningless in a relay: never stored.
+        options = {key: value for key, value in options.items() if key not in _LOCAL_OPTIONS}
+    # The options first: an option that cannot be stored is named even when an argument cannot be either.
+    stored_options = _dumps_options(options, message)
     return {
         "id": message.task_id,
         "app": message.task.app.main or "",
         "task_name": message.task.name,
         "args": _dumps("arguments", list(message.args), message),
         "kwargs": _dumps("keyword arguments", message.kwargs, message),
-        "options": _dumps("options", options, message),
+        # Signatures (link, link_error, chain) are dicts: stored as such, rebuilt by the relay.
+        "options": stored_options,
         "created_at": time.time() if now is None else now,
         "sent_at": None,
     }

@@ -217,6 +217,16 @@ def _add_dialect_options(*dialect_names: str) -> None:
                 index.dialect_kwargs[f"{name}_where"] = where
 
 
+def _before_create(table: sa.Table, connection: sa.Connection, **kw: t.Any) -> None:
+    # ``outbox_table.create(engine)`` or ``create_all`` on the tables' own MetaData reach neither
+    # create_missing() nor ``metadata``: the table's DDL event still gives its indexes their WHERE.
+    _add_dialect_options(connection.dialect.name)
+
+
+for _table in {index.table for index, _ in _PARTIAL_INDEXES}:
+    sa.event.listen(_table, "before_create", _before_create)
+
+
 def __getattr__(name: str) -> sa.MetaData:
     # ``metadata`` is what the application's tools make or compare DDL from, for any dialect
     # (Alembic's autogenerate renders the options it finds): complete first. The library itself

@@ -7,6 +7,8 @@ sessionmaker, and find the transaction manager of each session in
 ``session.info``: every session still gets zope.sqlalchemy's own
 ``ZopeTransactionEvents`` with its own manager, and a session made from the
 sessionmaker without one is left alone, as before.
+
+Six of the seven: ``do_orm_execute`` is left out (see ``_LISTENERS``).
 """
 from __future__ import annotations
 
@@ -191,11 +193,16 @@ def _the_session(session: Session) -> Session:
 
 
 def _session_of_context(context: t.Any) -> Session:
-    # Bulk update/delete contexts and ORM execute states carry their session.
+    # Bulk update/delete contexts carry their session.
     return context.session
 
 
-# The same events, in the same order, as zope.sqlalchemy.register().
+# The events of zope.sqlalchemy.register(), in its order, but for do_orm_execute. Its listener only
+# marks the session changed on an ORM insert/update/delete, and every session of ours joins its
+# transaction already changed (_INITIAL_STATE), so it had nothing to do; yet any do_orm_execute
+# listener makes SQLAlchemy build an ORMExecuteState, and prepare an ORM statement twice, on every
+# session.execute(). What is lost: zope.sqlalchemy's assertion on an ORM insert/update/delete in a
+# session its user joined by hand as STATUS_READONLY (legacy Query.update()/delete() still get it).
 _LISTENERS: dict[str, t.Callable[..., None]] = {
     name: _forward(name, session_of) for name, session_of in (
         ("after_begin", _the_session),
@@ -204,7 +211,6 @@ _LISTENERS: dict[str, t.Callable[..., None]] = {
         ("after_bulk_update", _session_of_context),
         ("after_bulk_delete", _session_of_context),
         ("before_commit", _the_session),
-        ("do_orm_execute", _session_of_context),
     )
 }
 

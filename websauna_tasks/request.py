@@ -49,7 +49,10 @@ class _RequestTemplate:
 
     def __init__(self, key: tuple):
         self.key = key
+        #: ``_utilities_stamp`` of the registry when the key was last checked; None: check every run.
+        self.stamp: t.Any = None
         factory, extensions, _methods, _descriptors, site_url, root_factory = key
+        self.site_url = site_url
         self.root_factory = root_factory
         # Only a plain ``blank`` can be replaced by a copy of its environ: a
         # factory with its own ``blank`` or one that is not a class is called
@@ -102,20 +105,43 @@ def _extended_class(factory: type, extensions: t.Any) -> type:
 
 
 def _template_for(registry: Registry) -> _RequestTemplate:
+    template = registry.get(_TEMPLATE_KEY)
+    site_url = current_site_url(registry.settings)
+    stamp = _utilities_stamp(registry)
+    if template is not None and stamp is not None and template.stamp == stamp and template.site_url == site_url:
+        # No utility registered or removed since the template was built: the three looked up below are
+        # the same objects, and only the extensions' contents (add_request_method mutates them) may differ.
+        extensions = template.key[1]
+        if extensions is None or (len(extensions.methods), len(extensions.descriptors)) == template.key[2:4]:
+            return template
     extensions = registry.queryUtility(IRequestExtensions)
     key = (
         registry.queryUtility(IRequestFactory, default=Request),
         extensions,
         len(extensions.methods) if extensions is not None else 0,
         len(extensions.descriptors) if extensions is not None else 0,
-        current_site_url(registry.settings),
+        site_url,
         registry.queryUtility(IRootFactory, default=DefaultRootFactory),
     )
-    template = registry.get(_TEMPLATE_KEY)
     if template is None or template.key != key:
         template = _RequestTemplate(key)
         registry[_TEMPLATE_KEY] = template
+    template.stamp = stamp
     return template
+
+
+def _utilities_stamp(registry: Registry) -> t.Any:
+    """What changes whenever a utility of ``registry`` is registered or unregistered, else None.
+
+    zope.interface counts the changes of an adapter registry in ``_generation``
+    (its own lookup caches use it). A registry with bases (Pyramid's have
+    none) could see a utility change in a base: it gets None, and its
+    utilities are looked up every run.
+    """
+    utilities = registry.utilities
+    if utilities.__bases__:
+        return None
+    return getattr(utilities, "_generation", None)
 
 
 def make_task_request(registry: Registry, path: str = "/") -> Request:
@@ -179,7 +205,7 @@ class task_request:  # noqa: N801 - used as ``with task_request(registry) as req
         request = self.request
         _current_request.reset(self._token)
         try:
-            if _in_transaction(request.tm):
+            if transaction_in_progress(request.tm):
                 request.tm.abort()
         finally:
             if self._closer is not None:
@@ -193,12 +219,23 @@ class task_request:  # noqa: N801 - used as ``with task_request(registry) as req
                     threadlocal_manager.pop()
 
 
-def _in_transaction(tm: transaction.TransactionManager) -> bool:
-    try:
-        tm.get()
-    except transaction.interfaces.NoTransaction:
-        return False
-    return True
+def transaction_in_progress(tm: t.Any) -> bool:
+    """Whether ``tm`` has a transaction now, without creating one (an implicit manager's ``get()`` would).
+
+    Read from the manager rather than asked with ``get()``: an explicit
+    manager answers that with an exception, which every run paid at its end.
+    """
+    manager = tm.manager if isinstance(tm, transaction.ThreadTransactionManager) else tm
+    current = getattr(manager, "_txn", _MISSING)
+    if current is not _MISSING:
+        return current is not None
+    if getattr(tm, "explicit", False):
+        try:
+            tm.get()
+        except transaction.interfaces.NoTransaction:
+            return False
+        return True
+    return False  # another ITransactionManager, implicit: nothing to ask that would not begin one
 
 
 def _get_tm(request: Request) -> transaction.TransactionManager:

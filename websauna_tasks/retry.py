@@ -18,9 +18,10 @@ import typing as t
 
 import transaction
 from pyramid.threadlocal import get_current_registry
-from transaction.interfaces import AlreadyInTransaction, NoTransaction, TransientError
+from transaction.interfaces import AlreadyInTransaction, TransientError
 
 from .request import get_current_request
+from .request import transaction_in_progress as transaction_in_progress  # its home before request.py
 from .settings import get_task_settings
 
 logger = logging.getLogger(__name__)
@@ -28,8 +29,6 @@ logger = logging.getLogger(__name__)
 #: First back-off in seconds; doubled each attempt, with full jitter, up to DEFAULT_BACKOFF_MAX.
 DEFAULT_BACKOFF_BASE = 0.02
 DEFAULT_BACKOFF_MAX = 1.0
-
-_UNKNOWN: t.Any = object()
 
 F = t.TypeVar("F", bound=t.Callable[..., t.Any])
 
@@ -61,21 +60,6 @@ def is_transient(tm: t.Any, exc: BaseException) -> bool:
                 return True
         error = error.__cause__ or error.__context__
     return False
-
-
-def transaction_in_progress(tm: t.Any) -> bool:
-    """Whether ``tm`` has a transaction now, without creating one (an implicit manager's ``get()`` would)."""
-    manager = tm.manager if isinstance(tm, transaction.ThreadTransactionManager) else tm
-    current = getattr(manager, "_txn", _UNKNOWN)
-    if current is not _UNKNOWN:
-        return current is not None
-    if getattr(tm, "explicit", False):
-        try:
-            tm.get()
-        except NoTransaction:
-            return False
-        return True
-    return False  # another ITransactionManager, implicit: nothing to ask that would not begin one
 
 
 def default_attempts() -> int:

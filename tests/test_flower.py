@@ -86,17 +86,26 @@ def test_flower_shows_a_finished_task_of_a_real_worker(settings, ini, make_app, 
     flower, base = start_flower(ws_celery_worker_factory, ini)
 
     make_app(**settings)
-    result = sample_tasks.add.apply_async(args=("flower-", "seen"), tm=None)
+    describe = lambda: f"flower:\n{flower.output()[-3000:]}\nworker:\n{worker.output()[-3000:]}"  # noqa: E731
 
-    def finished() -> dict | None:
-        status, body = get(f"{base}/api/task/info/{result.id}", (USER, PASSWORD))
+    def finished(task_id: str) -> dict | None:
+        status, body = get(f"{base}/api/task/info/{task_id}", (USER, PASSWORD))
         if status != 200:
             return None
         info = json.loads(body)
         return info if info.get("state") == "SUCCESS" else None
 
-    info = wait_for(finished, timeout=60,
-                    describe=lambda: f"flower:\n{flower.output()[-3000:]}\nworker:\n{worker.output()[-3000:]}")
+    # Flower answers HTTP before its event receiver has subscribed, and events sent before that are
+    # gone (Redis pub/sub): probe until Flower has seen one task, then measure with a fresh one.
+    for attempt in range(12):
+        probe = sample_tasks.add.apply_async(args=("probe-", str(attempt)), tm=None)
+        try:
+            wait_for(lambda: finished(probe.id), timeout=5)
+            break
+        except AssertionError:
+            continue
+    result = sample_tasks.add.apply_async(args=("flower-", "seen"), tm=None)
+    info = wait_for(lambda: finished(result.id), timeout=60, describe=describe)
     assert info["name"] == "tests.add"
     # Flower keeps the repr the worker's task-succeeded event carried.
     assert info["result"] == repr("flower-seen")

@@ -98,3 +98,62 @@ def test_celery_processes_are_never_our_commands():
     assert not cli.CELERY_PROCESSES & set(cli.own_commands())
     assert cli.own_command("outbox-relay") is cli.outbox_relay
     assert cli.own_command("worker") is None
+
+
+# Runs ws-celery's worker command up to the worker's start: the command line, the app and the
+# WorkController built from them, then reports instead of consuming.
+STARTED_WORKER = """
+import json, sys
+import click
+import celery.worker.worker as work
+from websauna_tasks import cli
+
+def instead_of_consuming(self):
+    print(json.dumps({"modules": sorted(sys.modules), "pool": self.pool_cls.__module__, "hostname": self.hostname,
+                      "prefetch": self.prefetch_multiplier, "probe": self.options.get("probe_option")}))
+    self.exitcode = 3
+
+work.WorkController.start = instead_of_consuming
+real_run_celery = cli.run_celery
+
+def with_a_user_option(app, celery_args):
+    # Celery's way for an application to add its own worker options.
+    app.user_options["worker"].add(click.Option(["--probe-option"], default=None))
+    return real_run_celery(app, celery_args)
+
+cli.run_celery = with_a_user_option
+sys.exit(cli.main([sys.argv[1], "--", *json.loads(sys.argv[2])]))
+"""
+
+
+def start_worker(tmp_path, subprocess_env, args: list[str]) -> tuple[int, dict]:
+    ini = tmp_path / "worker.ini"
+    ini.write_text("[app:main]\nuse = call:tests.apps.testapp:main\n"
+                   "websauna.celery_config = {'broker_url': 'memory://', 'task_default_queue': 'imports'}\n")
+    done = subprocess.run([sys.executable, "-c", STARTED_WORKER, str(ini), json.dumps(args)], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, **subprocess_env})
+    return done.returncode, json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_a_worker_starts_without_celerys_command_line_group_and_its_plugins(subprocess_env, tmp_path):
+    # celery.bin.celery imports every Celery subcommand (amqp: click_repl, prompt_toolkit) and every
+    # celery.commands plugin (Flower, installed by the test extra): 13 MB a worker process never runs.
+    status, found = start_worker(tmp_path, subprocess_env,
+                                 ["worker", "-P", "solo", "-n", "probe@here", "--prefetch-multiplier", "5",
+                                  "--probe-option", "given"])
+    assert status == 3  # the worker's own exit code, as Celery's command line returns it
+    for module in ("celery.bin.celery", "flower", "prompt_toolkit", "click_repl"):
+        assert module not in found["modules"], module
+    # Celery's options, and the application's own, reached the worker.
+    assert found["pool"] == "celery.concurrency.solo"
+    assert found["hostname"] == "probe@here"
+    assert found["prefetch"] == 5
+    assert found["probe"] == "given"
+
+
+def test_a_worker_after_a_global_option_goes_through_celerys_command_line(subprocess_env, tmp_path):
+    # Options of Celery's group (before the subcommand) are the group's to read: the whole command line runs.
+    _, found = start_worker(tmp_path, subprocess_env, ["--quiet", "worker", "-P", "solo", "--probe-option", "x"])
+    assert "celery.bin.celery" in found["modules"]
+    assert found["pool"] == "celery.concurrency.solo"
+    assert found["probe"] == "x"

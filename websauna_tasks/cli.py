@@ -346,7 +346,12 @@ def make_beat_schedule_directory(app: t.Any, celery_args: list[str]) -> None:
 
 
 def run_celery(app: t.Any, celery_args: list[str]) -> int:
-    """``app.start(celery_args)``, with its exit status, and the real stdout/stderr back afterwards."""
+    """``app.start(celery_args)``, with its exit status, and the real stdout/stderr back afterwards.
+
+    A plain ``worker`` command runs Celery's worker command alone (:func:`_start_worker`).
+    """
+    if _lean_worker(app, celery_args):
+        return _start(app, celery_args, lean=True)
     _hide_irrelevant_options()
     if celery_args[0] in HELP_FLAGS:
         status = _start(app, celery_args)
@@ -368,11 +373,41 @@ def run_celery(app: t.Any, celery_args: list[str]) -> int:
         raise
 
 
-def _start(app: t.Any, celery_args: list[str]) -> int:
+def _lean_worker(app: t.Any, celery_args: list[str]) -> bool:
+    """Whether :func:`_start_worker` starts this command as Celery's whole command line would.
+
+    Only ``worker`` given first (no global option before it), without ``--help`` (whose usage line
+    names Celery's command line), and with no preload options, which Celery's group consumes.
+    """
+    return (celery_args[0] == "worker" and not _asks_for_help(celery_args[1:])
+            and not app.user_options.get("preload"))
+
+
+def _start_worker(app: t.Any, celery_args: list[str]) -> int | None:
+    """Run Celery's ``worker`` command without importing Celery's command-line group.
+
+    Importing ``celery.bin.celery`` imports every Celery subcommand (``amqp`` brings click_repl and
+    prompt_toolkit) and loads every ``celery.commands`` plugin (Flower, with tornado and
+    prometheus_client): about 7.9 MB, and 5.4 MB more with Flower installed, held for the life of
+    each worker process, which runs none of them (bench/growth.py --parts rss). The group's callback
+    does two things a plain ``worker`` needs, done here: a ``CLIContext`` for the app, and the
+    app's ``user_options["worker"]``.
+    """
+    from celery.bin.base import CLIContext
+    from celery.bin.worker import worker
+
+    known = {id(param) for param in worker.params}
+    # Added once, although Celery's group adds them again on every call in one process.
+    worker.params.extend(param for param in app.user_options.get("worker", ()) if id(param) not in known)
+    context = CLIContext(app=app, no_color=False, workdir=None, quiet=False)
+    return worker.main(args=celery_args[1:], prog_name="celery worker", obj=context, standalone_mode=False)
+
+
+def _start(app: t.Any, celery_args: list[str], lean: bool = False) -> int:
     import click
 
     try:
-        code = app.start(argv=celery_args)
+        code = _start_worker(app, celery_args) if lean else app.start(argv=celery_args)
     except click.ClickException as exc:
         _restore_streams()
         exc.show()

@@ -153,7 +153,8 @@ def test_a_worker_starts_without_celerys_command_line_group_and_its_plugins(subp
 
 def test_a_worker_after_a_global_option_goes_through_celerys_command_line(subprocess_env, tmp_path):
     # Options of Celery's group (before the subcommand) are the group's to read: the whole command line runs.
-    _, found = start_worker(tmp_path, subprocess_env, ["--quiet", "worker", "-P", "solo", "--probe-option", "x"])
+    status, found = start_worker(tmp_path, subprocess_env, ["--quiet", "worker", "-P", "solo", "--probe-option", "x"])
+    assert status == 3  # the worker's exit code here too (Celery.start() returns None for it)
     assert "celery.bin.celery" in found["modules"]
     assert found["pool"] == "celery.concurrency.solo"
     assert found["probe"] == "x"

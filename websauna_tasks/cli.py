@@ -403,11 +403,30 @@ def _start_worker(app: t.Any, celery_args: list[str]) -> int | None:
     return worker.main(args=celery_args[1:], prog_name="celery worker", obj=context, standalone_mode=False)
 
 
+def _start_command_line(app: t.Any, celery_args: list[str]) -> int | None:
+    """``Celery.start(argv)``, but returning the command's exit status, which ``start()`` drops.
+
+    A command that ends with ``ctx.exit(status)`` (a worker's or beat's own exit code) would
+    otherwise leave ``ws-celery`` with status 0, and a supervisor would not see the failure.
+    """
+    import click
+    from celery.bin.celery import celery as command_line
+
+    # What start() does: the group's --app option defaults to this app for the call.
+    command_line.params[0].default = app
+    try:
+        return command_line.main(args=celery_args, standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    finally:
+        command_line.params[0].default = None
+
+
 def _start(app: t.Any, celery_args: list[str], lean: bool = False) -> int:
     import click
 
     try:
-        code = _start_worker(app, celery_args) if lean else app.start(argv=celery_args)
+        code = _start_worker(app, celery_args) if lean else _start_command_line(app, celery_args)
     except click.ClickException as exc:
         _restore_streams()
         exc.show()

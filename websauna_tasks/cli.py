@@ -324,8 +324,44 @@ def preflight(app: t.Any, celery_args: list[str]) -> None:
             raise Unreachable(broker_unreachable(broker, exc)) from None
         finally:
             connection.release()
+    if name == "worker":
+        check_worker_options(app, celery_args[1:])
     if name == "beat" or (name == "worker" and any(arg in ("-B", "--beat") for arg in celery_args)):
         make_beat_schedule_directory(app, celery_args)
+
+
+#: Worker options of Celery's that set a setting of settings.CELERY_NUMBERS, by click's parameter name.
+WORKER_NUMBER_OPTIONS = {"prefetch_multiplier": "worker_prefetch_multiplier",
+                         "max_tasks_per_child": "worker_max_tasks_per_child",
+                         "max_memory_per_child": "worker_max_memory_per_child",
+                         "time_limit": "task_time_limit", "soft_time_limit": "task_soft_time_limit"}
+
+
+def check_worker_options(app: t.Any, args: list[str]) -> None:
+    """Refuse a worker option that Celery would take and fail on later, as the setting it sets is refused.
+
+    ``--prefetch-multiplier -5`` makes a worker that never consumes; ``--time-limit nan`` a limit
+    that is never reached. The arguments are read by Celery's own worker command (without running
+    its callbacks); a mistake click itself reports is left for the real run to report.
+    """
+    import click
+    from pyramid.exceptions import ConfigurationError
+
+    from .settings import CELERY_NUMBERS, ParseContext
+
+    try:
+        parsed = _worker_command(app).make_context("celery worker", list(args), obj=_cli_context(app),
+                                                   resilient_parsing=True)
+    except click.ClickException:
+        return
+    context = ParseContext(settings={})
+    for param, setting in WORKER_NUMBER_OPTIONS.items():
+        value = parsed.params.get(param)
+        if value is not None:
+            try:
+                CELERY_NUMBERS[setting].parse(f"--{param.replace('_', '-')}", value, context)
+            except ConfigurationError as exc:
+                raise UsageError(str(exc)) from None
 
 
 def make_beat_schedule_directory(app: t.Any, celery_args: list[str]) -> None:
@@ -393,14 +429,25 @@ def _start_worker(app: t.Any, celery_args: list[str]) -> int | None:
     does two things a plain ``worker`` needs, done here: a ``CLIContext`` for the app, and the
     app's ``user_options["worker"]``.
     """
-    from celery.bin.base import CLIContext
+    return _worker_command(app).main(args=celery_args[1:], prog_name="celery worker", obj=_cli_context(app),
+                                     standalone_mode=False)
+
+
+def _worker_command(app: t.Any) -> t.Any:
+    """Celery's ``worker`` click command, with the app's ``user_options["worker"]`` added once."""
     from celery.bin.worker import worker
 
     known = {id(param) for param in worker.params}
-    # Added once, although Celery's group adds them again on every call in one process.
+    # Once, although Celery's group adds them again on every call in one process.
     worker.params.extend(param for param in app.user_options.get("worker", ()) if id(param) not in known)
-    context = CLIContext(app=app, no_color=False, workdir=None, quiet=False)
-    return worker.main(args=celery_args[1:], prog_name="celery worker", obj=context, standalone_mode=False)
+    return worker
+
+
+def _cli_context(app: t.Any) -> t.Any:
+    """What Celery's command-line group gives its subcommands as ``ctx.obj``, with no global option."""
+    from celery.bin.base import CLIContext
+
+    return CLIContext(app=app, no_color=False, workdir=None, quiet=False)
 
 
 def _start_command_line(app: t.Any, celery_args: list[str]) -> int | None:

@@ -522,7 +522,21 @@ class CeleryConfig(Kind):
 
     def parse(self, key: str, raw: t.Any, context: ParseContext) -> t.Mapping[str, t.Any]:
         # The flat celery.* keys belong to the same configuration, so the whole mapping is read.
-        return celery_config_from_settings(context.settings)
+        config = celery_config_from_settings(context.settings)
+        for name, kind in CELERY_NUMBERS.items():
+            if config.get(name) is not None:
+                config[name] = kind.parse(f"Celery setting {name}", config[name], context)
+        for name in VISIBILITY_TIMEOUT_OPTIONS:
+            options = config.get(name)
+            if isinstance(options, dict) and options.get("visibility_timeout") is not None:
+                where = f"Celery setting {name}['visibility_timeout']"
+                options = {**options, "visibility_timeout": _VISIBILITY.parse(where, options["visibility_timeout"],
+                                                                              context)}
+                config[name] = options
+        if config.get("visibility_timeout") is not None:
+            config["visibility_timeout"] = _VISIBILITY.parse("Celery setting visibility_timeout",
+                                                             config["visibility_timeout"], context)
+        return config
 
 
 class SessionFactory(Kind):
@@ -615,6 +629,22 @@ def _seconds(minimum: float, maximum: float, zero_means: str | None = None) -> N
 
 def _count(minimum: int, maximum: int, unit: str = "", zero_means: str | None = None) -> Number:
     return Number(whole=True, minimum=minimum, maximum=maximum, unit=unit, zero_means=zero_means)
+
+
+#: Celery settings that Celery takes without a word and fails on later: a negative prefetch makes a
+#: worker that never consumes, a word a traceback at start, a NaN visibility timeout a worker that
+#: stops on Redis' reply. Checked at start like ours (None keeps Celery's default).
+CELERY_NUMBERS: dict[str, Number] = {
+    "worker_prefetch_multiplier": _count(1, 100_000, zero_means="no limit"),
+    "worker_concurrency": _count(1, 100_000, zero_means="one per CPU"),
+    "worker_max_tasks_per_child": _count(1, 10**12, zero_means="no limit"),
+    "worker_max_memory_per_child": _count(1, 10**12, unit="KiB", zero_means="no limit"),
+    "task_time_limit": _seconds(0.001, _TEN_YEARS, zero_means="no limit"),
+    "task_soft_time_limit": _seconds(0.001, _TEN_YEARS, zero_means="no limit"),
+}
+#: Where a Redis visibility timeout may be set (reliability.py compares them).
+VISIBILITY_TIMEOUT_OPTIONS = ("broker_transport_options", "result_backend_transport_options")
+_VISIBILITY = _seconds(1, _TEN_YEARS)
 
 
 SETTINGS: tuple[Setting, ...] = (

@@ -74,8 +74,13 @@ def test_good_numbers_pass_as_numbers_and_other_options_are_kept():
     (["--time-limit", "nan"], "--time-limit: expected a finite number"),
     (["--soft-time-limit=-1"], "--soft-time-limit: must be 0 (no limit)"),
     (["--max-tasks-per-child", "-3"], "--max-tasks-per-child: must be 0 (no limit)"),
+    # Celery's worker detaches by exec'ing "python -m celery", which cannot read the INI: it used to exit 0
+    # and leave nothing running.
+    (["--detach"], "worker --detach is not supported"),
+    (["-D", "--logfile", "worker.log"], "worker --detach is not supported"),
 ])
 def test_a_wrong_worker_option_is_one_line_before_celery_starts(args, fragment, subprocess_env, tmp_path):
+    """The options that set those numbers, and --detach, which would start nothing."""
     ini = tmp_path / "worker.ini"
     ini.write_text("[app:main]\nuse = call:tests.apps.testapp:main\n"
                    "websauna.celery_config = {'broker_url': 'memory://', 'task_default_queue': 'numbers'}\n")

@@ -341,27 +341,40 @@ def check_worker_options(app: t.Any, args: list[str]) -> None:
     """Refuse a worker option that Celery would take and fail on later, as the setting it sets is refused.
 
     ``--prefetch-multiplier -5`` makes a worker that never consumes; ``--time-limit nan`` a limit
-    that is never reached. The arguments are read by Celery's own worker command (without running
-    its callbacks); a mistake click itself reports is left for the real run to report.
+    that is never reached; ``--detach`` exits 0 and starts nothing.
     """
-    import click
     from pyramid.exceptions import ConfigurationError
 
     from .settings import CELERY_NUMBERS, ParseContext
 
-    try:
-        parsed = _worker_command(app).make_context("celery worker", list(args), obj=_cli_context(app),
-                                                   resilient_parsing=True)
-    except click.ClickException:
-        return
+    options = parsed_options(_worker_command(app), app, args)
+    if options.get("detach"):
+        # Celery's worker detaches by exec'ing "python -m celery" with our arguments: that process
+        # cannot read the INI and exits at once, while this one exits 0 (beat's detach forks instead).
+        raise UsageError("worker --detach is not supported: Celery's detach starts 'celery', which cannot "
+                         f"read the INI; run ws-celery under a supervisor (systemd, supervisord): see {DOCS}")
     context = ParseContext(settings={})
     for param, setting in WORKER_NUMBER_OPTIONS.items():
-        value = parsed.params.get(param)
+        value = options.get(param)
         if value is not None:
             try:
                 CELERY_NUMBERS[setting].parse(f"--{param.replace('_', '-')}", value, context)
             except ConfigurationError as exc:
                 raise UsageError(str(exc)) from None
+
+
+def parsed_options(command: t.Any, app: t.Any, args: list[str]) -> dict[str, t.Any]:
+    """A Celery subcommand's options as its click command reads ``args``, without running its callbacks.
+
+    Empty when click refuses the arguments: the real run reports that in click's own words.
+    """
+    import click
+
+    try:
+        return dict(command.make_context(f"celery {command.name}", list(args), obj=_cli_context(app),
+                                         resilient_parsing=True).params)
+    except click.ClickException:
+        return {}
 
 
 def make_beat_schedule_directory(app: t.Any, celery_args: list[str]) -> None:

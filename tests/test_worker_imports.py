@@ -117,8 +117,10 @@ work.WorkController.start = instead_of_consuming
 real_run_celery = cli.run_celery
 
 def with_a_user_option(app, celery_args):
-    # Celery's way for an application to add its own worker options.
+    # Celery's way for an application to add its own worker options (and, for every command, preload ones).
     app.user_options["worker"].add(click.Option(["--probe-option"], default=None))
+    if "--preload-probe" in celery_args:
+        app.user_options["preload"].add(click.Option(["--preload-probe"], default=None))
     return real_run_celery(app, celery_args)
 
 cli.run_celery = with_a_user_option
@@ -158,3 +160,11 @@ def test_a_worker_after_a_global_option_goes_through_celerys_command_line(subpro
     assert "celery.bin.celery" in found["modules"]
     assert found["pool"] == "celery.concurrency.solo"
     assert found["probe"] == "x"
+
+
+def test_an_app_with_preload_options_keeps_celerys_command_line(subprocess_env, tmp_path):
+    # Celery's group takes preload options off every command's arguments: only it can run them.
+    status, found = start_worker(tmp_path, subprocess_env, ["worker", "-P", "solo", "--preload-probe", "p"])
+    assert status == 3
+    assert "celery.bin.celery" in found["modules"]
+    assert found["pool"] == "celery.concurrency.solo"

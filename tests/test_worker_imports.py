@@ -114,6 +114,15 @@ def instead_of_consuming(self):
     self.exitcode = 3
 
 work.WorkController.start = instead_of_consuming
+
+
+def instead_of_beating(self):
+    print(json.dumps({"modules": sorted(sys.modules), "schedule": self.schedule}))
+    return 4
+
+
+import celery.apps.beat
+celery.apps.beat.Beat.run = instead_of_beating
 real_run_celery = cli.run_celery
 
 def with_a_user_option(app, celery_args):
@@ -168,3 +177,12 @@ def test_an_app_with_preload_options_keeps_celerys_command_line(subprocess_env, 
     assert status == 3
     assert "celery.bin.celery" in found["modules"]
     assert found["pool"] == "celery.concurrency.solo"
+
+
+def test_beat_starts_without_celerys_command_line_group(subprocess_env, tmp_path):
+    schedule = str(tmp_path / "beat-schedule")
+    status, found = start_worker(tmp_path, subprocess_env, ["beat", "-s", schedule])
+    assert status == 4  # what beat's command returned
+    assert found["schedule"] == schedule  # its option reached it
+    for module in ("celery.bin.celery", "flower", "prompt_toolkit"):
+        assert module not in found["modules"], module

@@ -2,8 +2,9 @@
 
 Loads the Pyramid application from the INI first (so settings, tasks and
 the beat schedule come from the same file as the web app), then hands the
-rest of the command line to Celery 5's click group through
-``Celery.start(argv)``. Nothing is added to Celery's own options, which keeps
+rest of the command line to Celery 5's click group as ``Celery.start(argv)``
+does (``worker`` and ``beat`` run their Celery command alone: see
+:func:`_start_alone`). Nothing is added to Celery's own options, which keeps
 every subcommand (``flower``, ``purge``...) working as documented.
 
 ``NAME=VALUE`` pairs between the INI and ``--`` are PasteDeploy variables,
@@ -347,7 +348,7 @@ def check_worker_options(app: t.Any, args: list[str]) -> None:
 
     from .settings import CELERY_NUMBERS, ParseContext
 
-    options = parsed_options(_worker_command(app), app, args)
+    options = parsed_options(_celery_command(app, "worker"), app, args)
     if options.get("detach"):
         # Celery's worker detaches by exec'ing "python -m celery" with our arguments: that process
         # cannot read the INI and exits at once, while this one exits 0 (beat's detach forks instead).
@@ -397,11 +398,11 @@ def make_beat_schedule_directory(app: t.Any, celery_args: list[str]) -> None:
 def run_celery(app: t.Any, celery_args: list[str]) -> int:
     """``app.start(celery_args)``, with its exit status, and the real stdout/stderr back afterwards.
 
-    A plain ``worker`` command runs Celery's worker command alone (:func:`_start_worker`).
+    A plain ``worker`` or ``beat`` command runs Celery's command alone (:func:`_start_alone`).
     """
-    if _lean_worker(app, celery_args):
-        return _start(app, celery_args, lean=True)
-    _hide_irrelevant_options()
+    alone = _runs_alone(app, celery_args)
+    if not alone:
+        _hide_irrelevant_options()
     if celery_args[0] in HELP_FLAGS:
         status = _start(app, celery_args)
         print()
@@ -412,7 +413,7 @@ def run_celery(app: t.Any, celery_args: list[str]) -> int:
             print(f"  {name.ljust(width)}  {summary(command)}")
         return status
     try:
-        return _start(app, celery_args)
+        return _start(app, celery_args, alone)
     except Exception as exc:
         _restore_streams()
         if celery_args[0] == "beat":
@@ -422,38 +423,44 @@ def run_celery(app: t.Any, celery_args: list[str]) -> int:
         raise
 
 
-def _lean_worker(app: t.Any, celery_args: list[str]) -> bool:
-    """Whether :func:`_start_worker` starts this command as Celery's whole command line would.
+#: The long-running processes that :func:`_start_alone` starts without Celery's command-line group.
+ALONE = {"worker": "celery.bin.worker:worker", "beat": "celery.bin.beat:beat"}
 
-    Only ``worker`` given first (no global option before it), without ``--help`` (whose usage line
-    names Celery's command line), and with no preload options, which Celery's group consumes.
+
+def _runs_alone(app: t.Any, celery_args: list[str]) -> bool:
+    """Whether :func:`_start_alone` starts this command as Celery's whole command line would.
+
+    Only ``worker`` or ``beat`` given first (no global option before it), without ``--help`` (whose
+    usage line names Celery's command line), and with no preload options, which Celery's group consumes.
     """
-    return (celery_args[0] == "worker" and not _asks_for_help(celery_args[1:])
+    return (celery_args[0] in ALONE and not _asks_for_help(celery_args[1:])
             and not app.user_options.get("preload"))
 
 
-def _start_worker(app: t.Any, celery_args: list[str]) -> int | None:
-    """Run Celery's ``worker`` command without importing Celery's command-line group.
+def _start_alone(app: t.Any, celery_args: list[str]) -> int | None:
+    """Run Celery's ``worker`` (or ``beat``) command without importing Celery's command-line group.
 
     Importing ``celery.bin.celery`` imports every Celery subcommand (``amqp`` brings click_repl and
     prompt_toolkit) and loads every ``celery.commands`` plugin (Flower, with tornado and
     prometheus_client): about 7.9 MB, and 5.4 MB more with Flower installed, held for the life of
     each worker process, which runs none of them (bench/growth.py --parts rss). The group's callback
     does two things a plain ``worker`` needs, done here: a ``CLIContext`` for the app, and the
-    app's ``user_options["worker"]``.
+    app's ``user_options`` of the command.
     """
-    return _worker_command(app).main(args=celery_args[1:], prog_name="celery worker", obj=_cli_context(app),
-                                     standalone_mode=False)
+    name = celery_args[0]
+    return _celery_command(app, name).main(args=celery_args[1:], prog_name=f"celery {name}",
+                                           obj=_cli_context(app), standalone_mode=False)
 
 
-def _worker_command(app: t.Any) -> t.Any:
-    """Celery's ``worker`` click command, with the app's ``user_options["worker"]`` added once."""
-    from celery.bin.worker import worker
+def _celery_command(app: t.Any, name: str) -> t.Any:
+    """Celery's click command ``name`` of :data:`ALONE`, with the app's ``user_options[name]`` added once."""
+    from kombu.utils.imports import symbol_by_name
 
-    known = {id(param) for param in worker.params}
+    command = symbol_by_name(ALONE[name])
+    known = {id(param) for param in command.params}
     # Once, although Celery's group adds them again on every call in one process.
-    worker.params.extend(param for param in app.user_options.get("worker", ()) if id(param) not in known)
-    return worker
+    command.params.extend(param for param in app.user_options.get(name, ()) if id(param) not in known)
+    return command
 
 
 def _cli_context(app: t.Any) -> t.Any:
@@ -482,11 +489,11 @@ def _start_command_line(app: t.Any, celery_args: list[str]) -> int | None:
         command_line.params[0].default = None
 
 
-def _start(app: t.Any, celery_args: list[str], lean: bool = False) -> int:
+def _start(app: t.Any, celery_args: list[str], alone: bool = False) -> int:
     import click
 
     try:
-        code = _start_worker(app, celery_args) if lean else _start_command_line(app, celery_args)
+        code = _start_alone(app, celery_args) if alone else _start_command_line(app, celery_args)
     except click.ClickException as exc:
         _restore_streams()
         exc.show()

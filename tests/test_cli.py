@@ -474,3 +474,11 @@ def test_celery_command_help_works_while_the_database_is_down(run_cli):
     failed = run_cli(production, nowhere, "--", "worker")
     assert failed.returncode == 1 and len(failed.stderr.splitlines()) == 1, failed.stderr
     assert "cannot use the database postgresql+psycopg://nobody@127.0.0.1:1/none" in failed.stderr
+
+
+@pytest.mark.parametrize("returned, status", [(7, 7), (0, 0), (None, 0), ("text", 0), (True, 0), ({"a": 1}, 0)])
+def test_only_an_int_a_command_returns_is_the_exit_status(monkeypatch, returned, status):
+    # Celery's command line passes on what a command's callback returns (a worker's exit code,
+    # and whatever a plugin returns): only an int is a status, or sys.exit() would print the rest.
+    monkeypatch.setattr(cli, "_start_command_line", lambda app, celery_args: returned)
+    assert cli._start(object(), ["report"]) == status

@@ -504,7 +504,9 @@ def _start(app: t.Any, celery_args: list[str], alone: bool = False) -> int:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     finally:
         _restore_streams()
-    return code or 0
+    # An exit status, as Celery's command line would give it; a callback's other return values
+    # (None, and whatever a plugin returns) are not statuses.
+    return code if isinstance(code, int) and not isinstance(code, bool) else 0
 
 
 def _restore_streams() -> None:

@@ -52,12 +52,7 @@ OPTIONAL = ("websauna_tasks.deadletters", "websauna_tasks.defer", "websauna_task
 # Runs in the fresh interpreter: argv[1] is a JSON list of steps, argv[2] the modules to stand in for.
 PROBE = r'''
 import gc, importlib, importlib.abc, importlib.machinery, json, sys, types
-
-def rss():
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
+from bench.settings import own_rss_kib
 
 stand_in = set(json.loads(sys.argv[2]))
 
@@ -101,7 +96,7 @@ for step in json.loads(sys.argv[1]):
     if "websauna_tasks.cli" in step:
         sys.modules["websauna_tasks.cli"].forget_load_caches()
     gc.collect()
-    marks.append(rss())
+    marks.append(own_rss_kib())
 real = sorted(name for name, module in sys.modules.items()
               if name.startswith("websauna_tasks") and not isinstance(module, _StandIn))
 print(json.dumps({"marks": marks, "ours": len(real)}))
